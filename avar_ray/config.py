@@ -1,0 +1,362 @@
+"""Typed, validated run configs: YAML files plus dotted command-line overrides.
+
+    cfg = load_config("configs/tiny_local.yaml", ["rl.lr=1e-6", "rl.steps=3"])
+
+Every section is a dataclass; an unknown key or a value of the wrong type fails at load time
+with the key's full path (``rl.lr: expected float, got 'fast'``). Defaults live here and
+only here: code reads ``cfg.rl.lr``, never ``getattr(cfg, "lr", default)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names its path."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny_model"  # HF directory (transformers + vLLM loadable)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = 2048
+
+
+@dataclass
+class DataConfig:
+    train: str = "runs/data/train.parquet"  # a file the readers understand (Parquet/JSONL/TSV/MathVista)
+    eval: list[str] = field(default_factory=list)
+    n_train: int = 64  # rows `avar make-data` writes when the file is missing
+    n_eval: int = 32
+    seed: int = 0
+    image_size: int = 112
+
+
+@dataclass
+class InterventionConfig:
+    """Training-free attention re-weighting (SPEC.md §2): A' ∝ A·(1 + a_img·M_V − a_sys·M_S)."""
+
+    enabled: bool = False
+    a_img: float = 0.15
+    a_sys: float = 0.4
+    layers: Optional[list[int]] = None  # None = all text layers
+
+
+@dataclass
+class AttentionConfig:
+    query: Literal["user", "response"] = "response"
+    layers: Optional[list[int]] = None  # None = all text layers
+    chunk_size: int = 256  # queries per chunk in the statistics pass
+    eps: float = 1e-6
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["oracle", "vllm", "openai"] = "oracle"
+    model: str = ""  # local dir (vllm) or model name (openai)
+    base_url: str = ""  # openai-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable; the key never enters configs
+    prompt: str = ""  # file under configs/prompts/
+    max_tokens: int = 512
+    temperature: float = 0.7
+    concurrency: int = 4
+    max_retries: int = 3
+    timeout_s: float = 60.0
+
+
+@dataclass
+class SynthConfig:
+    out: str = "runs/synth"
+    caption: TeacherConfig = field(default_factory=TeacherConfig)
+    reasoning: TeacherConfig = field(default_factory=TeacherConfig)
+    anchor: TeacherConfig = field(default_factory=TeacherConfig)
+    anchor_positions: list[float] = field(default_factory=lambda: [0.33, 0.66])
+    rows_per_shard: int = 64
+    num_actors: int = 1
+
+
+@dataclass
+class SFTConfig:
+    out: str = "runs/sft"
+    num_workers: int = 2
+    zero_stage: int = 2
+    epochs: int = 1
+    max_steps: int = -1  # -1: run the epochs
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_length: int = 1024
+    freeze_vision: bool = False
+    bf16: bool = False
+    alpha: float = 0.15  # L_enh weight (SPEC.md §4)
+    beta: float = 0.15  # L_sup weight
+    agto_query: Literal["response", "user_visual"] = "response"
+    agto_layers: Optional[list[int]] = None
+    save_every: int = 0  # DeepSpeed checkpoint every k steps (0: only at the end)
+    resume: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RewardConfig:
+    lambda_v: float = 0.3
+    lambda_f: float = 0.1
+    visual_norm: Literal["none", "squash", "group_z"] = "none"
+    visual_layers: Optional[list[int]] = None
+    eps: float = 1e-6
+
+
+@dataclass
+class PlacementConfig:
+    rollout_workers: int = 1
+    rollout_cpus: float = 1.0
+    rollout_gpus: float = 0.0
+    learners: int = 1
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
+    reward_cpus: float = 1.0
+    reward_gpus: float = 0.0
+
+
+@dataclass
+class RLConfig:
+    out: str = "runs/rl"
+    steps: int = 5
+    prompts_per_step: int = 4
+    n_samples: int = 4  # rollouts per prompt (GRPO group size)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-6
+    zero_stage: int = 2
+    clip_ratio: float = 0.2
+    kl_coef: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    ppo_epochs: int = 1
+    save_every: int = 5
+    weight_sync_backend: Literal["object_store", "nccl"] = "object_store"
+    weight_sync_bucket_mb: float = 64.0
+    enforce_eager: bool = True
+    seed: int = 0
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+
+@dataclass
+class EvalConfig:
+    out: str = "runs/eval"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    heatmaps: int = 3
+    max_samples: int = -1
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 4000
+    max_new_tokens: int = 256
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: embedded local Ray (or RAY_ADDRESS when set)
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    intervention: InterventionConfig = field(default_factory=InterventionConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section), got {value!r}")
+        return _build(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {value!r}")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value in YAML syntax: 1e-6, true, [0, 1], null, plain strings."""
+    value = yaml.safe_load(text)
+    # YAML 1.1 reads "1e-6" as a string (it wants "1.0e-6"); users type the former.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, text = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return values
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    cfg = _build(RunConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        values = loaded
+    values = apply_overrides(values, list(overrides or []))
+    return config_from_dict(values)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across fields that types alone cannot express."""
+    checks = [
+        (0 <= cfg.intervention.a_sys < 1, "intervention.a_sys: must be in [0, 1) (a_sys = 1 removes the system span: log(0))"),
+        (cfg.intervention.a_img > -1, "intervention.a_img: must be > -1"),
+        (cfg.sft.zero_stage in (0, 1, 2, 3), "sft.zero_stage: must be 0, 1, 2 or 3"),
+        (cfg.rl.zero_stage in (0, 1, 2, 3), "rl.zero_stage: must be 0, 1, 2 or 3"),
+        (cfg.rl.n_samples >= 2, "rl.n_samples: GRPO needs at least 2 rollouts per prompt"),
+        (cfg.attention.chunk_size > 0, "attention.chunk_size: must be positive"),
+        (cfg.rl.placement.rollout_workers >= 1, "rl.placement.rollout_workers: must be >= 1"),
+        (cfg.rl.placement.learners >= 1, "rl.placement.learners: must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config_reference.md), generated from the dataclasses."""
+    lines = ["# Config reference", "",
+             "Generated by `avar config-doc` from `avar_ray/config.py`; a test keeps it in sync.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        rows = []
+        subsections = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            if dataclasses.is_dataclass(tp):
+                subsections.append((tp, path))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{path}` | {_type_name(tp)} | `{default!r}` |")
+        if rows:
+            lines.append(f"## `{prefix or 'top level'}`" + (f" — {cls.__doc__.strip().splitlines()[0]}" if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""))
+            lines.append("")
+            lines.append("| key | type | default |")
+            lines.append("| --- | --- | --- |")
+            lines.extend(rows)
+            lines.append("")
+        for sub, path in subsections:
+            section(sub, path)
+
+    section(RunConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Loading a VLM and turning conversations into padded model inputs plus exact spans.
+
+One place for what the statistics pass, SFT, the RL scorer/learner and eval all need:
+processor-expanded image placeholders, prompt + response token ids (the response as text
+through the chat template, or as exact sampled token ids from vLLM), left or right padding,
+and the S/U/V/R masks of every row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from avar_ray.spans import Spans, TemplateIds, find_spans
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def load_model(path: str, dtype: str = "float32", attn_implementation: str = "avar"):
+    """A HF image-text-to-text model; ``attn_implementation="avar"`` is our statistics-capable
+    SDPA (it behaves exactly like SDPA outside a statistics/intervention context)."""
+    from transformers import AutoModelForImageTextToText
+
+    if attn_implementation == "avar":
+        from avar_ray.attention import register_attention
+
+        register_attention()
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+
+
+@dataclass
+class Encoded:
+    """A padded batch: model inputs, the spans of each row and where each response starts."""
+
+    inputs: dict  # input_ids, attention_mask, (pixel_values, image_grid_thw, mm_token_type_ids)
+    spans: Spans
+    prompt_lengths: list[int]  # unpadded prompt length per row
+    padding_side: str
+
+    def to(self, device) -> "Encoded":
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return Encoded(inputs, self.spans.to(device), self.prompt_lengths, self.padding_side)
+
+
+def _encode_one(processor, messages: list[dict], images: Sequence, response_text: str | None,
+                response_ids: Sequence[int] | None) -> tuple[dict, int]:
+    """Token ids (and vision tensors) of one conversation; returns (features, prompt length)."""
+    prompt_text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {"images": list(images)} if images else {}
+    prompt = processor(text=[prompt_text], return_tensors="pt", **kwargs)
+    prompt_len = prompt["input_ids"].shape[1]
+    if response_text is not None:
+        # The template closes the assistant turn ("<|im_end|>\n"): encode the whole
+        # conversation so the label tokens are exactly what training sees.
+        full_text = processor.apply_chat_template(
+            list(messages) + [{"role": "assistant", "content": response_text}], tokenize=False)
+        full = processor(text=[full_text], return_tensors="pt", **kwargs)
+        if not torch.equal(full["input_ids"][0, :prompt_len], prompt["input_ids"][0]):
+            raise ValueError("the prompt does not tokenize as a prefix of the conversation")
+        prompt = full
+    elif response_ids is not None:
+        extra = torch.tensor([list(response_ids)], dtype=prompt["input_ids"].dtype)
+        prompt["input_ids"] = torch.cat([prompt["input_ids"], extra], dim=1)
+        prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(extra)], dim=1)
+        if "mm_token_type_ids" in prompt:
+            prompt["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+    return dict(prompt), prompt_len
+
+
+def encode_batch(processor, messages: Sequence[list[dict]], images: Sequence[Sequence] | None = None,
+                 response_texts: Sequence[str] | None = None, response_ids: Sequence[Sequence[int]] | None = None,
+                 padding_side: str = "right") -> Encoded:
+    """Tokenize conversations (chat template, images expanded) into one padded batch.
+
+    ``messages[i]`` holds the system/user turns of row i (HF chat format, images as
+    ``{"type": "image"}`` parts matching ``images[i]``); the assistant turn comes from
+    ``response_texts`` (through the template) or ``response_ids`` (exact ids), or is absent
+    (a generation prompt).
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    n = len(messages)
+    images = images if images is not None else [[] for _ in range(n)]
+    rows = []
+    for i in range(n):
+        text = response_texts[i] if response_texts is not None else None
+        ids = response_ids[i] if response_ids is not None else None
+        rows.append(_encode_one(processor, messages[i], images[i], text, ids))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id
+    width = max(r[0]["input_ids"].shape[1] for r in rows)
+    seq_keys = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in rows[0][0]]
+    batch = {k: [] for k in seq_keys}
+    for features, _ in rows:
+        gap = width - features["input_ids"].shape[1]
+        for key in seq_keys:
+            fill = pad_id if key == "input_ids" else 0
+            pad = torch.full((1, gap), fill, dtype=features[key].dtype)
+            parts = [pad, features[key]] if padding_side == "left" else [features[key], pad]
+            batch[key].append(torch.cat(parts, dim=1))
+    inputs = {k: torch.cat(v, dim=0) for k, v in batch.items()}
+    for key in ("pixel_values", "image_grid_thw"):
+        tensors = [r[0][key] for r in rows if key in r[0]]
+        if tensors:
+            inputs[key] = torch.cat(tensors, dim=0)
+    spans = find_spans(inputs["input_ids"], TemplateIds.from_tokenizer(tokenizer), inputs["attention_mask"])
+    return Encoded(inputs, spans, [r[1] for r in rows], padding_side)
