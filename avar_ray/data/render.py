@@ -21,7 +21,8 @@ def _font(side: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def _centred_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Any) -> None:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.text((xy[0] - (left + right) / 2, xy[1] - (top + bottom) / 2), text, fill=OUTLINE, font=font)
+    origin = (xy[0] - (left + right) / 2, xy[1] - (top + bottom) / 2)
+    draw.text(origin, text, fill=OUTLINE, font=font)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, obj: dict[str, Any]) -> None:
@@ -70,14 +71,24 @@ def _draw_triangle(draw: ImageDraw.ImageDraw, scene: dict[str, Any], side: int) 
     cy = sum(p[1] for p in verts.values()) / 3
     draw.polygon([verts[v] for v in sorted(verts)], outline=OUTLINE, width=2)
     for v, (x, y) in verts.items():
+        # Letter just outside the corner, away from the centroid.
         dx, dy = x - cx, y - cy
         norm = math.hypot(dx, dy) or 1.0
         off = 0.08 * side
-        # Letter just outside the corner; the angle mark inside, along the line to the centroid.
         _centred_text(draw, (x + dx / norm * off, y + dy / norm * off), v, font)
+        # Angle mark on the bisector, far enough in that a sharp corner's sides do not cross it.
+        ux, uy = 0.0, 0.0
+        for w, (wx, wy) in verts.items():
+            if w != v:
+                d = math.hypot(wx - x, wy - y) or 1.0
+                ux, uy = ux + (wx - x) / d, uy + (wy - y) / d
+        un = math.hypot(ux, uy) or 1.0
         mark = "?" if v == scene["unknown"] else f"{scene['angles'][v]}°"
-        inside = min(0.16 * side, 0.5 * norm)
-        _centred_text(draw, (x - dx / norm * inside, y - dy / norm * inside), mark, font)
+        left, top, right, bottom = draw.textbbox((0, 0), mark, font=font)
+        half = math.hypot(right - left, bottom - top) / 2  # the box corner reaches furthest
+        half_angle = math.radians(scene["angles"][v]) / 2
+        dist = min(max(half / math.sin(half_angle), 0.1 * side), 0.75 * norm)
+        _centred_text(draw, (x + ux / un * dist, y + uy / un * dist), mark, font)
 
 
 def render_scene(scene: dict[str, Any]) -> bytes:

@@ -98,7 +98,9 @@ def _choice_question(
     return options, letter(options.index(correct))
 
 
-def _numeric_distractors(rng: random.Random, answer: int, lo: int, hi: int, step: int = 1) -> list[str]:
+def _numeric_distractors(
+    rng: random.Random, answer: int, lo: int, hi: int, step: int = 1
+) -> list[str]:
     pool = [answer + d * step for d in (-3, -2, -1, 1, 2, 3)]
     pool = [v for v in pool if lo <= v <= hi]
     rng.shuffle(pool)
@@ -221,7 +223,8 @@ def bar_chart(rng: random.Random, side: int) -> TaskDraw:
     colours = rng.sample(list(COLOURS), n)
     values = rng.sample(range(1, Y_MAX), n)  # distinct: one tallest bar, readable gaps
     top = values.index(max(values))
-    bars = [{"label": lab, "colour": col, "value": v} for lab, col, v in zip(labels, colours, values)]
+    bars = [{"label": lab, "colour": col, "value": v}
+            for lab, col, v in zip(labels, colours, values)]
     scene = {"kind": "bar_chart", "width": side, "height": side, "background": "white",
              "y_max": Y_MAX, "bars": bars}
     if rng.random() < 0.5:
@@ -245,9 +248,10 @@ def bar_chart(rng: random.Random, side: int) -> TaskDraw:
 def triangle_angle(rng: random.Random, side: int) -> TaskDraw:
     """Two interior angles are marked; find the third (angles sum to 180)."""
     while True:
-        angles = [rng.randrange(30, 115, 5), rng.randrange(30, 115, 5)]
+        # 40-95 degrees each: no sliver triangles, so the marks fit inside the corners.
+        angles = [rng.randrange(40, 100, 5), rng.randrange(40, 100, 5)]
         third = 180 - sum(angles)
-        if third >= 30:
+        if 40 <= third <= 95:
             break
     unknown = rng.choice(TRIANGLE_VERTICES)
     known = [v for v in TRIANGLE_VERTICES if v != unknown]
@@ -279,7 +283,7 @@ def _triangle_vertices(
     pts = {left: (0.0, 0.0), right: (1.0, 0.0), apex: (reach * math.cos(a), reach * math.sin(a))}
     xs = [p[0] for p in pts.values()]
     ys = [p[1] for p in pts.values()]
-    margin = 0.2 * side  # room for the vertex letters and angle marks
+    margin = 0.17 * side  # room for the vertex letters and angle marks
     scale = (side - 2 * margin) / max(max(xs) - min(xs), max(ys) - min(ys))
     x0 = (side - scale * (max(xs) - min(xs))) / 2
     y0 = (side - scale * (max(ys) - min(ys))) / 2
