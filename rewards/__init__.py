@@ -1,0 +1,41 @@
+"""Rewards for VARS (SPEC.md §5): accuracy, format, visual-attention ratio, and their sum.
+
+Pure functions at the bottom of the import graph: stdlib, numpy, torch and math_verify only
+(nothing from avar_ray or actors), safe to call from Ray actor threads.
+"""
+from .accuracy import (
+    ANSWER_TYPES,
+    accuracy_reward,
+    numbers_match,
+    parse_number,
+    score_choice,
+    score_numeric,
+    score_text,
+    verify_math,
+)
+from .combine import VISUAL_NORMS, RewardParts, VisualNorm, combine_rewards, normalise_visual
+from .extract import extract_answer, extract_choice
+from .format import END_TOKENS, format_reward
+from .visual import visual_ratio, visual_reward
+
+__all__ = [
+    "ANSWER_TYPES",
+    "END_TOKENS",
+    "VISUAL_NORMS",
+    "RewardParts",
+    "VisualNorm",
+    "accuracy_reward",
+    "combine_rewards",
+    "extract_answer",
+    "extract_choice",
+    "format_reward",
+    "normalise_visual",
+    "numbers_match",
+    "parse_number",
+    "score_choice",
+    "score_numeric",
+    "score_text",
+    "verify_math",
+    "visual_ratio",
+    "visual_reward",
+]
