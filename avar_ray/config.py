@@ -64,40 +64,54 @@ class TeacherConfig:
     model: str = ""  # local dir (vllm) or model name (openai)
     base_url: str = ""  # openai-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable; the key never enters configs
-    prompt: str = ""  # file under configs/prompts/
+    prompt: str = ""  # prompt file ("# version: ..." first line); "" = configs/prompts/<step>.txt
     max_tokens: int = 512
     temperature: float = 0.7
-    concurrency: int = 4
-    max_retries: int = 3
-    timeout_s: float = 60.0
+    concurrency: int = 4  # openai: requests in flight per actor
+    max_retries: int = 3  # openai: retries on timeouts, connection errors, 429 and 5xx
+    timeout_s: float = 60.0  # openai: per request
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # vllm engine dtype
+    max_model_len: int = 4096  # vllm engine context
+    enforce_eager: bool = False  # vllm: skip graph capture/compile (faster start, tests)
+    max_images: int = 1  # vllm: images per prompt
+    num_cpus: float = 1.0  # per actor of this step's Ray Data stage
+    num_gpus: float = 0.0
 
 
 @dataclass
 class SynthConfig:
+    input: str = "runs/data/train.parquet"  # raw samples, any format the data readers understand
     out: str = "runs/synth"
     caption: TeacherConfig = field(default_factory=TeacherConfig)
     reasoning: TeacherConfig = field(default_factory=TeacherConfig)
     anchor: TeacherConfig = field(default_factory=TeacherConfig)
-    anchor_positions: list[float] = field(default_factory=lambda: [0.33, 0.66])
-    rows_per_shard: int = 64
-    num_actors: int = 1
+    anchor_positions: list[float] = field(default_factory=lambda: [0.33, 0.66])  # rule-based anchors: 0..1 of the chain
+    rows_per_shard: int = 64  # rows handled per committed shard (the most a killed job redoes)
+    batch_size: int = 16  # rows per Ray Data batch
+    num_actors: int = 1  # actors per teacher stage
 
 
 @dataclass
 class SFTConfig:
+    data: str = "runs/synth"  # synthesis output dir (committed shards), a dir of Parquet files, or one file
     out: str = "runs/sft"
-    num_workers: int = 2
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False  # one GPU per worker, NCCL; else CPU with gloo
     zero_stage: int = 2
     epochs: int = 1
-    max_steps: int = -1  # -1: run the epochs
+    max_steps: int = -1  # -1: run the epochs; else exactly this many optimizer steps
     micro_batch_size: int = 2
     grad_accum: int = 1
     lr: float = 1e-5
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after a linear warmup
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
-    max_length: int = 1024
+    grad_clip: float = 1.0
+    max_length: int = 1024  # tokens (prompt with images + target); longer rows are skipped and counted
+    shuffle: bool = True  # shuffle the rows once (seeded) before splitting them over workers
     freeze_vision: bool = False
-    bf16: bool = False
+    bf16: bool = False  # where the accelerator supports it
     alpha: float = 0.15  # L_enh weight (SPEC.md §4)
     beta: float = 0.15  # L_sup weight
     agto_query: Literal["response", "user_visual"] = "response"
@@ -109,11 +123,14 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
+    """VARS reward (SPEC.md §5): r_acc + lambda_v * norm(r_visual) + lambda_f * r_format."""
+
     lambda_v: float = 0.3
     lambda_f: float = 0.1
     visual_norm: Literal["none", "squash", "group_z"] = "none"
     visual_layers: Optional[list[int]] = None
     eps: float = 1e-6
+    batch_size: int = 8  # rollouts per scorer forward (attention statistics of the response)
 
 
 @dataclass
@@ -126,6 +143,8 @@ class PlacementConfig:
     learner_gpus: float = 0.0
     reward_cpus: float = 1.0
     reward_gpus: float = 0.0
+    learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # learner placement group
+    max_restarts: int = 3  # Ray restarts of a dead rollout worker / reward actor before the run fails
 
 
 @dataclass
@@ -149,22 +168,43 @@ class RLConfig:
     weight_sync_bucket_mb: float = 64.0
     enforce_eager: bool = True
     seed: int = 0
+    kl_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"  # verl's KL estimators
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    norm_adv_by_std: bool = True  # GRPO; False = Dr.GRPO (mean-centred only)
+    weight_decay: float = 0.0
+    system_prompt: Optional[str] = None  # None: the chat template's default system turn
+    max_images: int = 1  # per prompt; samples with more are skipped (counted)
+    gpu_memory_utilization: float = 0.6  # vLLM, GPU only
+    export_hf: bool = True  # an HF checkpoint beside each DeepSpeed checkpoint
+    keep_checkpoints: int = 2  # newest DeepSpeed checkpoints kept (0: all)
+    tensorboard: bool = True
+    resume: bool = False  # continue from the newest checkpoint in `out` (also `avar rl --resume`)
     reward: RewardConfig = field(default_factory=RewardConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
 
 @dataclass
 class EvalConfig:
+    """`avar eval`: generation (vLLM; transformers under the intervention), accuracy, VAS, report."""
+
     out: str = "runs/eval"
     max_new_tokens: int = 128
-    temperature: float = 0.0
-    heatmaps: int = 3
-    max_samples: int = -1
+    temperature: float = 0.0  # 0: greedy
+    heatmaps: int = 3  # samples drawn with the response's attention over the image patches
+    max_samples: int = -1  # per benchmark file; -1: all
+    batch_size: int = 4  # rows per attention-statistics forward (and per transformers generate call)
+    system_prompt: Optional[str] = None  # None: the chat template's default one (it counts as S)
+    enforce_eager: bool = True  # vLLM without compilation: faster start-up, slower decoding
+    gpu_memory_utilization: float = 0.6  # vLLM's share of the GPU (freed before the statistics pass)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the transformers model's device; auto: cuda if present
+    seed: int = 0
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
+    """`avar serve`: the Ray Serve app (answer + VAS telemetry), its limits and resources."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: only behind your own auth
     port: int = 8000
     replicas: int = 1
     num_cpus: float = 1.0
@@ -173,6 +213,9 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     max_prompt_chars: int = 4000
     max_new_tokens: int = 256
+    route_prefix: str = "/"
+    max_ongoing_requests: int = 4  # per replica; requests beyond it queue in Serve's proxy
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica got a GPU
 
 
 @dataclass
@@ -317,6 +360,26 @@ def validate(cfg: RunConfig) -> None:
         (cfg.attention.chunk_size > 0, "attention.chunk_size: must be positive"),
         (cfg.rl.placement.rollout_workers >= 1, "rl.placement.rollout_workers: must be >= 1"),
         (cfg.rl.placement.learners >= 1, "rl.placement.learners: must be >= 1"),
+        (cfg.synth.rows_per_shard >= 1, "synth.rows_per_shard: must be >= 1"),
+        (cfg.synth.batch_size >= 1, "synth.batch_size: must be >= 1"),
+        (cfg.synth.num_actors >= 1, "synth.num_actors: must be >= 1"),
+        (all(0.0 <= p <= 1.0 for p in cfg.synth.anchor_positions), "synth.anchor_positions: must lie in [0, 1]"),
+        (cfg.sft.num_workers >= 1, "sft.num_workers: must be >= 1"),
+        (cfg.sft.micro_batch_size >= 1 and cfg.sft.grad_accum >= 1, "sft.micro_batch_size, sft.grad_accum: must be >= 1"),
+        (0.0 <= cfg.sft.warmup_ratio < 1.0, "sft.warmup_ratio: must be in [0, 1)"),
+        (cfg.sft.alpha >= 0 and cfg.sft.beta >= 0, "sft.alpha, sft.beta: must be >= 0"),
+        ((cfg.rl.prompts_per_step * cfg.rl.n_samples) % cfg.rl.placement.learners == 0,
+         "rl.prompts_per_step * rl.n_samples: must be divisible by rl.placement.learners (equal shares)"),
+        (min(cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.micro_batch_size, cfg.rl.ppo_epochs,
+             cfg.rl.max_new_tokens, cfg.rl.reward.batch_size, cfg.rl.max_images) >= 1,
+         "rl.steps/prompts_per_step/micro_batch_size/ppo_epochs/max_new_tokens/max_images/reward.batch_size: must be >= 1"),
+        (cfg.rl.weight_sync_bucket_mb > 0, "rl.weight_sync_bucket_mb: must be positive"),
+        (cfg.rl.temperature > 0, "rl.temperature: must be positive (GRPO samples)"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
+        (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1"),
+        (cfg.serve.replicas >= 1, "serve.replicas: must be >= 1"),
+        (min(cfg.serve.max_image_bytes, cfg.serve.max_image_pixels, cfg.serve.max_prompt_chars,
+             cfg.serve.max_new_tokens) >= 1, "serve.max_*: limits must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,0 +1,82 @@
+"""Where the RL actors run: one config section (``rl.placement``) decides how many rollout
+workers and learners there are and what CPUs/GPUs each gets. Learners share one placement
+group (they form a torch.distributed group); rollout workers and the reward actor are plain
+restartable actors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold what ``rl.placement`` asks for."""
+
+
+@dataclass
+class Demand:
+    cpus: float
+    gpus: float
+
+
+def total_demand(placement) -> Demand:
+    p = placement
+    return Demand(
+        cpus=p.rollout_workers * p.rollout_cpus + p.learners * p.learner_cpus + p.reward_cpus,
+        gpus=p.rollout_workers * p.rollout_gpus + p.learners * p.learner_gpus + p.reward_gpus,
+    )
+
+
+def check_resources(placement, available: dict) -> None:
+    """Fail early, naming the keys, instead of waiting forever for actors that cannot be placed."""
+    need = total_demand(placement)
+    have_cpu, have_gpu = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    if need.cpus > have_cpu + 1e-9 or need.gpus > have_gpu + 1e-9:
+        raise PlacementError(
+            f"rl.placement asks for {need.cpus:g} CPUs and {need.gpus:g} GPUs "
+            f"(rollout_workers x rollout_cpus/gpus + learners x learner_cpus/gpus + reward_cpus/gpus) "
+            f"but the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower rl.placement.* "
+            "or give Ray more (ray.num_cpus for a local Ray)")
+
+
+def _resources(cpus: float, gpus: float) -> dict:
+    out = {"num_cpus": cpus}
+    if gpus:
+        out["num_gpus"] = gpus
+    return out
+
+
+def rollout_options(placement) -> dict:
+    return {**_resources(placement.rollout_cpus, placement.rollout_gpus), "max_restarts": placement.max_restarts,
+            "max_task_retries": 0}
+
+
+def reward_options(placement) -> dict:
+    return {**_resources(placement.reward_cpus, placement.reward_gpus), "max_restarts": placement.max_restarts,
+            "max_task_retries": 0}
+
+
+def learner_bundles(placement) -> list[dict]:
+    bundle = {"CPU": placement.learner_cpus}
+    if placement.learner_gpus:
+        bundle["GPU"] = placement.learner_gpus
+    return [dict(bundle) for _ in range(placement.learners)]
+
+
+def learner_placement_group(placement, timeout_s: float = 300.0):
+    """The learners' placement group, ready; a clear error if it cannot be placed in time."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(learner_bundles(placement), strategy=placement.learner_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise PlacementError(f"the learner placement group ({placement.learners} x {learner_bundles(placement)[0]}, "
+                             f"{placement.learner_strategy}) could not be placed within {timeout_s:g} s")
+    return pg
+
+
+def learner_options(placement, pg, rank: int) -> dict:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {**_resources(placement.learner_cpus, placement.learner_gpus),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)}

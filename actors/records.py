@@ -1,0 +1,59 @@
+"""Plain records passed between the driver and the actors (pickled by Ray)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from avar_ray.data.schema import Sample
+
+
+@dataclass
+class PromptRequest:
+    """One prompt of a step: ``index`` is its position in the step's batch (the GRPO group id)."""
+
+    index: int
+    sample: Sample
+    seed: int  # per-request sampling seed: the same rollouts whichever worker serves the prompt
+
+
+@dataclass
+class Rollout:
+    """One sampled response, as the rollout worker produced it."""
+
+    prompt_index: int
+    sample_id: str
+    response_ids: list[int]
+    text: str
+    logprobs: list[float]  # vLLM's log-prob of each sampled token (temperature applied)
+    finish_reason: str
+    policy_version: int
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Scored:
+    """The reward of one rollout and its parts (SPEC.md §5)."""
+
+    total: float
+    accuracy: float
+    format: float
+    visual: float  # r_visual before normalisation (0 for wrong answers)
+    vas: float  # response VAS of this rollout (whatever its correctness); nan if not computed
+    error: str = ""  # non-empty: scoring raised, the rollout got reward 0
+
+
+@dataclass
+class TrainItem:
+    """What a learner needs for one rollout: the conversation, the response and its advantage."""
+
+    sample: Sample
+    response_ids: list[int]
+    advantage: float
+    rollout_logprobs: list[float]
+
+
+def conversation(sample: Sample, system_prompt: str | None = None) -> tuple[list[dict], list]:
+    """Chat messages and decoded images of a sample: the one prompt the rollout worker, the
+    reward scorer and the learners all see (so their token ids agree)."""
+    from avar_ray.data.schema import build_messages, pil_images
+
+    return build_messages(sample, system_prompt=system_prompt), pil_images(sample)

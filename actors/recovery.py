@@ -1,0 +1,115 @@
+"""Calling restartable actors so that a death costs a redo, not the run.
+
+Actors are created with ``max_restarts``: when one dies (its process killed, its vLLM engine
+dead), its in-flight call fails with a Ray actor error while Ray starts a new copy. The caller
+then runs ``recover`` (wait for the new copy, give it the current weights) and submits the same
+call again. Calls on healthy actors keep running meanwhile.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class ActorCallFailed(RuntimeError):
+    """An actor call still failed after its attempts; the run stops with this message."""
+
+
+def actor_death_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def call_with_recovery(calls: Sequence[tuple[Any, str, tuple]], recover: Sequence[Callable[[], None]],
+                       max_attempts: int = 3, what: str = "call") -> list:
+    """Run ``actor.method(*args)`` for every ``(actor, method, args)`` at once; results in order.
+
+    A call whose actor died is retried after ``recover[i]()``, up to ``max_attempts`` times in all.
+    """
+    import ray
+
+    deaths = actor_death_errors()
+    attempts = [1] * len(calls)
+    results: list = [None] * len(calls)
+
+    def submit(i: int):
+        actor, method, args = calls[i]
+        return getattr(actor, method).remote(*args)
+
+    pending = {submit(i): i for i in range(len(calls))}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        try:
+            results[i] = ray.get(ready[0])
+        except deaths as exc:
+            if attempts[i] >= max_attempts:
+                raise ActorCallFailed(f"{what} {i}: actor died {attempts[i]} times; giving up ({exc})") from exc
+            log.warning("%s %d: actor died (%s); restarting and redoing its work (attempt %d of %d)",
+                        what, i, type(exc).__name__, attempts[i] + 1, max_attempts)
+            attempts[i] += 1
+            _recover_with_retries(recover[i], deaths, max_attempts, what, i)
+            pending[submit(i)] = i
+    return results
+
+
+def _recover_with_retries(recover: Callable[[], None], deaths: tuple, max_attempts: int, what: str, i: int) -> None:
+    # The restarted actor may itself die while starting or loading weights.
+    for attempt in range(1, max_attempts + 1):
+        try:
+            recover()
+            return
+        except deaths as exc:
+            if attempt == max_attempts:
+                raise ActorCallFailed(f"{what} {i}: actor did not come back after {attempt} restarts ({exc})") from exc
+
+
+class ActorSet:
+    """Restartable actors that hold the policy weights (rollout workers, the reward scorer).
+
+    Each actor class has ``ready()`` and ``update_weights(handle)``. The set remembers the
+    newest ``WeightHandle``, so an actor that Ray restarted (from the start-up checkpoint) gets
+    the current policy before it redoes its share."""
+
+    def __init__(self, cls: type, args: Sequence[tuple], actor_options: dict, max_attempts: int, what: str):
+        import ray
+
+        self.what = what
+        self.max_attempts = max_attempts
+        self.handle = None
+        self.restarts = 0
+        remote_cls = ray.remote(cls)
+        self.actors = [remote_cls.options(**actor_options).remote(*a) for a in args]
+        self.info = ray.get([a.ready.remote() for a in self.actors])
+
+    def _recover(self, index: int) -> None:
+        import ray
+
+        self.restarts += 1
+        actor = self.actors[index]
+        self.info[index] = ray.get(actor.ready.remote())
+        if self.handle is not None:
+            ray.get(actor.update_weights.remote(self.handle))
+        log.warning("%s %d restarted (pid %s), now at policy version %d", self.what, index, self.info[index]["pid"],
+                    self.handle.version if self.handle is not None else 0)
+
+    def call(self, calls: Sequence[tuple[int, str, tuple]]) -> list:
+        """``(actor index, method, args)`` for several actors at once, redone after a death."""
+        return call_with_recovery([(self.actors[i], method, args) for i, method, args in calls],
+                                  recover=[lambda i=i: self._recover(i) for i, _, _ in calls],
+                                  max_attempts=self.max_attempts, what=self.what)
+
+    def update_weights(self, handle) -> float:
+        """Every actor loads ``handle``; returns the slowest actor's seconds."""
+        self.handle = handle
+        return max(self.call([(i, "update_weights", (handle,)) for i in range(len(self.actors))]))
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

@@ -1,0 +1,109 @@
+"""Training-free attention intervention (SPEC.md §2).
+
+    A' = A ⊙ (1 + a_img·M_V − a_sys·M_S),   rows renormalised
+
+Because softmax(z + b) ∝ A·e^b, this is exactly an additive key bias of ``log(1 + a_img)`` on
+the visual keys V and ``log(1 − a_sys)`` on the system keys S, so it runs inside SDPA-style
+kernels (an additive float mask) and never needs eager attention maps. The bias is applied in
+the text decoder's layers (all, or a chosen subset); the vision tower is untouched.
+
+Generation: tokens produced by ``generate`` are response tokens (never V or S), so the bias
+covers the prompt keys and is zero on every key appended later (the KV cache grows; the
+attention function pads the bias with zeros to the current key length).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Re-weighting strengths and the text layers they apply to (None = all layers)."""
+
+    a_img: float = 0.15
+    a_sys: float = 0.4
+    layers: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        if not self.a_sys < 1.0:
+            raise ValueError(
+                f"intervention a_sys must be < 1, got {self.a_sys}: the system keys are re-weighted by "
+                "(1 - a_sys), so a_sys = 1 removes the system span entirely (key bias log(0) = -inf)")
+        if not self.a_img > -1.0:
+            raise ValueError(f"intervention a_img must be > -1, got {self.a_img}: the visual keys are re-weighted "
+                             "by (1 + a_img), which must stay positive")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+    @classmethod
+    def from_config(cls, cfg) -> Optional["Intervention"]:
+        """From ``avar_ray.config.InterventionConfig``; None when it is not enabled."""
+        if not cfg.enabled:
+            return None
+        return cls(a_img=cfg.a_img, a_sys=cfg.a_sys, layers=None if cfg.layers is None else tuple(cfg.layers))
+
+    @property
+    def visual_bias(self) -> float:
+        return math.log1p(self.a_img)
+
+    @property
+    def system_bias(self) -> float:
+        return math.log1p(-self.a_sys)
+
+    def applies_to(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+    def key_bias(self, visual: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
+        """Additive bias per key position ``[B, T]`` (float32) from the V and S masks ``[B, T]``."""
+        bias = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+        bias = bias.masked_fill(visual.bool(), self.visual_bias)
+        return bias.masked_fill(system.bool(), self.system_bias)
+
+    def reweight(self, visual: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
+        """The multiplicative form ``1 + a_img·M_V − a_sys·M_S`` per key ``[B, T]`` (for references)."""
+        return 1.0 + self.a_img * visual.float() - self.a_sys * system.float()
+
+
+def validate_layers(layers: Optional[Sequence[int]], num_layers: int, what: str) -> Optional[tuple[int, ...]]:
+    """Normalise a layer subset (negative indices count from the end); None = all layers."""
+    if layers is None:
+        return None
+    out = []
+    for i in layers:
+        j = int(i) + num_layers if int(i) < 0 else int(i)
+        if not 0 <= j < num_layers:
+            raise ValueError(f"{what}: layer {i} out of range for a model with {num_layers} text layers")
+        out.append(j)
+    if not out:
+        raise ValueError(f"{what}: the layer subset is empty (use None for all layers)")
+    return tuple(sorted(set(out)))
+
+
+def generate(model, encoded, intervention: Optional[Intervention], **generate_kwargs) -> torch.Tensor:
+    """``model.generate`` on an encoded prompt batch with the intervention applied.
+
+    ``encoded`` is an ``avar_ray.modeling.Encoded`` of generation prompts (no response); for
+    more than one row use ``padding_side="left"``, as ``generate`` expects. Returns what
+    ``generate`` returns (prompt + new token ids). With ``intervention=None`` this is plain
+    generation.
+    """
+    from avar_ray.attention.context import AttentionContext, require_avar, use_context
+
+    if intervention is None:
+        return model.generate(**encoded.inputs, **generate_kwargs)
+    require_avar(model)
+    if encoded.spans.response.any():
+        raise ValueError("generate: the encoded batch already holds response tokens; encode the prompts only")
+    ctx = AttentionContext.from_spans(encoded.spans, intervention=intervention, num_layers=_num_layers(model))
+    with use_context(model, ctx):  # generate() rejects unknown model kwargs; a hook adds it per forward
+        out = model.generate(**encoded.inputs, **generate_kwargs)
+    ctx.check_used()
+    return out
+
+
+def _num_layers(model) -> int:
+    return model.config.get_text_config().num_hidden_layers

@@ -1,0 +1,108 @@
+"""Stage 2 driver: the cold-start SFT with AGTO as a Ray Train ``TorchTrainer``.
+
+    result = run_sft(load_config("configs/tiny_local.yaml"))
+
+The driver prepares the Ray Data dataset (rows longer than ``sft.max_length`` are counted and
+left out), derives the step count for the LR schedule, and starts ``sft.num_workers`` Ray
+Train workers, each running ``loop.train_loop_per_worker`` on its split of the data. Outputs
+under ``sft.out``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` (DeepSpeed),
+``final/`` (HF directory) and ``sft_report.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from avar_ray.sft.data import check_columns, prepare_dataset, training_files
+from avar_ray.sft.ds_config import total_steps
+from avar_ray.sft.loop import train_loop_per_worker
+
+
+@dataclass
+class SFTReport:
+    out: str
+    rows: int = 0  # rows trained on (fit max_length)
+    too_long: int = 0  # rows skipped: longer than sft.max_length tokens
+    total_steps: int = 0
+    start_step: int = 0
+    final_step: int = 0
+    seconds: float = 0.0
+    samples_per_s: float = 0.0  # mean over the steps of this run (global batch / step time)
+    first: dict = field(default_factory=dict)  # metrics of the first step of this run
+    last: dict = field(default_factory=dict)  # metrics of the last step
+    export: str = ""
+
+    def summary(self) -> str:
+        def g(d: dict, k: str) -> str:
+            v = d.get(k)
+            return "n/a" if v is None else f"{v:.4g}"
+        return (f"sft: steps {self.start_step}->{self.final_step} of {self.total_steps} on {self.rows} rows "
+                f"({self.too_long} longer than max_length skipped) in {self.seconds:.1f}s, "
+                f"{self.samples_per_s:.2f} samples/s; lm_loss {g(self.first, 'lm_loss')} -> {g(self.last, 'lm_loss')}, "
+                f"VAS {g(self.first, 'vas')} -> {g(self.last, 'vas')}; model exported to {self.export}")
+
+
+def _read_metrics(path: Path, after_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] > after_step]
+
+
+def _start_step(ckpt_dir: Path, resume: bool, what: str) -> int:
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return 0
+    if not resume:
+        raise ValueError(f"{what}: {ckpt_dir} holds checkpoints of an earlier run; set sft.resume=true to "
+                         "continue it, or choose another sft.out")
+    return int(latest.read_text().strip().removeprefix("step_"))
+
+
+def run_sft(cfg) -> SFTReport:
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from avar_ray.ray_utils import init_ray
+
+    sft = cfg.sft
+    out = Path(sft.out).resolve()
+    if not Path(cfg.model.path).is_dir():
+        raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
+    start = _start_step(out / "checkpoints", sft.resume, "sft.out")
+    files = training_files(sft.data)
+    check_columns(files)
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    ds, rows, too_long = prepare_dataset(files, cfg.model.path, sft.max_length, sft.seed, sft.shuffle)
+    total = total_steps(sft, rows, sft.num_workers)
+    if start >= total:
+        raise ValueError(f"sft.max_steps: the checkpoint is at step {start}, nothing left of {total} steps")
+    report = SFTReport(out=str(out), rows=rows, too_long=too_long, total_steps=total, start_step=start)
+    if too_long:
+        print(f"sft: {too_long} of {rows + too_long} rows are longer than sft.max_length={sft.max_length} tokens: skipped")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"sft": sft, "model_path": str(Path(cfg.model.path).resolve()), "total_steps": total,
+                           "rows": rows, "out": str(out), "chunk_size": cfg.attention.chunk_size,
+                           "eps": cfg.attention.eps, "backend": "nccl" if sft.use_gpu else "gloo"},
+        torch_config=TorchConfig(backend="nccl" if sft.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sft.num_workers, use_gpu=sft.use_gpu,
+                                     resources_per_worker={"CPU": sft.cpus_per_worker}),
+        run_config=RunConfig(name="sft", storage_path=str(out / "ray_train")),
+        datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    trainer.fit()
+    report.seconds = time.perf_counter() - t0
+    steps = _read_metrics(out / "metrics.jsonl", start)
+    if steps:
+        report.first, report.last, report.final_step = steps[0], steps[-1], steps[-1]["step"]
+        rates = [s["samples_per_s"] for s in steps if s.get("samples_per_s")]
+        report.samples_per_s = len(rates) / sum(1.0 / r for r in rates) if rates else math.nan  # harmonic: per time
+    report.export = str(out / "final")
+    (out / "sft_report.json").write_text(json.dumps(asdict(report), indent=1, sort_keys=True) + "\n")
+    return report

@@ -1,0 +1,87 @@
+"""What the synthesis steps ask of a model teacher: OpenAI-format chat requests in, text out.
+
+The ``vllm`` and ``openai`` teachers take the same request (images as ``data:`` URLs), so a
+step's prompt building does not depend on where its teacher runs. A failed request comes
+back as a ``TeacherError`` in its slot: one bad row does not fail its batch.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from avar_ray.data.schema import decode_image
+
+
+class TeacherError(Exception):
+    """A row a teacher could not answer; ``reason`` is the counted category."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list  # OpenAI chat format; image parts as {"type": "image_url", ...}
+    max_tokens: int
+    temperature: float
+    seed: int  # per row, so that a rerun samples the same text
+
+
+class Teacher(Protocol):
+    name: str  # provenance: kind and model, never a secret
+
+    def complete(self, requests: list[ChatRequest]) -> list[str | TeacherError]: ...
+
+    def close(self) -> None: ...
+
+
+def row_seed(row_id: str, base_seed: int, step: str) -> int:
+    """A stable 31-bit sampling seed per (row, step, run seed)."""
+    digest = hashlib.sha1(f"{base_seed}:{step}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def image_data_url(data: bytes) -> str:
+    """A ``data:`` URL of encoded image bytes; raises ImageDecodeError for a bad image."""
+    decode_image(data)  # validates (corrupt, truncated or huge images fail here)
+    with Image.open(io.BytesIO(data)) as probe:
+        mime = Image.MIME.get(probe.format or "", "image/png")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def user_message(text: str, images: list[bytes] = ()) -> list[dict]:
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": image_data_url(b)}} for b in images]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def teacher_name(cfg) -> str:
+    """Provenance name of a TeacherConfig (without building the teacher)."""
+    from avar_ray.synth.openai_client import public_url
+
+    if cfg.kind == "oracle":
+        return "oracle"
+    if cfg.kind == "vllm":
+        return f"vllm:{cfg.model}"
+    return f"openai:{cfg.model}@{public_url(cfg.base_url)}"
+
+
+def make_teacher(cfg, api_key=None) -> Teacher:
+    """A model teacher from a TeacherConfig of kind ``vllm`` or ``openai``."""
+    if cfg.kind == "vllm":
+        from avar_ray.synth.vllm_teacher import VLLMTeacher
+
+        return VLLMTeacher(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                           enforce_eager=cfg.enforce_eager, max_images=cfg.max_images)
+    if cfg.kind == "openai":
+        from avar_ray.synth.openai_client import OpenAITeacher
+
+        return OpenAITeacher(cfg.base_url, cfg.model, api_key, cfg.concurrency, cfg.max_retries, cfg.timeout_s)
+    raise ValueError(f"no model teacher of kind {cfg.kind!r}")

