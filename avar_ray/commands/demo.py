@@ -1,0 +1,192 @@
+"""``avar demo``: the whole AVAR pipeline on a tiny model and procedural data, in one process on an
+embedded local Ray (what ``make demo`` runs):
+
+    tiny model -> procedural data -> VARD synthesis (oracle teacher) -> cold-start SFT with AGTO
+    -> GRPO with the visual-attention reward -> eval of base / base+intervention / SFT / RL
+    -> analysis (VAS vs accuracy, stage table) -> prints where the report is.
+
+Every stage is the production code path with the run config's paths pointed under ``--out``;
+the demo only chains them. Re-running with the same ``--out`` starts over (``--keep`` reuses the
+finished stages of an earlier run, handy after a failure in a late stage).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/tiny_local.yaml"
+STAGES = ("model", "data", "synth", "sft", "rl", "eval", "analyze")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"run config (default: {DEFAULT_CONFIG} when it exists, else built-in defaults)")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse the outputs of stages an earlier demo run in --out finished")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rl.steps=3")
+
+
+class StageClock:
+    """Prints a banner per stage and keeps its wall time for the summary."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.seconds = total, 0, {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str, what: str):
+        self.index += 1
+        elapsed = time.perf_counter() - self.start
+        print(f"\n=== [{self.index}/{self.total}] {name}: {what} (t+{elapsed:.0f}s)", flush=True)
+        began = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - began, 1)
+        print(f"=== {name} done in {self.seconds[name]:.0f}s", flush=True)
+
+
+def demo_config(config_path: str | None, out: Path, overrides: list[str]):
+    """The run config with every path under ``out``."""
+    from avar_ray.config import load_config, validate
+
+    path = config_path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
+    cfg = load_config(path, overrides)
+    cfg.model.path = str(out / "tiny_model")
+    cfg.data.train = str(out / "data" / "train.parquet")
+    cfg.data.eval = [str(out / "data" / "eval.parquet")]
+    cfg.synth.input = cfg.data.train
+    cfg.synth.out = str(out / "synth")
+    cfg.sft.data = cfg.synth.out
+    cfg.sft.out = str(out / "sft")
+    cfg.rl.out = str(out / "rl")
+    cfg.eval.out = str(out / "eval")
+    validate(cfg)
+    return cfg
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _done(out: Path, name: str) -> dict | None:
+    marker = out / ".demo" / f"{name}.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _mark(out: Path, name: str, info: dict) -> dict:
+    marker = out / ".demo" / f"{name}.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def run(args) -> int:
+    from avar_ray.ray_utils import init_ray
+
+    out = Path(args.out).resolve()
+    if out.exists() and not args.keep:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(args.config, out, args.overrides)
+    clock = StageClock(len(STAGES))
+    print(f"avar demo: the whole pipeline into {out} (config {args.config or DEFAULT_CONFIG})", flush=True)
+
+    def stage(name: str, what: str, body) -> dict:
+        with clock.stage(name, what):
+            info = _done(out, name) if args.keep else None
+            if info is not None:
+                print(f"reusing the finished {name} stage of an earlier run: {info}")
+            else:
+                info = _mark(out, name, body())
+        return info
+
+    def make_model() -> dict:
+        from avar_ray.tiny_model import build_tiny_model
+
+        build_tiny_model(cfg.model.path, seed=cfg.seed)
+        return {"path": cfg.model.path}
+
+    def make_data() -> dict:
+        from avar_ray.data.procedural import write_procedural
+
+        data_dir = Path(cfg.data.train).parent
+        write_procedural(data_dir, n=cfg.data.n_train, seed=cfg.data.seed, image_size=cfg.data.image_size,
+                         split_name="train")
+        # A different seed, so no evaluation row is a training row.
+        write_procedural(data_dir, n=cfg.data.n_eval, seed=cfg.data.seed + 10_000,
+                         image_size=cfg.data.image_size, split_name="eval")
+        return {"train": cfg.data.train, "eval": cfg.data.eval[0]}
+
+    def synth() -> dict:
+        from avar_ray.synth.pipeline import run_synthesis
+
+        report = run_synthesis(cfg)
+        print(report.summary())
+        return {"out": report.out, "kept": report.kept, "dropped": report.dropped,
+                "rows_per_s": round(report.rows_per_s, 2)}
+
+    def sft() -> dict:
+        from avar_ray.sft.trainer import run_sft
+
+        report = run_sft(cfg)
+        print(report.summary())
+        return {"model": report.export, "steps": report.final_step, "first": report.first, "last": report.last}
+
+    def rl(sft_model: str) -> dict:
+        from avar_ray.rl import run_rl
+
+        rl_cfg = demo_config(args.config, out, args.overrides)
+        rl_cfg.model.path = sft_model  # RL starts from the cold-start model, as in the paper
+        report = run_rl(rl_cfg)
+        print(report.summary())
+        return {"model": str(report.final_model), "steps": report.steps, "metrics": str(report.metrics_path)}
+
+    def evaluate(models: dict) -> dict:
+        from avar_ray.attention import Intervention
+        from avar_ray.eval.runner import run_eval
+
+        runs = {}
+        intervention = Intervention(a_img=cfg.intervention.a_img, a_sys=cfg.intervention.a_sys,
+                                    layers=None if cfg.intervention.layers is None else tuple(cfg.intervention.layers))
+        plan = [("base", models["base"], None), ("base+intervention", models["base"], intervention),
+                ("cold-start", models["sft"], None), ("RL", models["rl"], None)]
+        for label, model, intv in plan:
+            run_dir = Path(cfg.eval.out) / label.replace("+", "_")
+            print(f"--- eval {label}: {model}", flush=True)
+            results = run_eval(model, cfg.data.eval, run_dir, cfg=cfg, intervention=intv, label=label)
+            overall = results["overall"]
+            print(f"    accuracy {_fmt(overall['accuracy'])}, VAS(user) {_fmt(overall['vas'])}, "
+                  f"VAS(response) {_fmt(overall['vas_response'])}, report {run_dir / 'report.md'}", flush=True)
+            runs[label] = str(run_dir)
+        return runs
+
+    def analyze(runs: dict) -> dict:
+        from avar_ray.eval.analyze import run_analyze
+
+        summary = run_analyze(list(runs.values()), out / "analysis", labels=list(runs))
+        return {"report": str(out / "analysis" / "analysis.md"), "correlation": summary["correlation"]}
+
+    init_ray(cfg.ray)
+    stage("model", "tiny Qwen2.5-VL checkpoint", make_model)
+    stage("data", f"{cfg.data.n_train} training and {cfg.data.n_eval} evaluation procedural tasks", make_data)
+    stage("synth", "VARD synthesis with the oracle teacher (Ray Data)", synth)
+    sft_info = stage("sft", f"cold-start SFT with AGTO (alpha={cfg.sft.alpha}, beta={cfg.sft.beta}; "
+                            f"Ray Train + DeepSpeed ZeRO-{cfg.sft.zero_stage})", sft)
+    rl_info = stage("rl", f"{cfg.rl.steps} GRPO steps with the visual-attention reward (Ray actors)",
+                    lambda: rl(sft_info["model"]))
+    runs = stage("eval", "accuracy and VAS of the base, intervened, cold-start and RL models",
+                 lambda: evaluate({"base": cfg.model.path, "sft": sft_info["model"], "rl": rl_info["model"]}))
+    analysis = stage("analyze", "VAS vs accuracy across the stages", lambda: analyze(runs))
+
+    summary = {"out": str(out), "stage_seconds": clock.seconds,
+               "total_seconds": round(time.perf_counter() - clock.start, 1), "analysis": analysis, "eval_runs": runs}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\navar demo finished in {summary['total_seconds']:.0f}s "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in clock.seconds.items())})")
+    print(Path(analysis["report"]).read_text())
+    print(f"report: {analysis['report']}\nper-model reports: "
+          + ", ".join(f"{Path(d) / 'report.md'}" for d in runs.values()))
+    return 0
