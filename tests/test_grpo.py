@@ -1,0 +1,152 @@
+"""GRPO maths (avar_ray/rl/grpo.py) against verl's ``core_algos`` on the same tensors, and
+against the formulas written out by hand (SPEC.md §5) so that a change in either shows.
+
+Pure torch/numpy: no Ray, no model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from verl.trainer.ppo import core_algos
+
+from avar_ray.rl.grpo import batch_info, grpo_advantages, kl_loss, masked_mean, policy_loss
+
+# Three groups of four rollouts: mixed rewards, all-identical rewards, and a group of one.
+SCORES = np.array([1.0, 0.0, 0.5, 1.3, 0.7, 0.7, 0.7, 0.7, 2.0], dtype=np.float32)
+GROUPS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])
+LENGTHS = [5, 3, 7, 1, 4, 6, 2, 7, 3]  # ragged responses
+WIDTH = max(LENGTHS)
+
+
+def response_mask(lengths=LENGTHS, width=WIDTH) -> torch.Tensor:
+    return (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()
+
+
+def token_level_rewards(scores, lengths=LENGTHS, width=WIDTH) -> torch.Tensor:
+    """verl's layout: the outcome reward on each response's last token, zero elsewhere."""
+    out = torch.zeros(len(scores), width)
+    for i, (s, n) in enumerate(zip(scores, lengths)):
+        out[i, n - 1] = float(s)
+    return out
+
+
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_advantages_equal_verl_token_level(norm_by_std):
+    ours = grpo_advantages(SCORES, GROUPS, norm_by_std=norm_by_std)
+    mask = response_mask()
+    theirs, returns = core_algos.compute_grpo_outcome_advantage(
+        token_level_rewards(SCORES), mask, GROUPS, epsilon=1e-6, norm_adv_by_std_in_grpo=norm_by_std)
+    # verl broadcasts one advantage over each response's tokens; ours is that scalar per rollout.
+    expected = torch.from_numpy(ours).unsqueeze(1) * mask
+    torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(returns, theirs)
+
+
+def test_advantages_by_hand():
+    adv = grpo_advantages(SCORES, GROUPS, eps=1e-6)
+    g0 = SCORES[:4]
+    np.testing.assert_allclose(adv[:4], (g0 - g0.mean()) / (g0.std(ddof=1) + 1e-6), rtol=1e-5)
+    assert np.all(adv[4:8] == 0.0)  # identical rewards: no signal, and no NaN from std = 0
+    assert adv[8] == pytest.approx(2.0)  # a group of one: verl uses mean 0, std 1
+    dr = grpo_advantages(SCORES, GROUPS, norm_by_std=False)
+    np.testing.assert_allclose(dr[:4], g0 - g0.mean(), rtol=1e-6)
+    assert abs(adv[:4].sum()) < 1e-5 and np.abs(adv[:4]).max() > 0.5
+
+
+def test_advantages_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="group_ids"):
+        grpo_advantages(SCORES, GROUPS[:-1])
+
+
+def _rollout_tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mask = response_mask()
+    old = -torch.rand(len(LENGTHS), WIDTH, generator=g) * 3
+    new = old + (torch.rand(len(LENGTHS), WIDTH, generator=g) - 0.5) * 0.8  # some ratios beyond 1 ± 0.2
+    adv = torch.from_numpy(grpo_advantages(SCORES, GROUPS))
+    return old * mask, new * mask, adv, mask
+
+
+def clipped_loss_by_hand(old, new, adv, mask, clip):
+    ratio = torch.exp(new - old)
+    a = adv.unsqueeze(1).expand_as(new)
+    per_token = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip, 1 + clip))
+    return (per_token * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_policy_loss_equals_verl_vanilla(loss_agg_mode):
+    old, new, adv, mask = _rollout_tensors()
+    info = batch_info(1, int(mask.sum()), len(LENGTHS))
+    ours, metrics = policy_loss(old, new, adv, mask, 0.2, 4, info, loss_agg_mode)
+    from verl.workers.config import ActorConfig
+
+    config = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                         clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode=loss_agg_mode)
+    config.global_batch_info.update(info)
+    theirs, their_metrics = core_algos.compute_policy_loss_vanilla(
+        old, new, adv.unsqueeze(1).expand_as(new) * mask, mask, loss_agg_mode, config)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(their_metrics["actor/pg_clipfrac"])
+    assert metrics["actor/pg_clipfrac"] > 0  # the clip branch is exercised
+
+
+def test_policy_loss_token_mean_by_hand_and_clip_matters():
+    old, new, adv, mask = _rollout_tensors()
+    info = batch_info(1, int(mask.sum()), len(LENGTHS))
+    ours, _ = policy_loss(old, new, adv, mask, 0.2, 4, info)
+    torch.testing.assert_close(ours, clipped_loss_by_hand(old, new, adv, mask, 0.2), rtol=1e-5, atol=1e-7)
+    unclipped = clipped_loss_by_hand(old, new, adv, mask, 100.0)
+    assert abs(float(ours - unclipped)) > 1e-4
+
+
+def test_policy_loss_first_epoch_is_minus_mean_advantage_with_unit_gradient():
+    """old == new (one PPO epoch): loss = -token-mean(A), d loss / d logprob = -A / tokens."""
+    _, new, adv, mask = _rollout_tensors()
+    new = new.clone().requires_grad_(True)
+    info = batch_info(1, int(mask.sum()), len(LENGTHS))
+    loss, _ = policy_loss(new.detach(), new, adv, mask, 0.2, 4, info)
+    a = adv.unsqueeze(1) * mask
+    assert float(loss.detach()) == pytest.approx(float(-a.sum() / mask.sum()), abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(new.grad, -a / mask.sum())
+
+
+def test_micro_batch_and_rank_split_sums_to_the_global_token_mean():
+    """The learner scales each micro-batch loss by the global token count and dp_size (verl's
+    agg_loss): summed over micro-batches and averaged over ranks it is the whole-batch loss."""
+    old, new, adv, mask = _rollout_tensors(seed=3)
+    full, _ = policy_loss(old, new, adv, mask, 0.2, 4, batch_info(1, int(mask.sum()), len(LENGTHS)))
+    dp = 3
+    info = batch_info(dp, int(mask.sum()), len(LENGTHS))
+    per_rank = []
+    for rank in range(dp):
+        rows = list(range(rank * 3, rank * 3 + 3))
+        micro = [rows[:2], rows[2:]]
+        per_rank.append(sum(policy_loss(old[m], new[m], adv[m], mask[m], 0.2, 4, info)[0] for m in micro))
+    torch.testing.assert_close(sum(per_rank) / dp, full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["low_var_kl", "kl", "mse", "abs"])
+def test_kl_loss_equals_verl(kind):
+    old, new, _, mask = _rollout_tensors(seed=1)
+    info = batch_info(1, int(mask.sum()), len(LENGTHS))
+    ours = kl_loss(new, old, mask, kind, info)
+    per_token = core_algos.kl_penalty(new, old, kind)
+    theirs = core_algos.agg_loss(per_token, mask, "token-mean", **info)
+    torch.testing.assert_close(ours, theirs)
+    assert float(ours) > 0  # the policies differ
+    if kind == "low_var_kl":  # k3 = exp(ref - lp) - (ref - lp) - 1, clamped to [-10, 10]
+        d = old - new
+        k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+        torch.testing.assert_close(ours, (k3 * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-7)
+    assert float(kl_loss(new, new, mask, kind, info)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_masked_mean():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(values, mask) == pytest.approx(2.0)
+    assert masked_mean(values, torch.zeros_like(mask)) == 0.0
