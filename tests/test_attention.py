@@ -236,11 +236,16 @@ def test_agto_losses_and_gradients_match_eager(models, method, query):
     assert abs(losses.sup.item() - ref_sup.item()) <= RTOL * abs(ref_sup.item())
     assert torch.isnan(losses.enh_per_sample[2])  # the text-only row
     ours, theirs = _grads(avar), _grads(eager)
-    assert set(ours) == set(theirs) and any("visual" in n for n in ours)
-    for name, g in theirs.items():
-        if g.norm() == 0:
+    assert any("visual" in n for n in theirs)  # the losses reach the vision tower
+    # a parameter outside one graph (e.g. the last layer's v_proj: the fused call shares it with
+    # the output) has no grad there and must get a zero one in the other
+    for name in set(ours) | set(theirs):
+        g = theirs.get(name)
+        o = ours.get(name)
+        if g is None or o is None:
+            assert float((g if o is None else o).abs().max()) == 0.0, name
             continue
-        assert float((ours[name] - g).norm() / g.norm()) < RTOL, name
+        assert float((o - g).norm()) <= RTOL * max(float(g.norm()), 1e-12), name
     for model in (avar, eager):
         model.zero_grad(set_to_none=True)
 
