@@ -189,6 +189,9 @@ def test_without_context_is_sdpa(models, tiny_model_dir, cases):
         s = sdpa(**enc.inputs).logits
         ctx = AttentionContext.from_spans(enc.spans, query="user")  # statistics do not change outputs
         c = avar(**enc.inputs, avar_context=ctx).logits
+    # the vision blocks (layer_idx None) run plain SDPA and are not counted: 4 text layers only
+    assert avar.config.vision_config._attn_implementation == "avar"
+    assert ctx.calls == 4 and ctx.stats().layers == [0, 1, 2, 3]
     assert torch.equal(a, s)  # no context: transformers' own SDPA path, bit for bit
     assert torch.allclose(c, s, rtol=1e-5, atol=1e-5)  # statistics: same kernel, two zero columns more
     register_attention()  # idempotent
@@ -218,11 +221,11 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["fused", "chunked"])
-@pytest.mark.parametrize("query", ["response", "user_visual"])
-def test_agto_losses_and_gradients_match_eager(models, method, query):
+@pytest.mark.parametrize("method, query, side", [("fused", "response", "left"), ("chunked", "response", "right"),
+                                                 ("fused", "user_visual", "right"), ("chunked", "user_visual", "left")])
+def test_agto_losses_and_gradients_match_eager(models, method, query, side):
     proc, avar, eager, _ = models
-    enc = _encode(proc, [ROWS[i] for i in (0, 1, 3)], "left")  # one text-only row: no L_enh term
+    enc = _encode(proc, [ROWS[i] for i in (0, 1, 3)], side)  # one text-only row: no L_enh term
     eps = 1e-6
     for model in (avar, eager):
         model.zero_grad(set_to_none=True)

@@ -43,10 +43,22 @@ def test_vas_cli_response_query(tiny_model_dir, procedural_parquet, tmp_path):
     # responses from a file
     responses = tmp_path / "responses.jsonl"
     responses.write_text("".join(json.dumps({"id": r["id"], "response": "<think>look</think><answer>A</answer>"}) + "\n"
-                                 for r in rows))
+                                 for r in rows) + "{not json\n")  # a corrupt row: skipped and counted
     out2 = tmp_path / "vas_file"
     assert main(["vas", "--model", str(tiny_model_dir), "--data", str(procedural_parquet), "--query", "response",
                  "--out", str(out2), "--limit", "2", "--responses", str(responses), "--method", "chunked"]) == 0
     rows2 = _rows(out2 / "vas.jsonl")
     assert [r["response_source"] for r in rows2] == ["file", "file"]
     assert all(r["vas"] > 0 for r in rows2)
+    assert json.loads((out2 / "summary.json").read_text())["responses_skipped"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--intervention", "--a-sys", "1"], "a_sys"),
+    (["--layers", "9"], "--layers: layer 9 out of range"),
+    (["--layers", "one"], "--layers must be"),
+])
+def test_vas_cli_bad_options(tiny_model_dir, procedural_parquet, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["vas", "--model", str(tiny_model_dir), "--data", str(procedural_parquet), "--out", str(tmp_path / "x"),
+              "--limit", "1"] + extra)

@@ -40,8 +40,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 
 
-def _int_list(text):
-    return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+def _int_list(text, option: str):
+    try:
+        return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"avar vas: {option} must be comma-separated layer indices, got {text!r}") from None
 
 
 def _batches(items, size):
@@ -49,17 +52,28 @@ def _batches(items, size):
         yield items[i:i + size]
 
 
-def _read_responses(path) -> dict:
-    out = {}
+def _read_responses(path) -> tuple[dict, list[str]]:
+    """``{id: response}`` from a JSONL file; a corrupt row is skipped and reported
+    (``path:line: reason``), never a crash (a sample left without a response is an error later)."""
+    out, skipped = {}, []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "id" not in row or "response" not in row:
-                raise ValueError(f"{path}:{n}: a responses row needs 'id' and 'response'")
-            out[str(row["id"])] = str(row["response"])
-    return out
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                skipped.append(f"{path}:{n}: not JSON ({exc.msg})")
+                continue
+            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("response"), str):
+                skipped.append(f"{path}:{n}: a responses row needs 'id' and a string 'response'")
+                continue
+            out[str(row["id"])] = row["response"]
+    for msg in skipped[:5]:
+        print(f"avar vas: skipped {msg}")
+    if skipped:
+        print(f"avar vas: {len(skipped)} corrupt rows skipped in {path}")
+    return out, skipped
 
 
 def _generate_ids(model, processor, rows, intervention, max_new_tokens) -> list[list[int]]:
@@ -89,6 +103,7 @@ def _stats_rows(model, processor, rows, args, intervention, layers) -> list[dict
 
     results = []
     for batch in _batches(rows, args.batch_size):
+        print(f"avar vas: statistics pass, {len(batch)} samples (from #{batch[0]['index']})", flush=True)
         kwargs = {}
         if args.query == "response":
             if all("response_ids" in r for r in batch):
@@ -165,6 +180,7 @@ def run(args) -> int:
     import torch
 
     from avar_ray.attention import Intervention
+    from avar_ray.attention.intervention import validate_layers
     from avar_ray.data.readers import read_samples
     from avar_ray.data.schema import build_messages, pil_images
     from avar_ray.modeling import load_model, load_processor
@@ -178,31 +194,41 @@ def run(args) -> int:
         samples = samples[:args.limit]
     if not samples:
         raise SystemExit(f"{args.data}: no usable samples ({report})")
+    layers = _int_list(args.layers, "--layers")
     try:
-        intervention = (Intervention(a_img=args.a_img, a_sys=args.a_sys, layers=_int_list(args.intervention_layers))
+        intervention = (Intervention(a_img=args.a_img, a_sys=args.a_sys,
+                                     layers=_int_list(args.intervention_layers, "--intervention-layers"))
                         if args.intervention else None)
     except ValueError as exc:
         raise SystemExit(f"avar vas: {exc}") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     processor = load_processor(args.model)
     model = load_model(args.model, dtype=args.dtype).to(device).eval()
-    layers = _int_list(args.layers)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    try:  # fail before any work, naming the option
+        validate_layers(layers, num_layers, "--layers")
+        validate_layers(None if intervention is None else intervention.layers, num_layers, "--intervention-layers")
+    except ValueError as exc:
+        raise SystemExit(f"avar vas: {exc}") from None
 
     rows = [{"index": i, "id": s.id, "messages": build_messages(s, system_prompt=args.system_prompt),
              "images": pil_images(s), "meta": s.meta} for i, s in enumerate(samples)]
+    skipped: list[str] = []
     if args.query == "response":
-        given = _read_responses(args.responses) if args.responses else None
+        given, skipped = _read_responses(args.responses) if args.responses else (None, [])
         if given is not None:
             missing = [r["id"] for r in rows if r["id"] not in given]
             if missing:
-                raise SystemExit(f"{args.responses}: no response for {len(missing)} samples, e.g. {missing[:5]}")
+                raise SystemExit(f"{args.responses}: no response for {len(missing)} samples, e.g. {missing[:5]}"
+                                 + (f" ({len(skipped)} corrupt rows skipped)" if skipped else ""))
         for r in rows:
             if given is not None:
                 r["response"], r["source"] = given[r["id"]], "file"
             elif isinstance(r["meta"].get("response"), str):
                 r["response"], r["source"] = r["meta"]["response"], "meta"
         todo = [r for r in rows if "response" not in r]
-        for batch in _batches(todo, args.batch_size):
+        for k, batch in enumerate(_batches(todo, args.batch_size)):
+            print(f"avar vas: generating responses {k * args.batch_size + len(batch)}/{len(todo)}", flush=True)
             for r, ids in zip(batch, _generate_ids(model, processor, batch, intervention, args.max_new_tokens)):
                 r["response_ids"], r["source"] = ids, "generated"
                 r["response"] = processor.tokenizer.decode(ids, skip_special_tokens=True)
@@ -224,6 +250,7 @@ def run(args) -> int:
                    {"a_img": intervention.a_img, "a_sys": intervention.a_sys,
                     "layers": None if intervention.layers is None else list(intervention.layers)})
     if args.query == "response":
+        summary["responses_skipped"] = len(skipped)
         summary["response_sources"] = {s: sum(r.get("response_source") == s for r in per_sample)
                                        for s in ("file", "meta", "generated")}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
