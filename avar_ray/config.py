@@ -89,6 +89,7 @@ class SynthConfig:
     rows_per_shard: int = 64  # rows handled per committed shard (the most a killed job redoes)
     batch_size: int = 16  # rows per Ray Data batch
     num_actors: int = 1  # actors per teacher stage
+    max_rows: int = -1  # pending rows handled this run (-1: all); a rerun picks up the rest
 
 
 @dataclass

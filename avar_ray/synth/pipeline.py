@@ -39,6 +39,7 @@ class SynthReport:
     read_skipped: dict = field(default_factory=dict)  # reader reason -> count
     duplicate_ids: int = 0
     already_done: int = 0  # ids committed by an earlier run (resume)
+    deferred: int = 0  # pending rows left for a later run by synth.max_rows
     processed: int = 0
     kept: int = 0
     dropped: dict = field(default_factory=dict)  # reason -> count
@@ -59,6 +60,7 @@ class SynthReport:
                 f"kept {self.kept} (total {self.total_kept}); dropped {sum(self.dropped.values())} "
                 f"({fmt(self.dropped)}); quarantined {sum(self.quarantined.values())} ({fmt(self.quarantined)}); "
                 f"unreadable input rows {sum(self.read_skipped.values())}; already done {self.already_done}; "
+                f"left for a later run {self.deferred}; "
                 f"anchors {fmt(self.anchor_modes)}")
 
 
@@ -158,8 +160,10 @@ def run_synthesis(cfg, progress: bool = True) -> SynthReport:
         seen.add(s.id)
         if s.id in ledger.done:
             report.already_done += 1
-        else:
+        elif synth.max_rows < 0 or len(pending) < synth.max_rows:
             pending.append(new_row(to_row(s)))
+        else:
+            report.deferred += 1
     writer = ShardWriter(store, synth.rows_per_shard, json.dumps(report.teachers, sort_keys=True),
                          json.dumps(report.prompts, sort_keys=True))
     start = time.perf_counter()

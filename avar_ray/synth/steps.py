@@ -7,12 +7,13 @@ sample) is marked quarantined with its reason and skipped by later steps.
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional, Sequence
 
 import pyarrow as pa
 
 from avar_ray.data.captions import anchor_phrases, oracle_reasoning
-from avar_ray.data.schema import PARQUET_SCHEMA, ImageDecodeError, Sample, format_question, from_row
+from avar_ray.data.schema import PARQUET_SCHEMA, ImageDecodeError, Sample, format_question, from_row, letter
 from avar_ray.synth.anchors import caption_anchor_phrases, has_anchor, insert_anchors
 from avar_ray.synth.prompts import Prompt
 from avar_ray.synth.teachers import ChatRequest, Teacher, TeacherError, row_seed, user_message
@@ -23,6 +24,10 @@ STEPS = ("caption", "reasoning", "anchor")
 WORK_COLUMNS = ("caption", "reasoning", "chain", "anchor_mode", "target", "status", "reason", "detail", "failed_step")
 ROW_SCHEMA = pa.schema(list(PARQUET_SCHEMA) + [(c, pa.string()) for c in WORK_COLUMNS])
 QUARANTINED, DROPPED, KEPT = "quarantined", "dropped", "kept"
+
+# The closing sentences of the data layer's oracle chain for a choice question: the label's
+# letter beside the option text the chain read off the scene graph.
+_ORACLE_CHOICE = re.compile(r"That matches option ([A-Z]) \((.*)\)\. The answer is \1\.$")
 
 _ANSWER_HINTS = {"choice": " (the letter of the correct option)", "integer": " (an integer)",
                  "float": " (a number)", "text": ""}
@@ -41,6 +46,18 @@ def _procedural(sample: Sample) -> bool:
     return all(k in sample.meta for k in ("task", "scene", "target"))
 
 
+def oracle_chain(sample: Sample) -> str:
+    """The templated reasoning, answering with the option the scene graph supports rather than
+    the label's letter, so that a mislabelled choice row fails verification instead of training
+    on a chain that contradicts itself. (Numeric answers are still taken from the label.)"""
+    chain = oracle_reasoning(sample)
+    match = _ORACLE_CHOICE.search(chain)
+    if match and match.group(2) in sample.choices:
+        read = letter(sample.choices.index(match.group(2)))
+        chain = chain[:match.start()] + f"That matches option {read} ({match.group(2)}). The answer is {read}."
+    return chain
+
+
 def oracle_output(step: str, sample: Sample, row: dict) -> str:
     """The scene-graph caption / templated reasoning of a procedural sample."""
     if step == "caption":
@@ -50,7 +67,7 @@ def oracle_output(step: str, sample: Sample, row: dict) -> str:
     if step == "reasoning":
         if not _procedural(sample):
             raise TeacherError("oracle unavailable", "the sample has no scene graph (not procedural data)")
-        return oracle_reasoning(sample)
+        return oracle_chain(sample)
     raise ValueError(f"no oracle output for step {step!r}")
 
 
