@@ -1,0 +1,97 @@
+"""`avar analyze`: Pearson r / p over evaluated runs equal scipy's on the same points, the stage
+table and figures are written, bad run directories fail with a message naming the file. Pure
+(results.json files written by the test): no model, no Ray."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from avar_ray.cli import main
+from avar_ray.eval.analyze import pearson, run_analyze
+
+# (label, overall VAS with Q = U, overall accuracy): a made-up base → cold start → RL → extra run
+POINTS = [("base", 7.5, 0.491), ("cold start", 10.1, 0.510), ("agto", 13.8, 0.526), ("rl", 18.9, 0.561)]
+
+
+def write_run(root: Path, name: str, vas, accuracy, label=None) -> Path:
+    """An `avar eval` output directory with the results.json fields analyze reads."""
+    run = root / name
+    run.mkdir(parents=True)
+    overall = {"n": 20, "accuracy": accuracy, "vas": vas, "vas_response": None if vas is None else vas / 2,
+               "alpha_img": 0.01 * (vas or 0)}
+    results = {"label": label, "model": f"/models/{name}", "overall": overall,
+               "benchmarks": {"mathvista": {**overall, "n": 12}, "mmstar": {**overall, "n": 8, "accuracy": 0.25}}}
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_analyze_r_and_p_equal_scipy(tmp_path):
+    runs = [write_run(tmp_path, f"run{i}", vas, acc, label) for i, (label, vas, acc) in enumerate(POINTS)]
+    out = tmp_path / "analysis"
+    assert main(["analyze", *map(str, runs), "--out", str(out)]) == 0
+
+    x, y = [p[1] for p in POINTS], [p[2] for p in POINTS]
+    expected = stats.pearsonr(x, y)
+    summary = json.loads((out / "analysis.json").read_text())
+    corr = summary["correlation"]
+    assert corr["n"] == 4
+    assert corr["r"] == pytest.approx(float(expected.statistic), abs=1e-12)
+    assert corr["p"] == pytest.approx(float(expected.pvalue), abs=1e-12)
+    # and the textbook formula, independently of scipy
+    xc, yc = np.array(x) - np.mean(x), np.array(y) - np.mean(y)
+    assert corr["r"] == pytest.approx(float((xc @ yc) / math.sqrt((xc @ xc) * (yc @ yc))), abs=1e-12)
+    assert [r["label"] for r in summary["runs"]] == [p[0] for p in POINTS]
+
+    report = (out / "analysis.md").read_text()
+    assert f"r = {corr['r']:.4f}" in report
+    # stage table: deltas against the first run, in the given order
+    assert "| base | 49.1 | +0.0 | 7.50 | +0.00 |" in report
+    assert "| rl | 56.1 | +7.0 | 18.90 | +11.40 |" in report
+    # accuracy per benchmark (columns sorted by name: mathvista, mmstar)
+    assert "| stage | mathvista | mmstar |" in report and "| cold start | 51.0 | 25.0 |" in report
+    for png in ("vas_vs_accuracy.png", "stage_table.png"):
+        assert f"({png})" in report
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_analyze_labels_and_undefined_correlation(tmp_path):
+    a = write_run(tmp_path, "a", 5.0, 0.3)
+    b = write_run(tmp_path, "b", None, 0.4)  # no VAS (e.g. no samples): kept in the table, not in r
+    summary = run_analyze([a, b], tmp_path / "out", labels=["first", "second"])
+    assert [r["label"] for r in summary["runs"]] == ["first", "second"]
+    assert summary["correlation"] == {"r": None, "p": None, "n": 1}
+    assert "not defined" in (tmp_path / "out" / "analysis.md").read_text()
+    # directory name when neither --labels nor the eval's label is given
+    assert run_analyze([a], tmp_path / "out2")["runs"][0]["label"] == "a"
+
+
+def test_pearson_edge_cases():
+    assert pearson([1.0], [2.0]) == (None, None)
+    assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == (None, None)  # constant x: r undefined
+    r, p = pearson([1.0, 2.0], [3.0, 5.0])
+    assert r == pytest.approx(1.0) and p == pytest.approx(1.0)  # two points: perfect, no evidence
+    with pytest.raises(ValueError, match="3 x values but 2 y values"):
+        pearson([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_analyze_bad_run_directories(tmp_path):
+    good = write_run(tmp_path, "good", 5.0, 0.3)
+    with pytest.raises(SystemExit, match="nowhere/results.json"):
+        main(["analyze", str(good), str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="broken/results.json: not valid JSON"):
+        main(["analyze", str(broken), "--out", str(tmp_path / "o")])
+    (broken / "results.json").write_text(json.dumps({"overall": {"accuracy": 0.1}}))
+    with pytest.raises(SystemExit, match="overall.vas is missing"):
+        main(["analyze", str(broken), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="1 labels for 2 run directories"):
+        main(["analyze", str(good), str(good), "--labels", "x", "--out", str(tmp_path / "o")])
