@@ -174,6 +174,28 @@ def test_manifests_cover_the_rl_stage_the_pipeline_and_a_cluster():
     assert order.index("synth") < order.index("sft") < order.index("rl") < order.index("eval") < order.index("analyze")
 
 
+def _option(argv: list[str], flag: str):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_pipeline_reads_what_the_stages_write():
+    """Each step of the pipeline RayJob starts from the previous step's output path as the stages
+    name it (SFT: sft.out/final; RL: its HF export of the last step), and analyze reads the three
+    evals in stage order."""
+    checkpoint = pytest.importorskip("avar_ray.rl.checkpoint")
+    (job,) = [doc for doc in of_kind("RayJob").values() if "analyze" in doc["spec"]["entrypoint"]]
+    steps = {}
+    for argv in entrypoint_commands(job["spec"]["entrypoint"]):
+        steps.setdefault(argv[1], []).append(argv[2:])
+    cfg = load_config(REPO / _option(steps["sft"][0], "-c"))
+    sft_model = str(Path(cfg.sft.out) / "final")
+    rl_model = str(checkpoint.hf_dir(Path(cfg.rl.out) / "checkpoints", cfg.rl.steps))
+    assert f"model.path={sft_model}" in steps["rl"][0], "RL must start from the cold-start export"
+    evals = steps["eval"]
+    assert [_option(e, "--model") for e in evals] == [None, sft_model, rl_model]  # None: model.path (base)
+    assert steps["analyze"][0][:3] == [_option(e, "--out") for e in evals]
+
+
 @pytest.mark.parametrize("name", sorted(load_manifests()))
 def test_manifest_validates_against_kuberay_crd(name):
     doc = load_manifests()[name]
