@@ -36,7 +36,7 @@ class Scored:
     total: float
     accuracy: float
     format: float
-    visual: float  # r_visual before normalisation (0 for wrong answers)
+    visual: float  # r_visual before normalisation (0 for wrong answers unless the gate is off)
     vas: float  # response VAS of this rollout (whatever its correctness); nan if not computed
     error: str = ""  # non-empty: scoring raised, the rollout got reward 0
 

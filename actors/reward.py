@@ -36,6 +36,7 @@ class ScorerSpec:
     visual_layers: Optional[list[int]] = None
     eps: float = 1e-6
     batch_size: int = 8
+    visual_gate: bool = True  # False: r_visual for wrong answers too (an ablation of SPEC.md §5's gate)
     chunk_size: int = 256
     system_prompt: Optional[str] = None
 
@@ -127,7 +128,8 @@ class RewardScorer:
             errors.update(bad)
             for i, v in zip(ids, values):
                 vas[i] = v
-        visual = np.where((acc >= 0.5) & np.isfinite(vas), vas, 0.0)
+        gate = acc >= 0.5 if self.spec.visual_gate else np.ones(n, dtype=bool)
+        visual = np.where(gate & np.isfinite(vas), vas, 0.0)
         ok = np.array([i not in errors for i in range(n)])
         group_ids = np.array([r.prompt_index for r in rollouts])
         total = combine_rewards(np.where(ok, acc, 0.0), np.where(ok, fmt, 0.0), np.where(ok, visual, 0.0),

@@ -132,6 +132,7 @@ class RewardConfig:
     visual_layers: Optional[list[int]] = None
     eps: float = 1e-6
     batch_size: int = 8  # rollouts per scorer forward (attention statistics of the response)
+    visual_gate: bool = True  # r_visual only for correct answers (SPEC.md §5); false: for every rollout (ablation)
 
 
 @dataclass

@@ -1,5 +1,21 @@
 """Stage 3: GRPO with the visual-attention reward (SPEC.md §5) on Ray actors.
 
+    from avar_ray.rl import run_rl
+    report = run_rl(cfg)            # report.final_model: HF directory of the last step
+
 Kept import-light: ``avar_ray.rl.grpo`` (the maths, used by the learners too) must import
-without Ray or vLLM. The loop is ``avar_ray.rl.driver.run_rl``.
+without Ray or vLLM, so the driver (``avar_ray.rl.driver``) is imported on first use.
+Modules: ``driver`` (the loop, checkpoint/resume), ``system`` (the actors from the config),
+``prompts`` (data and the seeded sampler), ``metrics`` (JSONL/TensorBoard), ``checkpoint``.
 """
+from __future__ import annotations
+
+__all__ = ["RLReport", "run_rl"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from avar_ray.rl import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'avar_ray.rl' has no attribute {name!r}")

@@ -1,0 +1,57 @@
+"""RL checkpoints under ``<rl.out>/checkpoints``: per saved step a DeepSpeed checkpoint
+(``step_N/``, written by every learner rank; DeepSpeed's ``latest`` file names the newest), the
+HF export of the policy (``step_N/hf``: what eval and vLLM load) and the driver's state (step,
+policy version, prompt sampler position) inside the DeepSpeed checkpoint's client state, so
+that the weights and the data position can never disagree. ``driver_state.json`` beside it is
+for people to read."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag(step: int) -> str:
+    return f"step_{step}"
+
+
+def latest_step(ckpt_dir: Path) -> int | None:
+    """The step of the newest complete DeepSpeed checkpoint, or None."""
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    match = TAG.match(latest.read_text().strip())
+    if match is None:
+        raise ValueError(f"{latest}: unexpected checkpoint tag {latest.read_text().strip()!r} (expected step_N)")
+    return int(match.group(1))
+
+
+def hf_dir(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / tag(step) / "hf"
+
+
+def save(learners, ckpt_dir: Path, step: int, state: dict, export_hf: bool, keep: int) -> Path | None:
+    """Save step ``step``; returns the HF export's path (None when ``export_hf`` is off)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    learners.save_checkpoint(str(ckpt_dir), tag(step), state)
+    (ckpt_dir / tag(step) / "driver_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    exported = None
+    if export_hf:
+        exported = hf_dir(ckpt_dir, step)
+        learners.export_hf(str(exported))
+    prune(ckpt_dir, keep)
+    return exported
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all); returns the deleted steps."""
+    if keep <= 0:
+        return []
+    steps = sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG.match(p.name)))
+    doomed = steps[:-keep]
+    for step in doomed:
+        shutil.rmtree(ckpt_dir / tag(step))
+    return doomed

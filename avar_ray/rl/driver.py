@@ -1,0 +1,204 @@
+"""The RL driver: ``run_rl(cfg)`` runs GRPO with the visual-attention reward (SPEC.md §5).
+
+Each step: draw prompts (seeded; the position is checkpointed) -> n rollouts per prompt on
+the vLLM workers -> one reward per rollout from the reward actor (accuracy, format, r_visual
+from the scorer's attention statistics) -> group advantages (verl) -> the learners' DeepSpeed
+update -> weight sync to the rollout workers and the reward scorer -> metrics -> a checkpoint
+every ``rl.save_every`` steps and at the last one. Outputs under ``rl.out``: ``metrics.jsonl``,
+``tensorboard/``, ``checkpoints/step_N/`` (DeepSpeed + ``hf/``) and ``rl_report.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from actors.records import PromptRequest, TrainItem
+from avar_ray.rl import checkpoint
+from avar_ray.rl.grpo import grpo_advantages
+from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics, rollout_metrics
+from avar_ray.rl.prompts import PromptSampler, load_prompts, request_seed
+
+# Called with (step, phase) as each phase of a step begins (progress displays, tests).
+PhaseHook = Callable[[int, str], None]
+
+
+@dataclass
+class RLReport:
+    out: str
+    steps: int = 0  # the last step done (the run's step count)
+    start_step: int = 0  # 0, or the checkpoint step a resumed run continued from
+    final_model: str = ""  # HF export of the last step (evaluate this)
+    metrics_path: str = ""
+    prompts: int = 0
+    seconds: float = 0.0
+    start_s: float = 0.0  # actor start-up
+    restarts: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)  # metrics of this run's first step
+    last: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        def g(d: dict, k: str) -> str:
+            v = d.get(k)
+            return "n/a" if v is None else f"{v:.3g}"
+
+        return (f"rl: steps {self.start_step}->{self.steps} in {self.seconds:.1f}s (actors started in "
+                f"{self.start_s:.1f}s, restarts {self.restarts}); reward {g(self.first, 'reward/total')} -> "
+                f"{g(self.last, 'reward/total')}, accuracy {g(self.first, 'reward/accuracy')} -> "
+                f"{g(self.last, 'reward/accuracy')}, response VAS {g(self.first, 'vas/response')} -> "
+                f"{g(self.last, 'vas/response')}; metrics {self.metrics_path}; final model {self.final_model}")
+
+
+class PhaseClock:
+    """Seconds per phase of one step; calls the hook as each phase begins."""
+
+    def __init__(self, step: int, hook: Optional[PhaseHook]) -> None:
+        self.step, self.hook = step, hook
+        self.seconds = {f"time/{p}": 0.0 for p in PHASES}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.hook is not None:
+            self.hook(self.step, name)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"time/{name}"] += time.perf_counter() - t
+
+    def total(self) -> dict:
+        return {**self.seconds, "time/step": time.perf_counter() - self.start}
+
+
+def _start_step(ckpt_dir: Path, resume: bool) -> int:
+    saved = checkpoint.latest_step(ckpt_dir)
+    if saved is None:
+        if resume:
+            print(f"rl: no checkpoint under {ckpt_dir} to resume from; starting at step 0", flush=True)
+        return 0
+    if not resume:
+        raise ValueError(f"rl.out: {ckpt_dir} holds checkpoints of an earlier run (step {saved}); resume it with "
+                         "`avar rl --resume` (rl.resume=true), or choose another rl.out")
+    return saved
+
+
+class Run:
+    """One run's state between steps: the actors, the prompt sampler, the policy version."""
+
+    def __init__(self, cfg, system, prompts, sampler: PromptSampler, out: Path, hook: Optional[PhaseHook]) -> None:
+        self.cfg, self.system, self.prompts, self.sampler = cfg, system, prompts, sampler
+        self.out, self.hook = out, hook
+        self.ckpt_dir = out / "checkpoints"
+        self.version = 0  # the policy version the rollout workers hold (0: the starting checkpoint)
+        self.final_model = ""
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "policy_version": self.version, "sampler": self.sampler.state.to_dict(),
+                "seed": self.cfg.rl.seed, "prompts": len(self.prompts.samples)}
+
+    def restore(self, step: int) -> None:
+        state = self.system.learners.load_checkpoint(str(self.ckpt_dir), checkpoint.tag(step))
+        if state.get("prompts") != len(self.prompts.samples) or state.get("seed") != self.cfg.rl.seed:
+            raise ValueError(f"rl resume: the checkpoint of step {step} drew from {state.get('prompts')} prompts with "
+                             f"seed {state.get('seed')}, this run has {len(self.prompts.samples)} with seed "
+                             f"{self.cfg.rl.seed}; the data position would not carry over (data.train, rl.seed)")
+        self.sampler.load_state(state["sampler"])
+        self.version = int(state["policy_version"])
+        self.system.sync_weights(self.version)  # the workers started from model.path
+
+    def step(self, step: int) -> dict:
+        from avar_ray.rl.system import sampling_spec
+
+        rl, system = self.cfg.rl, self.system
+        clock = PhaseClock(step, self.hook)
+        with clock.phase("sample"):
+            batch = [self.prompts.samples[i] for i in self.sampler.next_indices(rl.prompts_per_step)]
+            requests = [PromptRequest(i, s, request_seed(rl.seed, step, i)) for i, s in enumerate(batch)]
+        with clock.phase("rollout"):
+            rollouts = system.rollout.generate(requests, sampling_spec(self.cfg))
+        expected = rl.prompts_per_step * rl.n_samples
+        if len(rollouts) != expected:
+            raise RuntimeError(f"step {step}: {len(rollouts)} rollouts came back, expected {expected}")
+        with clock.phase("reward"):
+            scored = system.reward.score(rollouts, {s.id: s for s in batch})
+        with clock.phase("advantage"):
+            advantages = grpo_advantages(np.array([s.total for s in scored]),
+                                         np.array([r.prompt_index for r in rollouts]),
+                                         norm_by_std=rl.norm_adv_by_std)
+            items = [TrainItem(batch[r.prompt_index], r.response_ids, float(a), r.logprobs)
+                     for r, a in zip(rollouts, advantages)]
+        with clock.phase("update"):
+            learner = system.learners.train_step(items)
+        self.version = step
+        with clock.phase("weight_sync"):
+            sync = system.sync_weights(self.version)
+        with clock.phase("checkpoint"):
+            if (rl.save_every > 0 and step % rl.save_every == 0) or step == rl.steps:
+                exported = checkpoint.save(system.learners, self.ckpt_dir, step, self.state(step), rl.export_hf,
+                                           rl.keep_checkpoints)
+                self.final_model = str(exported or "")
+        timing = clock.total()
+        tokens = sum(len(r.response_ids) for r in rollouts)
+        return {**rollout_metrics(rollouts, scored, advantages), **learner, **sync, **system.restarts(), **timing,
+                "policy_version": self.version, "rollout/tokens_per_s": tokens / max(timing["time/rollout"], 1e-9),
+                "data/epoch": self.sampler.state.epoch, "data/position": self.sampler.state.position,
+                "data/prompt_ids": [s.id for s in batch]}
+
+
+def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> RLReport:
+    """GRPO steps ``start+1 .. cfg.rl.steps`` (``start``: the newest checkpoint with ``resume``).
+
+    Uses the Ray it finds initialised (tests, ``avar demo``), else starts one from ``cfg.ray``.
+    """
+    import ray
+
+    from avar_ray.ray_utils import init_ray
+    from avar_ray.rl.system import RLSystem
+
+    rl = cfg.rl
+    out = Path(rl.out).resolve()
+    if not Path(cfg.model.path).is_dir():
+        raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
+    start = _start_step(out / "checkpoints", resume or rl.resume)
+    if start >= rl.steps:
+        raise ValueError(f"rl.steps: the checkpoint is at step {start}; nothing left to do of {rl.steps} steps")
+    prompts = load_prompts(cfg.data.train, rl.max_images)
+    print(f"rl: {prompts.summary()}; steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts x "
+          f"{rl.n_samples} rollouts per step", flush=True)
+    if not ray.is_initialized():
+        init_ray(cfg.ray)
+    import verl.trainer.ppo.core_algos  # noqa: F401 - a 2-3 s import: not inside step 1's timings
+    t0 = time.perf_counter()
+    system = RLSystem(cfg, cfg.model.path)
+    print(f"rl: actors up in {system.start_s:.1f}s ({rl.placement.rollout_workers} rollout workers, "
+          f"{rl.placement.learners} learners, 1 reward actor)", flush=True)
+    report = RLReport(out=str(out), start_step=start, prompts=len(prompts.samples), start_s=system.start_s,
+                      metrics_path=str(out / "metrics.jsonl"))
+    writer = None
+    try:
+        run = Run(cfg, system, prompts, PromptSampler(len(prompts.samples), rl.seed), out, on_phase)
+        if start:
+            run.restore(start)
+        writer = MetricsWriter(out, rl.steps, start, rl.tensorboard)
+        for step in range(start + 1, rl.steps + 1):
+            writer.log(step, run.step(step))
+            report.steps = step
+        report.final_model = run.final_model
+        report.restarts = system.restarts()
+    finally:
+        if writer is not None:
+            writer.close()
+        system.shutdown()
+    report.seconds = time.perf_counter() - t0
+    done = read_metrics(Path(report.metrics_path))
+    mine = [r for r in done if r["step"] > start]
+    if mine:
+        report.first, report.last = mine[0], mine[-1]
+    (out / "rl_report.json").write_text(json.dumps(asdict(report), indent=1, sort_keys=True, default=str) + "\n")
+    return report
