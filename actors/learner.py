@@ -20,8 +20,10 @@ import torch
 
 from actors.policy import banned_token_ids, encode_rollouts, forward_logprobs, pad_rows
 from actors.records import TrainItem
-from actors.weight_sync import MIB, WeightHandle, bucket_names, publish_object_store
+from actors.weight_sync import (MIB, WeightHandle, broadcast_bucket, broadcast_table, bucket_names, make_weight_group,
+                                publish_object_store)
 
+CLIENT_STATE_KEY = "avar_client_state"
 
 @dataclass
 class LearnerSpec:
@@ -209,6 +211,35 @@ class Learner:
             return None
         return publish_object_store(named, version, bucket_mb)
 
+    # ---- broadcast backend (nccl on GPU, gloo on CPU): see weight_sync.BroadcastWeightSync
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the weight-broadcast group as its source (rank 0 of that group)."""
+        if self.rank == 0:
+            self._weight_group = make_weight_group(host, port, 0, world_size, backend)
+            self._weight_backend = backend
+
+    def weight_table(self, version: int, bucket_mb: float) -> WeightHandle:
+        """Names, full shapes and dtypes per bucket (ZeRO-3: ``ds_shape``, no gather needed)."""
+        entries = ((n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self.engine.module.named_parameters())
+        return broadcast_table(entries, int(bucket_mb * MIB), version, self._weight_backend)
+
+    def broadcast_weights(self, handle: WeightHandle) -> float:
+        """Every rank calls this (ZeRO-3 gathers are collectives); rank 0 broadcasts each bucket
+        of ``handle``'s table as soon as its tensors are gathered. Returns seconds."""
+        start = time.perf_counter()
+        bucket, pending = 0, []
+        for name, tensor in self._full_parameters(handle.bucket_bytes):
+            if self.rank != 0:
+                continue
+            expected = handle.names[bucket][len(pending)]
+            if name != expected:
+                raise RuntimeError(f"weight broadcast: parameter {name!r} where the table has {expected!r}")
+            pending.append(tensor)
+            if len(pending) == len(handle.names[bucket]):
+                broadcast_bucket(self._weight_group, pending, handle.shapes[bucket], self.engine.device)
+                bucket, pending = bucket + 1, []
+        return time.perf_counter() - start
+
     def publish_per_tensor(self) -> list:
         """Baseline for the bench: one object per parameter (rank 0, ZeRO-1/2)."""
         from actors.weight_sync import pack_bucket
@@ -218,13 +249,19 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        # Under one key: DeepSpeed hands back every unconsumed key of its own state beside ours.
+        self.engine.save_checkpoint(directory, tag=tag, client_state={CLIENT_STATE_KEY: dict(client_state)})
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
+        """Weights, optimizer and scheduler state of ``tag``; returns the ``client_state`` given
+        to ``save_checkpoint``, exactly."""
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
-        return client_state or {}
+        if not client_state or CLIENT_STATE_KEY not in client_state:
+            raise KeyError(f"DeepSpeed checkpoint {tag!r} under {directory} has no avar client state "
+                           f"({CLIENT_STATE_KEY!r}): not written by this learner")
+        return client_state[CLIENT_STATE_KEY]
 
     def export_hf(self, directory: str) -> None:
         """An HF checkpoint (transformers- and vLLM-loadable) of the current policy."""

@@ -8,14 +8,19 @@ the CPU backend repacks linear weights after start-up, so a plain ``load_weights
 and a layer split across two reload calls would be half-loaded (ARCHITECTURE.md, verified
 recipe). Tensors cannot travel as ``collective_rpc`` arguments; safetensors bytes can.
 
-The ``nccl`` backend broadcasts the same buckets over a torch process group instead of the
-object store (GPU path; learner rank 0 is the source, each rollout engine a receiver).
+The ``nccl`` backend (``BroadcastWeightSync``) broadcasts the same buckets over a process group
+of its own instead of the object store: learner rank 0 is the source, each rollout engine a
+receiver, one collective per bucket. The same code runs with ``gloo`` on CPU, which is how the
+tests exercise it here; with ``nccl`` it is UNTESTED on these CPU machines (written for GPU
+runs: one engine per rollout worker, tensor parallel size 1). The reward scorer keeps reading
+the object store, and a broadcast group cannot take in a restarted engine: restarts need the
+object-store backend.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -80,6 +85,7 @@ class WeightHandle:
     names: list[list[str]] = field(default_factory=list)
     shapes: list[list[tuple[list[int], str]]] = field(default_factory=list)
     total_bytes: int = 0
+    bucket_bytes: int = 0
     pack_s: float = 0.0
 
     @property
@@ -109,7 +115,7 @@ def publish_object_store(named_tensors: Iterable[tuple[str, torch.Tensor]], vers
     if current:
         refs.append(ray.put(pack_bucket(current)))
         names.append(list(current))
-    return WeightHandle(version, "object_store", refs=refs, names=names, total_bytes=total,
+    return WeightHandle(version, "object_store", refs=refs, names=names, total_bytes=total, bucket_bytes=bucket_bytes,
                         pack_s=time.perf_counter() - start)
 
 
@@ -225,12 +231,18 @@ def _timeout():
 def broadcast_bucket(group, tensors: list[torch.Tensor] | None, shapes: list, device) -> list[torch.Tensor]:
     """Broadcast one bucket from rank 0 as a single flat byte buffer (one collective per
     bucket, not per parameter); receivers pass ``tensors=None`` and get the tensors back."""
+    from torch.distributed import BroadcastOptions
+
     sizes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=_dtype(dt)).element_size() for shape, dt in shapes]
     if tensors is not None:
         flat = torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]).to(device)
     else:
         flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    group.broadcast([flat], 0).wait()
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"weight broadcast: bucket has {flat.numel()} bytes, its table says {sum(sizes)}")
+    opts = BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([flat], opts).wait()
     out, offset = [], 0
     for (shape, dt), size in zip(shapes, sizes):
         out.append(flat[offset:offset + size].view(_dtype(dt)).view(shape))
@@ -242,9 +254,45 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.replace("torch.", ""))
 
 
-def shape_table(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> tuple[list, list]:
-    """Names and (shape, dtype) per bucket, for the broadcast receivers."""
-    lookup = dict(named)
-    names = bucket_names(((n, tensor_nbytes(t)) for n, t in named), bucket_bytes)
-    shapes = [[(list(lookup[n].shape), str(lookup[n].dtype)) for n in bucket] for bucket in names]
-    return names, shapes
+def broadcast_table(entries: Iterable[tuple[str, Sequence[int], torch.dtype]], bucket_bytes: int,
+                    version: int, backend: str) -> WeightHandle:
+    """The receivers' recipe for one broadcast sync: names and (shape, dtype) per bucket, from
+    ``(name, full shape, dtype)`` in parameter order (pure: no tensor needed)."""
+    entries = [(n, list(shape), dtype) for n, shape, dtype in entries]
+    sizes = [(n, int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()) for n, shape, dt in entries]
+    names = bucket_names(sizes, bucket_bytes)
+    lookup = {n: (shape, str(dt)) for n, shape, dt in entries}
+    shapes = [[lookup[n] for n in bucket] for bucket in names]
+    return WeightHandle(version, backend, names=names, shapes=shapes, total_bytes=sum(size for _, size in sizes),
+                        bucket_bytes=bucket_bytes)
+
+
+class BroadcastWeightSync:
+    """The ``nccl`` weight-sync backend, driven from the driver (``gloo`` on CPU).
+
+    ``learners`` is a ``LearnerGroup``; ``receivers`` are rollout-worker actor handles. Every
+    sync: rank 0 makes the table (``WeightHandle`` with names/shapes), then all learner ranks
+    (ZeRO-3 gathers are collectives) and every receiver enter the bucket broadcasts at once."""
+
+    def __init__(self, learners, receivers: list, backend: str = "nccl"):
+        import ray
+
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"weight broadcast backend must be 'nccl' or 'gloo', got {backend!r}")
+        self.learners, self.receivers, self.backend = learners, list(receivers), backend
+        host, port, _ = ray.get(learners.actors[0].address.remote())
+        world = 1 + len(self.receivers)
+        # Every member blocks in the rendezvous until all have joined: start them together.
+        ray.get([a.init_weight_group.remote(host, port, world, backend) for a in learners.actors]
+                + [w.init_weight_group.remote(host, port, i + 1, world, backend) for i, w in enumerate(self.receivers)])
+
+    def sync(self, version: int, bucket_mb: float) -> tuple[WeightHandle, float]:
+        """Broadcast the current weights as ``version``; returns the handle and the slowest
+        receiver's seconds."""
+        import ray
+
+        handle = ray.get(self.learners.actors[0].weight_table.remote(version, bucket_mb))
+        sends = [a.broadcast_weights.remote(handle) for a in self.learners.actors]
+        loads = [w.receive_broadcast.remote(handle) for w in self.receivers]
+        ray.get(sends)
+        return handle, max(ray.get(loads), default=0.0)
