@@ -62,3 +62,18 @@ def vllm_engine(tiny_model_dir):
               limit_mm_per_prompt={"image": 2, "video": 0})
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def oracle_synth_dir(tmp_path_factory, procedural_parquet, ray_local) -> Path:
+    """Stage 1 with the oracle teacher over ``procedural_parquet``, in one uninterrupted run:
+    the cold-start data of the SFT tests and the reference of the resume test."""
+    from avar_ray.config import load_config
+    from avar_ray.synth import run_synthesis
+
+    out = tmp_path_factory.mktemp("oracle_synth")
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml",
+                      [f"synth.input={procedural_parquet}", f"synth.out={out}", "synth.rows_per_shard=8"])
+    report = run_synthesis(cfg, progress=False)
+    assert report.kept == 32, report.summary()
+    return out
