@@ -1,10 +1,9 @@
-"""The DeepSpeed config of the SFT run and its step arithmetic (pure functions)."""
+"""The DeepSpeed config of the SFT run, its step arithmetic and the LR schedule (pure functions)."""
 from __future__ import annotations
 
 import math
 
-# sft.lr_schedule -> DeepSpeed scheduler (all warm up linearly from 0 first).
-SCHEDULERS = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def steps_per_epoch(rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
@@ -21,16 +20,40 @@ def total_steps(sft, rows: int, world_size: int) -> int:
     return sft.max_steps if sft.max_steps > 0 else per_epoch * sft.epochs
 
 
-def deepspeed_config(sft, total: int, bf16: bool) -> dict:
-    warmup = int(math.ceil(sft.warmup_ratio * total))
-    if sft.lr_schedule == "constant":
-        params = {"warmup_min_lr": 0.0, "warmup_max_lr": sft.lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
-    elif sft.lr_schedule == "linear":
-        params = {"warmup_min_lr": 0.0, "warmup_max_lr": sft.lr, "warmup_num_steps": warmup,
-                  "total_num_steps": max(total, warmup + 1), "warmup_type": "linear"}
-    else:
-        params = {"total_num_steps": max(total, warmup + 1), "warmup_num_steps": warmup,
-                  "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}
+def warmup_steps(warmup_ratio: float, total: int) -> int:
+    return int(math.ceil(warmup_ratio * total))
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak LR for optimizer update ``step`` (0-based).
+
+    The first ``warmup`` updates ramp linearly up to the peak, ``(step + 1) / (warmup + 1)``,
+    so no update runs at LR 0 (DeepSpeed's own Warmup* schedulers spend the first update at
+    their minimum LR); then ``constant`` stays at the peak, ``linear`` and ``cosine`` decay
+    towards 0 at update ``total`` (the last update still has a positive LR).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"sft.lr_schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(sft, total: int):
+    """A callable DeepSpeed turns into the run's scheduler (it needs the optimizer it builds);
+    DeepSpeed steps it at each accumulation boundary and keeps its state in checkpoints."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    warmup = warmup_steps(sft.warmup_ratio, total)
+    return lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, sft.lr_schedule))
+
+
+def deepspeed_config(sft, bf16: bool) -> dict:
     zero = {"stage": sft.zero_stage}
     if sft.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # the HF export needs full weights
@@ -42,7 +65,6 @@ def deepspeed_config(sft, total: int, bf16: bool) -> dict:
         # torch_adam: DeepSpeed's own CPU Adam would JIT-compile first (~53 s on 2 cores).
         "optimizer": {"type": "AdamW", "params": {"lr": sft.lr, "betas": [0.9, 0.999], "eps": 1e-8,
                                                    "weight_decay": sft.weight_decay, "torch_adam": True}},
-        "scheduler": {"type": SCHEDULERS[sft.lr_schedule], "params": params},
         "bf16": {"enabled": bool(bf16)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

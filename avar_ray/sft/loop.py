@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from avar_ray.sft.data import encode_rows
-from avar_ray.sft.ds_config import deepspeed_config, steps_per_epoch
+from avar_ray.sft.ds_config import deepspeed_config, lr_scheduler, steps_per_epoch
 from avar_ray.sft.export import export_hf
 from avar_ray.sft.metrics import MetricsLogger
 
@@ -98,8 +98,9 @@ def train_loop_per_worker(config: dict) -> None:
             p.requires_grad_(False)
     processor = load_processor(model_path)
     num_layers = model.config.get_text_config().num_hidden_layers
-    engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(sft, total, bf16),
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(sft, bf16),
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                           lr_scheduler=lr_scheduler(sft, total))
     engine.train()
 
     ckpt_dir = out / "checkpoints"
@@ -126,6 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
                 skip -= 1
                 continue
             m = _micro_step(engine, processor, batch.to_pylist(), sft, config["chunk_size"], config["eps"], num_layers)
+            lr = float(engine.get_lr()[0])  # the LR of this update (the scheduler steps inside engine.step)
             engine.step()  # an optimizer step only at the accumulation boundary
             sums = m if sums is None else {k: sums[k] + m[k] for k in m}
             count += 1
@@ -135,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = _all_reduce_mean(sums, count)
             elapsed = time.perf_counter() - t0
             grad_norm = engine.get_global_grad_norm()
-            last.update(lr=float(engine.get_lr()[0]), samples_per_s=global_batch / elapsed, step_time_s=elapsed,
+            last.update(lr=lr, samples_per_s=global_batch / elapsed, step_time_s=elapsed,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan)
             logger.log(step, last)
             if sft.save_every and step % sft.save_every == 0:
