@@ -255,9 +255,11 @@ class Learner:
     def load_checkpoint(self, directory: str, tag: str) -> dict:
         """Weights, optimizer and scheduler state of ``tag``; returns the ``client_state`` given
         to ``save_checkpoint``, exactly."""
+        if not (Path(directory) / tag).is_dir():  # DeepSpeed itself fails with a bare assert
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag!r} under {directory}")
         if not client_state or CLIENT_STATE_KEY not in client_state:
             raise KeyError(f"DeepSpeed checkpoint {tag!r} under {directory} has no avar client state "
                            f"({CLIENT_STATE_KEY!r}): not written by this learner")

@@ -159,7 +159,7 @@ def test_weight_sync_uses_several_buckets(synced, learners):
     sent = [n for names in handle.names for n in names]
     assert len(sent) == len(set(sent))
     first = unpack_bucket(ray.get(handle.refs[0]))
-    assert list(first) == handle.names[0]
+    assert set(first) == set(handle.names[0])  # safetensors hands tensors back sorted by name
     assert synced.load_s > 0
 
 
@@ -205,7 +205,7 @@ def test_checkpoint_round_trip(learners, synced, tmp_path):
     assert max_diff(moved, saved) > 1e-3
     assert learners.load_checkpoint(str(tmp_path), "step_7") == state
     assert max_diff(learners.logprobs(items), saved) < 1e-6
-    with pytest.raises(Exception, match="step_99"):
+    with pytest.raises(FileNotFoundError, match="step_99"):
         learners.load_checkpoint(str(tmp_path), "step_99")
 
 
