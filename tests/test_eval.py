@@ -162,3 +162,35 @@ def test_eval_cli_rejects_bad_arguments(tmp_path):
         main(["eval", "--bench", "x.parquet", "--out", str(tmp_path), "--intervene", "0.1,1.0"])
     with pytest.raises(FileNotFoundError, match="nowhere.tsv"):
         load_benchmarks([tmp_path / "nowhere.tsv"], processor=None, system_prompt=None, max_prompt_tokens=100)
+
+
+def _engine_processes() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
+
+
+@pytest.mark.slow
+def test_repeated_in_process_evals_under_ray_free_their_engines(ray_local, tiny_model_dir, bench_files, tmp_path):
+    """What the demo does: run_eval three times in one process with Ray initialised, each
+    starting its own vLLM engine. Each must shut its engine down (no EngineCore process, no
+    `vllm.LLM` object left behind) before returning."""
+    import gc
+
+    import vllm
+
+    from avar_ray.eval import run_eval
+
+    assert ray_local.is_initialized()
+    cfg = load_config(None, OVERRIDES + ["eval.heatmaps=0", "eval.max_samples=1"])
+
+    def alive() -> tuple[int, int]:
+        gc.collect()
+        return sum(isinstance(o, vllm.LLM) for o in gc.get_objects()), len(_engine_processes())
+
+    before = alive()  # the session's shared engine, if another test has started it
+    for k in range(2):
+        results = run_eval(tiny_model_dir, [bench_files["rows"]], tmp_path / f"run{k}", cfg, label=f"run{k}")
+        assert results["generation"] == "vllm" and results["overall"]["n"] == 1
+        assert results["timings"]["engine_start_s"] < results["timings"]["generate_s"]
+        assert alive() == before, f"call {k} left a vLLM engine behind"

@@ -136,6 +136,7 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
                 llm = start_vllm(str(model_dir), cfg.model.dtype, cfg.model.max_model_len,
                                  max(len(it.images) for it in items), ecfg.enforce_eager, ecfg.seed,
                                  ecfg.gpu_memory_utilization)
+                timings["engine_start_s"] = time.perf_counter() - t0  # part of generate_s
             try:
                 gens = vllm_generate(llm, items, ecfg.max_new_tokens, ecfg.temperature, ecfg.seed)
             finally:
@@ -179,6 +180,8 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
     results = jsonable(results)
     (out / RESULTS).write_text(json.dumps(results, indent=2, ensure_ascii=False))
     (out / REPORT).write_text(eval_report(results, figures, heatmaps, records[:8]))
+    log.info("eval: %d samples in %.1f s (%s)", results["overall"]["n"], timings["total_s"],
+             ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k != "total_s"))
     if results["prompt_ids_mismatch"]:
         log.warning("eval: %d prompts tokenized differently in vLLM and transformers: their response VAS is "
                     "computed on transformers' prompt ids", results["prompt_ids_mismatch"])
