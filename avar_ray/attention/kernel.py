@@ -151,29 +151,35 @@ def fused_call(module, query: torch.Tensor, key: torch.Tensor, value: Optional[t
 
 # ----------------------------------------------------------------------------- chunked
 def _chunk_masses(q: torch.Tensor, k: torch.Tensor, rows_mask: Optional[torch.Tensor], cols: torch.Tensor,
-                  v_cols: torch.Tensor, s_cols: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  ind: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Masses of one chunk of query rows. q ``[B, H, c, D]``, k ``[B, Hkv, Tk, D]`` (float32);
-    ``rows_mask``: bool (allowed) or float (additive) ``[B|1, 1, c, Tk]`` or None."""
+    ``rows_mask``: bool (allowed) or float (additive) ``[B|1, 1, c, Tk]`` or None; ``cols``
+    the V ∪ S key positions (< Tk) and ``ind`` their indicator columns ``[B, 1, |cols|, 2]``.
+
+    ``m_K = exp(LSE_K - LSE_all) = sum_{j in K} exp(z_j - LSE_all)``: one exp over the V ∪ S
+    columns and a product with the indicators give both masses (instead of a masked LSE per set)."""
     batch, heads, c, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads  # GQA: head h reads kv head h // groups (transformers' repeat_kv)
-    z = torch.matmul(q.reshape(batch, kv_heads, groups * c, dim), k.transpose(-1, -2))
-    z = z.view(batch, heads, c, kv_len) * scale
-    fill = torch.finfo(z.dtype).min
+    # the scale goes on q (c x D), not on the logits (c x Tk); masks are applied in place
+    z = torch.matmul(q.reshape(batch, kv_heads, groups * c, dim) * scale, k.transpose(-1, -2))
+    z = z.view(batch, heads, c, kv_len)
     if rows_mask is not None:
-        z = z + rows_mask if rows_mask.dtype != torch.bool else z.masked_fill(~rows_mask, fill)
-    lse_all = torch.logsumexp(z, dim=-1)
-    z_cols = z.index_select(-1, cols)  # only the V ∪ S keys: [B, H, c, |V ∪ S|]
-    lse_v = torch.logsumexp(z_cols.masked_fill(~v_cols[:, None, None, :], fill), dim=-1)
-    lse_s = torch.logsumexp(z_cols.masked_fill(~s_cols[:, None, None, :], fill), dim=-1)
-    return torch.exp(lse_v - lse_all), torch.exp(lse_s - lse_all)
+        z = z.add_(rows_mask) if rows_mask.dtype != torch.bool else z.masked_fill_(~rows_mask, torch.finfo(z.dtype).min)
+    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
+    probs = torch.exp(z.index_select(-1, cols) - lse_all)  # [B, H, c, |V ∪ S|]
+    masses = torch.matmul(probs, ind)  # [B, H, c, 2]
+    return masses[..., 0], masses[..., 1]
 
 
 def chunked_masses(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
                    visual: torch.Tensor, system: torch.Tensor, qmask: torch.Tensor, scale: float,
                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``exp(LSE_K - LSE_all)`` for the query rows in Q, ``chunk_size`` rows at a time; returns
-    two ``[B, H, Tq]`` float32 tensors (zero outside Q)."""
+    two ``[B, H, Tq]`` float32 tensors (zero outside Q).
+
+    Causal layers (a full pass: query i is key i): a chunk whose last row is r sees no key
+    after r, so only the first r + 1 keys are read."""
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     rows = qmask.any(0).nonzero().flatten()
@@ -181,24 +187,28 @@ def chunked_masses(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.
     mass_s = torch.zeros_like(mass_v)
     if rows.numel() == 0:
         return mass_v, mass_s
+    crop = causal and q_len == kv_len
     cols = (visual | system).any(0).nonzero().flatten()
-    v_cols, s_cols = visual.index_select(1, cols), system.index_select(1, cols)
+    ind = torch.stack([visual, system], dim=-1).index_select(1, cols).float()[:, None]  # [B, 1, |cols|, 2]
     k32 = key.float()
     parts_v, parts_s = [], []
     for idx in rows.split(chunk_size):
+        width = int(idx[-1]) + 1 if crop else kv_len
         q_chunk = query.index_select(2, idx).float()
         if mask is not None:
-            rows_mask = mask.index_select(2, idx)
+            rows_mask = mask.index_select(2, idx)[..., :width]
             rows_mask = rows_mask if rows_mask.dtype == torch.bool else rows_mask.float()
         elif q_len > 1 and causal:  # SDPA's is_causal, built for these rows only
-            rows_mask = (torch.arange(kv_len, device=query.device)[None, :] <= idx[:, None])[None, None]
+            rows_mask = (torch.arange(width, device=query.device)[None, :] <= idx[:, None])[None, None]
         else:
             rows_mask = None
-        fn = partial(_chunk_masses, rows_mask=rows_mask, cols=cols, v_cols=v_cols, s_cols=s_cols, scale=scale)
+        n_cols = int(torch.searchsorted(cols, width))  # cols ascending: those below the crop
+        fn = partial(_chunk_masses, rows_mask=rows_mask, cols=cols[:n_cols], ind=ind[:, :, :n_cols], scale=scale)
+        k_chunk = k32[:, :, :width]
         if torch.is_grad_enabled() and (q_chunk.requires_grad or k32.requires_grad):
-            mv, ms = checkpoint(fn, q_chunk, k32, use_reentrant=False)
+            mv, ms = checkpoint(fn, q_chunk, k_chunk, use_reentrant=False)
         else:
-            mv, ms = fn(q_chunk, k32)
+            mv, ms = fn(q_chunk, k_chunk)
         parts_v.append(mv)
         parts_s.append(ms)
     mass_v = mass_v.index_copy(2, rows, torch.cat(parts_v, dim=2))
