@@ -8,6 +8,7 @@ call again. Calls on healthy actors keep running meanwhile.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,31 @@ def call_with_recovery(calls: Sequence[tuple[Any, str, tuple]], recover: Sequenc
     return results
 
 
-def _recover_with_retries(recover: Callable[[], None], deaths: tuple, max_attempts: int, what: str, i: int) -> None:
-    # The restarted actor may itself die while starting or loading weights.
-    for attempt in range(1, max_attempts + 1):
+# A restarted vLLM engine of a large model can take minutes to come up.
+RESTART_TIMEOUT_S = 900.0
+
+
+def _recover_with_retries(recover: Callable[[], None], deaths: tuple, max_attempts: int, what: str, i: int,
+                          timeout_s: float = RESTART_TIMEOUT_S) -> None:
+    """Run ``recover`` once the restarted actor answers. While Ray is still restarting it, calls
+    fail at once with ``ActorUnavailableError``: wait and ask again (not a new death). The
+    restarted actor may itself die while starting or loading weights: that counts."""
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    deaths_seen = 0
+    while True:
         try:
             recover()
             return
+        except ActorUnavailableError as exc:
+            if time.monotonic() > deadline:
+                raise ActorCallFailed(f"{what} {i}: not back {timeout_s:g} s after a restart ({exc})") from exc
+            time.sleep(0.5)
         except deaths as exc:
-            if attempt == max_attempts:
-                raise ActorCallFailed(f"{what} {i}: actor did not come back after {attempt} restarts ({exc})") from exc
+            deaths_seen += 1
+            if deaths_seen >= max_attempts:
+                raise ActorCallFailed(f"{what} {i}: actor did not come back after {deaths_seen} restarts ({exc})") from exc
 
 
 class ActorSet:

