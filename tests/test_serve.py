@@ -16,6 +16,7 @@ from avar_ray.serve.validation import RequestError, check_image, from_json
 
 MAX_IMAGE_BYTES = 60_000
 MAX_PIXELS = 300 * 300
+MAX_PROMPT_CHARS = 8000  # above what the tiny model's 1024-token context holds (one token per "circle ")
 
 
 def _free_port() -> int:
@@ -50,7 +51,7 @@ def serve_url(ray_local, tiny_model_dir):
 
     cfg = load_config(None, ["model.max_model_len=1024", f"serve.port={_free_port()}", "serve.max_new_tokens=16",
                              f"serve.max_image_bytes={MAX_IMAGE_BYTES}", f"serve.max_image_pixels={MAX_PIXELS}",
-                             "serve.num_cpus=1"])
+                             "serve.num_cpus=1", f"serve.max_prompt_chars={MAX_PROMPT_CHARS}"])
     url = start_serve(str(tiny_model_dir), cfg, name="avar-test")
     yield url
     serve.shutdown()
@@ -118,11 +119,14 @@ def test_rejects_oversized_image_and_malformed_bodies(serve_url, sample):
              ({"image": good_image, "question": "q", "max_new_tokens": 10_000}, "max_new_tokens"),
              ({"image": good_image, "question": "q", "intervention": {"a_sys": 1.0}}, "intervention.a_sys"),
              ({"image": good_image, "question": "q", "intervention": {"layers": [99]}}, "intervention.layers"),
-             ({"image": good_image, "question": "q", "temperature": 2}, "temperature")]
+             ({"image": good_image, "question": "q", "temperature": 2}, "temperature"),
+             ({"image": good_image, "question": "x" * (MAX_PROMPT_CHARS + 1)}, "question"),  # characters
+             ({"image": good_image, "question": "circle " * 1100}, "question")]  # tokens: no room to answer
     for body, field in cases:
         r = _post(serve_url, json=body)
         assert r.status_code == 400, (body.keys(), r.text)
         assert r.json()["error"]["field"] == field
+    assert "leaves no room for the response" in r.json()["error"]["message"]  # the last case: tokens
 
     r = _post(serve_url, data="question=q", headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
