@@ -56,15 +56,18 @@ class FakeOpenAI:
 
             def _send(self, status: int, payload: dict) -> None:
                 body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if status == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(body)
-                with fake.lock:
+                with fake.lock:  # before the answer leaves: the client may check right after it
                     fake.statuses.append(status)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
 
             def do_POST(self) -> None:
                 if self.path.rstrip("/") != "/v1/chat/completions":
