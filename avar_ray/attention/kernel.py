@@ -21,9 +21,12 @@ computed one of two ways, both exact and differentiable:
   gives the masses (precision of the statistics). Same masks and kernels as SDPA, O(T) extra
   memory, differentiable through SDPA's own backward.
 * ``chunked``: the logsumexp form above in float32, over chunks of ``chunk_size`` query rows
-  of Q x all keys (peak extra memory chunk x T per head, never T x T); LSE over V and S only
-  reads the V ∪ S key columns. Under autograd each chunk is checkpointed (recomputed in the
-  backward), so training memory stays chunk x T too.
+  of Q x the keys they can see (causal: up to the chunk's last row), peak extra memory
+  chunk x T per head, never T x T. ``LSE_all`` over the row, then
+  ``exp(z - LSE_all)`` over the V ∪ S columns only, times their indicator columns, gives both
+  masses. Under autograd each chunk is checkpointed (recomputed in the backward), so training
+  memory stays chunk x T too. About 2-3x the cost of the fused method's extra work on CPU
+  (it recomputes q·k for the rows of Q): a cross-check and a fallback, not the default.
 """
 from __future__ import annotations
 
