@@ -4,7 +4,7 @@ rollout workers, the reward actor, DeepSpeed learners and Ray actors on the loca
 Two runs are shared by the assertions: a 5-step run through the CLI entry that a resumed run
 then continues (from its step-3 checkpoint, as if it had died after step 5's metrics but
 before step 5's checkpoint), and a 3-step run whose rollout worker is SIGKILLed while step 2
-runs. The pure parts (sampler, metrics file, pruning) are tested first, without Ray.
+runs and whose reward actor is SIGKILLed while step 3 runs. The pure parts (sampler, metrics file, pruning) are tested first, without Ray.
 
 The random tiny model never writes a verified answer, so with the paper's correctness gate
 every reward is 0 and nothing would learn; the runs turn the gate off
@@ -175,47 +175,47 @@ def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, proce
     assert report.final_model == str(ckpts / "step_7" / "hf")
 
 
-def _rollout_worker_pids() -> list[int]:
-    """Rollout worker processes of this session's Ray (descendants of this process)."""
+def _actor_pids(class_name: str) -> list[int]:
+    """Processes of this session's Ray (descendants of this process) running actor ``class_name``."""
     import psutil
 
     pids = []
     for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RolloutWorker"):
+            if proc.cmdline() and proc.cmdline()[0].startswith(f"ray::{class_name}"):
                 pids.append(proc.pid)
         except psutil.Error:
             continue
     return pids
 
 
-def test_killed_rollout_worker_is_restarted_and_no_step_is_lost(ray_local, tiny_model_dir, procedural_parquet,
-                                                                  tmp_path):
+def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_lost(
+        ray_local, tiny_model_dir, procedural_parquet, tmp_path):
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
 
-    killed: list[int] = []
+    killed: dict[str, list[int]] = {"RolloutWorker": [], "RewardScorer": []}
 
-    def kill_soon():
-        time.sleep(0.05)  # let the step's generate call reach the worker
-        for pid in _rollout_worker_pids():
+    def kill_soon(class_name: str):
+        time.sleep(0.05)  # let the phase's call reach the actor
+        for pid in _actor_pids(class_name):
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            killed[class_name].append(pid)
 
     def on_phase(step: int, phase: str) -> None:
-        if step == 2 and phase == "rollout":
-            threading.Thread(target=kill_soon, daemon=True).start()
+        target = {(2, "rollout"): "RolloutWorker", (3, "reward"): "RewardScorer"}.get((step, phase))
+        if target:
+            threading.Thread(target=kill_soon, args=(target,), daemon=True).start()
 
     cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps=3))
     report = run_rl(cfg, on_phase=on_phase)
-    assert killed, "no rollout worker process found to kill"
+    assert killed["RolloutWorker"] and killed["RewardScorer"], f"nothing to kill: {killed}"
     metrics = read_metrics(Path(report.metrics_path))
     assert [r["step"] for r in metrics] == [1, 2, 3]
     for record in metrics:
-        _check_step(record)  # all rollouts of every step, from the current policy
-    assert metrics[0]["restarts/rollout"] == 0
-    assert metrics[-1]["restarts/rollout"] >= 1
-    assert report.restarts["restarts/rollout"] >= 1
+        _check_step(record)  # all rollouts of every step, from the current policy, all scored
+    assert metrics[0]["restarts/rollout"] == 0 and metrics[0]["restarts/reward"] == 0
+    assert report.restarts["restarts/rollout"] >= 1 and report.restarts["restarts/reward"] >= 1
 
 
 def test_placement_beyond_the_cluster_fails_before_starting_actors(ray_local, tiny_model_dir, procedural_parquet,
