@@ -43,15 +43,18 @@ class RLReport:
     last: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        def g(d: dict, k: str) -> str:
-            v = d.get(k)
-            return "n/a" if v is None else f"{v:.3g}"
-
+        changes = ", ".join(f"{label} {_fmt(self.first.get(key))} -> {_fmt(self.last.get(key))}"
+                            for label, key in SUMMARY_KEYS)
         return (f"rl: steps {self.start_step}->{self.steps} in {self.seconds:.1f}s (actors started in "
-                f"{self.start_s:.1f}s, restarts {self.restarts}); reward {g(self.first, 'reward/total')} -> "
-                f"{g(self.last, 'reward/total')}, accuracy {g(self.first, 'reward/accuracy')} -> "
-                f"{g(self.last, 'reward/accuracy')}, response VAS {g(self.first, 'vas/response')} -> "
-                f"{g(self.last, 'vas/response')}; metrics {self.metrics_path}; final model {self.final_model}")
+                f"{self.start_s:.1f}s, restarts {self.restarts}); {changes}; metrics {self.metrics_path}; "
+                f"final model {self.final_model}")
+
+
+SUMMARY_KEYS = (("reward", "reward/total"), ("accuracy", "reward/accuracy"), ("response VAS", "vas/response"))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 class PhaseClock:
