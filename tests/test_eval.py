@@ -194,3 +194,31 @@ def test_repeated_in_process_evals_under_ray_free_their_engines(ray_local, tiny_
         assert results["generation"] == "vllm" and results["overall"]["n"] == 1
         assert results["timings"]["engine_start_s"] < results["timings"]["generate_s"]
         assert alive() == before, f"call {k} left a vLLM engine behind"
+
+
+def test_unsegmentable_response_is_skipped_and_counted(tiny_model_dir, bench_files):
+    """A response holding a template token (<|im_start|> opens a turn the span finder cannot
+    read) fails the attention pass for its own item only: the batch is retried item by item, the
+    item is skipped and counted in its benchmark's bad rows, the rest is scored."""
+    from avar_ray.eval.attention_pass import attention_rows
+    from avar_ray.eval.benchmarks import load_benchmarks
+    from avar_ray.eval.generation import Generation, template_marker_ids
+    from avar_ray.eval.runner import _drop_failed
+    from avar_ray.modeling import load_model, load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir)).eval()
+    (bench,) = load_benchmarks([bench_files["rows"]], processor, None, 900)
+    tok = processor.tokenizer
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert im_start in template_marker_ids(processor)  # banned in generation
+    good = tok.encode("answer A")
+    gens = [Generation(good, "answer A", "length"), Generation(good + [im_start] + good, "x", "length")]
+    rows = attention_rows(model, processor, bench.items, gens, None, None, 256, batch_size=2)
+    assert "error" not in rows[0] and math.isfinite(rows[0]["response"]["vas"])
+    assert "unknown role header" in rows[1]["error"]
+    before = bench.report.skipped
+    items, kept_gens, kept = _drop_failed([bench], list(bench.items), gens, rows)
+    assert [it.sample.id for it in items] == [bench.items[0].sample.id] and kept == rows[:1]
+    assert bench.report.skipped == before + 1 and bench.report.reasons["attention pass failed"] == 1
+    assert len(bench.items) == 1

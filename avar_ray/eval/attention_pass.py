@@ -47,22 +47,41 @@ def span_metrics(model, encoded: Encoded, intervention: Optional[Intervention] =
     return {name: vas_from_stats(restrict(stats, spans.query(name))) for name in SPANS}
 
 
+def _batch_rows(model, processor, batch: Sequence[EvalItem], gens: Sequence[Generation],
+                intervention: Optional[Intervention], layers: Optional[Sequence[int]], chunk_size: int) -> list[dict]:
+    enc = encode_batch(processor, [it.messages for it in batch], [it.images for it in batch],
+                       response_ids=[g.ids for g in gens], padding_side="right")
+    metrics = span_metrics(model, enc, intervention, layers, chunk_size)
+    per_span = {name: metrics[name].rows() for name in SPANS}
+    rows = []
+    for i, gen in enumerate(gens):
+        match = None
+        if gen.prompt_ids is not None:  # the engine's prompt must be the one we score
+            match = enc.inputs["input_ids"][i, :enc.prompt_lengths[i]].tolist() == gen.prompt_ids
+        rows.append({**{name: per_span[name][i] for name in SPANS}, "prompt_ids_match": match})
+    return rows
+
+
 def attention_rows(model, processor, items: Sequence[EvalItem], generations: Sequence[Generation],
                    intervention: Optional[Intervention], layers: Optional[Sequence[int]], chunk_size: int,
                    batch_size: int) -> list[dict]:
     """Per item: ``{"user": {...}, "response": {...}, "prompt_ids_match": bool | None}``
-    (the VASResult rows: vas, alpha_img, eps_img, alpha_sys, band, per_layer, ...)."""
+    (the VASResult rows: vas, alpha_img, eps_img, alpha_sys, band, per_layer, ...), or
+    ``{"error": message}`` for an item whose prompt + response cannot be segmented into spans
+    (a batch that fails is retried item by item, so one bad response costs only itself)."""
     rows: list[dict] = []
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, desc="attention statistics", disable=len(starts) < 2):
         batch, gens = items[start:start + batch_size], generations[start:start + batch_size]
-        enc = encode_batch(processor, [it.messages for it in batch], [it.images for it in batch],
-                           response_ids=[g.ids for g in gens], padding_side="right")
-        metrics = span_metrics(model, enc, intervention, layers, chunk_size)
-        per_span = {name: metrics[name].rows() for name in SPANS}
-        for i, (item, gen) in enumerate(zip(batch, gens)):
-            match = None
-            if gen.prompt_ids is not None:  # the engine's prompt must be the one we score
-                match = enc.inputs["input_ids"][i, :enc.prompt_lengths[i]].tolist() == gen.prompt_ids
-            rows.append({**{name: per_span[name][i] for name in SPANS}, "prompt_ids_match": match})
+        try:
+            rows += _batch_rows(model, processor, batch, gens, intervention, layers, chunk_size)
+        except ValueError as exc:  # UnsupportedTemplateError, a prompt/response the model rejects
+            if len(batch) == 1:
+                rows.append({"error": str(exc)})
+                continue
+            for item, gen in zip(batch, gens):
+                try:
+                    rows += _batch_rows(model, processor, [item], [gen], intervention, layers, chunk_size)
+                except ValueError as one:
+                    rows.append({"error": str(one)})
     return rows

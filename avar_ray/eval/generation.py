@@ -32,15 +32,18 @@ class Generation:
     prompt_ids: Optional[list[int]] = None  # the engine's own prompt ids (vLLM), to check alignment
 
 
-# A generated image placeholder would be read as one by the next forward (the model counts
-# <|image_pad|> tokens to place image features: "image features and image tokens do not
-# match") and by the span finder: responses never get to contain these markers.
-VISION_MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Template tokens a response must never contain. A generated image placeholder would be read
+# as one by the next forward (the model counts <|image_pad|> tokens to place image features:
+# "image features and image tokens do not match"); a generated <|im_start|> opens a new turn
+# for the span finder ("unknown role header"). The RL sampler bans the same tokens
+# (actors/policy.py TEMPLATE_TOKENS). <|im_end|> stays allowed: it ends the response.
+TEMPLATE_MARKERS = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                    "<|video_pad|>")
 
 
-def vision_marker_ids(processor) -> list[int]:
+def template_marker_ids(processor) -> list[int]:
     vocab = getattr(processor, "tokenizer", processor).get_vocab()
-    return [vocab[t] for t in VISION_MARKERS if t in vocab]
+    return [vocab[t] for t in TEMPLATE_MARKERS if t in vocab]
 
 
 def start_vllm(model_dir: str, dtype: str, max_model_len: int, max_images: int, enforce_eager: bool, seed: int,
@@ -69,7 +72,7 @@ def vllm_generate(llm, items: Sequence[EvalItem], max_new_tokens: int, temperatu
 
     vocab = llm.get_tokenizer().get_vocab()
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            bad_words=[t for t in VISION_MARKERS if t in vocab])
+                            bad_words=[t for t in TEMPLATE_MARKERS if t in vocab])
     inputs = []
     for item in items:
         request = {"prompt": item.prompt_text}
@@ -109,7 +112,7 @@ def hf_generate(model, processor, items: Sequence[EvalItem], intervention: Optio
     stops = stop_ids(model, processor)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    suppress = vision_marker_ids(processor)
+    suppress = template_marker_ids(processor)
     torch.manual_seed(seed)
     gens: list[Generation] = []
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

@@ -20,6 +20,7 @@ import torch
 
 from avar_ray.attention import Intervention
 from avar_ray.config import RunConfig
+from avar_ray.data.fields import RowError
 from avar_ray.eval import plots
 from avar_ray.eval.attention_pass import SPANS, attention_rows
 from avar_ray.eval.benchmarks import Benchmark, EvalItem, load_benchmarks
@@ -48,6 +49,21 @@ def _record(item: EvalItem, gen: Generation, attention: dict) -> dict[str, Any]:
             "response_tokens": len(gen.ids), "finish_reason": gen.finish_reason, **score_response(s, gen.text),
             "vas": attention["user"]["vas"], "attention": {name: attention[name] for name in SPANS},
             "prompt_ids_match": attention["prompt_ids_match"]}
+
+
+def _drop_failed(benchmarks: Sequence[Benchmark], items: list[EvalItem], gens: list[Generation],
+                 attention: list[dict]) -> tuple[list[EvalItem], list[Generation], list[dict]]:
+    """Skip and count (in their benchmark's bad rows) the items whose attention pass failed;
+    the benchmarks' item lists shrink with them, so that indices into the concatenation stay
+    aligned."""
+    failed = {id(it): a["error"] for it, a in zip(items, attention) if "error" in a}
+    for bench in benchmarks:
+        for item in [it for it in bench.items if id(it) in failed]:
+            bench.report.loaded -= 1
+            bench.report.skip(bench.path, item.sample.id, RowError("attention pass failed", failed[id(item)]))
+        bench.items = [it for it in bench.items if id(it) not in failed]
+    keep = [i for i, a in enumerate(attention) if "error" not in a]
+    return [items[i] for i in keep], [gens[i] for i in keep], [attention[i] for i in keep]
 
 
 def heatmap_picks(benchmarks: Sequence[Benchmark], count: int) -> list[int]:
@@ -152,6 +168,7 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
         t0 = time.perf_counter()
         attention = attention_rows(model, processor, items, gens, intervention, cfg.attention.layers,
                                    cfg.attention.chunk_size, ecfg.batch_size)
+        items, gens, attention = _drop_failed(benchmarks, items, gens, attention)
         records = [_record(it, g, a) for it, g, a in zip(items, gens, attention)]
         timings["attention_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ limits, 415 a content type other than JSON or multipart. Binds to ``serve.host``
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,7 @@ from avar_ray.config import RunConfig, ServeConfig
 from avar_ray.serve.validation import FORM_FIELDS, RequestError, from_form, from_json, max_body_bytes
 
 APP_NAME = "avar"
+log = logging.getLogger("avar_ray.serve")
 api = FastAPI(title="AVAR: answers with visual-attention telemetry")
 
 
@@ -78,6 +80,9 @@ class AvarAnswer:
             result = await asyncio.to_thread(self.engine.answer, req)
         except RequestError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
+        except Exception as exc:  # the model side failed: a JSON 500, the replica stays up
+            log.exception("answer failed")
+            return JSONResponse({"error": {"field": None, "message": f"internal error: {exc}"}}, status_code=500)
         return JSONResponse(result)
 
 

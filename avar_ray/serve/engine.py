@@ -60,6 +60,8 @@ class AnswerEngine:
             gen = hf_generate(self.model, self.processor, [item], intervention, req.max_new_tokens, 0.0, 0, 1)[0]
             attention = attention_rows(self.model, self.processor, [item], [gen], intervention, self.layers,
                                        self.chunk_size, 1)[0]
+        if "error" in attention:  # the banned template tokens make this unreachable in practice
+            raise RuntimeError(f"attention pass failed on the generated response: {attention['error']}")
         response = attention["response"]
         return {
             "answer": extract_answer(gen.text), "response": gen.text, "finish_reason": gen.finish_reason,
