@@ -18,6 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/tiny_local.yaml"
+# The demo's own settings on top of the config (the user's overrides come after them): enough
+# SFT for the tiny random model to learn the <think>/<answer> format (LM loss ~8 -> <1), and
+# generation budgets that fit the oracle chains (~160-280 tokens), so RL sees non-zero rewards.
+# beta stays small: at this learning rate a larger L_sup drives the system mass to ~0 and VAS
+# (a ratio) to absurd values while alpha_img barely moves any more.
+DEMO_SETTINGS = [
+    "data.n_train=128", "data.n_eval=48",
+    "sft.epochs=6", "sft.lr=5e-4", "sft.micro_batch_size=4", "sft.warmup_ratio=0.05", "sft.beta=0.05",
+    "rl.steps=6", "rl.prompts_per_step=4", "rl.n_samples=4", "rl.max_new_tokens=320", "rl.save_every=3",
+    "eval.max_new_tokens=320",
+]
 STAGES = ("model", "data", "synth", "sft", "rl", "eval", "analyze")
 
 
@@ -53,7 +64,7 @@ def demo_config(config_path: str | None, out: Path, overrides: list[str]):
     from avar_ray.config import load_config, validate
 
     path = config_path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, DEMO_SETTINGS + list(overrides))
     cfg.model.path = str(out / "tiny_model")
     cfg.data.train = str(out / "data" / "train.parquet")
     cfg.data.eval = [str(out / "data" / "eval.parquet")]
