@@ -35,6 +35,7 @@ PROMPTS_PER_STEP, N_SAMPLES = 2, 4
 # The learner recomputes the log-probs of every sampled token with the weights the rollout
 # workers were synced to: float32 on both sides.
 LOGPROB_TOL = 1e-3
+slow = pytest.mark.slow  # every test that starts Ray, vLLM or DeepSpeed
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -134,6 +135,7 @@ def _check_step(record: dict) -> None:
     assert len(record["data/prompt_ids"]) == PROMPTS_PER_STEP
 
 
+@slow
 def test_cli_run_writes_metrics_and_final_model(resumed_run):
     assert resumed_run["rc"] == 0
     first = resumed_run["first"]
@@ -147,6 +149,7 @@ def test_cli_run_writes_metrics_and_final_model(resumed_run):
     assert list((resumed_run["out"] / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@slow
 def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, procedural_parquet):
     from avar_ray.data.readers import read_samples
 
@@ -189,6 +192,7 @@ def _actor_pids(class_name: str) -> list[int]:
     return pids
 
 
+@slow
 def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_lost(
         ray_local, tiny_model_dir, procedural_parquet, tmp_path):
     from avar_ray.config import load_config
@@ -218,6 +222,7 @@ def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_los
     assert report.restarts["restarts/rollout"] >= 1 and report.restarts["restarts/reward"] >= 1
 
 
+@slow
 def test_placement_beyond_the_cluster_fails_before_starting_actors(ray_local, tiny_model_dir, procedural_parquet,
                                                                     tmp_path):
     from actors.placement import PlacementError
