@@ -62,7 +62,7 @@ class RolloutWorker:
                        limit_mm_per_prompt={"image": spec.max_images, "video": 0},
                        worker_extension_cls=EXTENSION,
                        # temperature applied, as the learner's log-probs (logits / T)
-                       logprobs_mode="processed_logprobs")
+                       logprobs_mode="processed_logprobs", **cpu_scheduler_args(spec.max_model_len))
         self.start_s = time.perf_counter() - start
 
     def ready(self) -> dict:
@@ -141,6 +141,19 @@ class RolloutWorker:
         except EngineDeadError:
             log.error("rollout worker %d: vLLM engine died; exiting for a restart", self.worker_index)
             os._exit(1)
+
+
+def cpu_scheduler_args(max_model_len: int) -> dict:
+    """No chunked prefill on CPU. A seeded request whose prompt is cut into chunks has its
+    sampled token discarded and its generator rewound, which a CPU generator cannot do
+    ("CPU Generator does not use offset"): the engine dies as soon as a step's prompts exceed
+    the token budget (4096; e.g. 64 rollouts of an 85-token prompt). Whole prompts only,
+    with a budget of at least one full-length sequence."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
 def split_even(items: list, parts: int) -> list[list]:

