@@ -21,12 +21,15 @@ DEFAULT_CONFIG = "configs/tiny_local.yaml"
 # The demo's own settings on top of the config (the user's overrides come after them): enough
 # SFT for the tiny random model to learn the <think>/<answer> format (LM loss ~8 -> <1), and
 # generation budgets that fit the oracle chains (~160-280 tokens), so RL sees non-zero rewards.
-# beta stays small: at this learning rate a larger L_sup drives the system mass to ~0 and VAS
-# (a ratio) to absurd values while alpha_img barely moves any more.
+# beta stays small: at this learning rate L_sup drives the system mass of some heads to ~0.
+# VAS (a mean of per-query V/S ratios) then reaches absurd values on the tiny model even
+# with beta = 0 (measured: 1e6 after 96 steps), so the RL reward squashes r_visual
+# (SPEC §5's scale warning) and alpha_img is the figure to read in the demo's report.
 DEMO_SETTINGS = [
     "data.n_train=128", "data.n_eval=48",
     "sft.epochs=6", "sft.lr=5e-4", "sft.micro_batch_size=4", "sft.warmup_ratio=0.05", "sft.beta=0.05",
     "rl.steps=6", "rl.prompts_per_step=4", "rl.n_samples=4", "rl.max_new_tokens=320", "rl.save_every=3",
+    "rl.reward.visual_norm=squash",
     "eval.max_new_tokens=320",
 ]
 STAGES = ("model", "data", "synth", "sft", "rl", "eval", "analyze")
