@@ -372,3 +372,21 @@ def test_agto_with_gradient_checkpointing(models, tiny_model_dir):
     avar.zero_grad(set_to_none=True)
     for name, g in grads[0].items():
         assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_bfloat16_model_statistics_in_float32(models, cases, tiny_model_dir):
+    """bf16 training/eval: the output call stays bf16 and the statistics are float32. The two
+    methods see the same bf16 hidden states (the output call is the same), so they must agree to
+    float32 tolerance; against the float32 model only to bf16's drift (weights rounded)."""
+    _, avar, _, _ = models
+    enc, _ = cases["b3_left"]
+    bf16 = load_model(str(tiny_model_dir), dtype="bfloat16").eval()
+    iv = Intervention(layers=(0, 2))
+    _, ref = attention_statistics(avar, enc, query="response", intervention=iv)
+    out, fused = attention_statistics(bf16, enc, query="response", intervention=iv, method="fused", grad=True)
+    _, chunked = attention_statistics(bf16, enc, query="response", intervention=iv, method="chunked")
+    assert out.logits.dtype == torch.bfloat16 and fused.mass_v.dtype == chunked.mass_v.dtype == torch.float32
+    assert rel_err(fused.mass_v.detach(), chunked.mass_v) < RTOL and rel_err(fused.mass_s.detach(), chunked.mass_s) < RTOL
+    assert rel_err(fused.mass_v.detach(), ref.mass_v) < 0.1 and rel_err(fused.mass_s.detach(), ref.mass_s) < 0.1
+    agto_losses(fused).enh.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bf16.parameters())
