@@ -10,6 +10,7 @@ float32, no grad, batch 1, one sequence of T tokens):
   (b) avar    our statistics pass (method "fused": masses from an SDPA call over V/S
               indicator values), same masses as (a)
   (b') chunked  our statistics pass, method "chunked" (exp(LSE_K - LSE_all) over 256-query chunks)
+  (b'') intervened  (b) with the training-free intervention on (a_img 0.15, a_sys 0.4, all layers)
   (c) sdpa    attn_implementation="sdpa", plain forward
 
 Spans are synthetic masks (no image is encoded; only the masks matter for the attention
@@ -38,7 +39,8 @@ import time
 from pathlib import Path
 
 VARIANTS = {"eager": "(a) eager maps + reduce", "avar": "(b) avar stats (fused)",
-            "chunked": "(b') avar stats (chunked)", "sdpa": "(c) plain sdpa"}
+            "chunked": "(b') avar stats (chunked)", "intervened": "(b'') avar stats + intervention",
+            "sdpa": "(c) plain sdpa"}
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, rms_norm_eps=1e-6, initializer_range=0.02)
 VOCAB = 1152  # the tiny model's vocabulary size
@@ -66,7 +68,7 @@ def _build(variant: str, length: int, query: str, seed: int):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from avar_ray.attention import AttentionContext, register_attention
+    from avar_ray.attention import AttentionContext, Intervention, register_attention
 
     register_attention()
     max_pos = max(4096, length)
@@ -99,8 +101,9 @@ def _build(variant: str, length: int, query: str, seed: int):
                 masses = [(torch.where(q, a[..., visual[0]].sum(-1), 0.0), torch.where(q, a[..., system[0]].sum(-1), 0.0))
                           for a in out.attentions]  # per layer [B, H, T]
                 return torch.stack([m[0] for m in masses], 1), torch.stack([m[1] for m in masses], 1)
-            ctx = AttentionContext(visual, system, qmask, method="fused" if variant == "avar" else "chunked",
-                                   chunk_size=256, num_layers=TEXT["num_hidden_layers"])
+            ctx = AttentionContext(visual, system, qmask, method="chunked" if variant == "chunked" else "fused",
+                                   chunk_size=256, num_layers=TEXT["num_hidden_layers"],
+                                   intervention=Intervention() if variant == "intervened" else None)
             model(**inputs, use_cache=False, avar_context=ctx)
             stats = ctx.stats()
             return stats.mass_v, stats.mass_s
@@ -183,13 +186,14 @@ def main(argv=None) -> int:
         cells = [f"{results[(v, length)]['peak_mb']:.1f} / {results[(v, length)]['time_s'] * 1000:.1f}" for v in variants]
         print(f"| {length} | " + " | ".join(cells) + " |")
     if {"eager", "avar", "sdpa"} <= set(variants):
-        print("\n| T | mem (b)/(a) | speed-up (a)/(b) | time (b)/(c) | time (b')/(c) |")
-        print("|---|---|---|---|---|")
+        print("\n| T | mem (b)/(a) | speed-up (a)/(b) | time (b)/(c) | time (b')/(c) | time (b'')/(c) |")
+        print("|---|---|---|---|---|---|")
         for length in lengths:
             a, b, c = (results[(v, length)] for v in ("eager", "avar", "sdpa"))
-            bc = results.get(("chunked", length))
+            extra = [results.get((v, length)) for v in ("chunked", "intervened")]
             print(f"| {length} | {b['peak_mb'] / max(a['peak_mb'], 1e-9):.3f} | {_fmt_ratio(a['time_s'] / b['time_s'])} | "
-                  f"{b['time_s'] / c['time_s']:.2f} | " + (f"{bc['time_s'] / c['time_s']:.2f}" if bc else "-") + " |")
+                  f"{b['time_s'] / c['time_s']:.2f} | "
+                  + " | ".join(f"{r['time_s'] / c['time_s']:.2f}" if r else "-" for r in extra) + " |")
         top = max(lengths)
         a, b, c = (results[(v, top)] for v in ("eager", "avar", "sdpa"))
         checks = [("(b) peak memory <= 1/10 of (a)", b["peak_mb"] <= a["peak_mb"] / 10),

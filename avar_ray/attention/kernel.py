@@ -71,25 +71,35 @@ def avar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     batch, _, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     causal = is_causal if is_causal is not None else module.is_causal
-    bias = ctx.key_bias(layer_idx, batch, kv_len, query.device)
-    mask = attention_mask if bias is None else _with_bias(attention_mask, bias, q_len, kv_len, causal, query.dtype)
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    bias = ctx.key_bias(layer_idx, batch, kv_len, query.device)  # [B, Tk] float32 or None
     if not ctx.wants_stats(layer_idx):
-        return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
+        if bias is None:
+            return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         is_causal=causal, **kwargs)
+        out, _ = augmented_call(module, query, key, value, attention_mask, causal, scale, bias, dropout=dropout,
+                                **kwargs)
+        return out, None
     qmask = ctx.queries(batch, q_len, query.device)
     visual, system = ctx.key_masks(batch, kv_len, query.device)
-    scale = scaling if scaling is not None else head_dim ** -0.5
     if ctx.method == "fused" and query.dtype == torch.float32 and dropout == 0.0:
         # one call: the output and the masses from the same kernel
-        out, mass_v, mass_s = fused_call(module, query, key, value, mask, causal, visual, system, scale, **kwargs)
+        out, masses = augmented_call(module, query, key, value, attention_mask, causal, scale, bias,
+                                     (visual, system), **kwargs)
     else:
-        out, _ = _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
-        if bias is not None and query.dtype != torch.float32:
-            mask = _with_bias(attention_mask, bias, q_len, kv_len, causal, torch.float32)
-        if ctx.method == "fused":  # a float32 statistics call beside the low-precision output call
-            _, mass_v, mass_s = fused_call(module, query.float(), key.float(), None, mask, causal, visual, system,
-                                           scale)
+        if bias is None:
+            out, _ = _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           is_causal=causal, **kwargs)
         else:
-            mass_v, mass_s = chunked_masses(query, key, mask, causal, visual, system, qmask, scale, ctx.chunk_size)
+            out, _ = augmented_call(module, query, key, value, attention_mask, causal, scale, bias, dropout=dropout,
+                                    **kwargs)
+        if ctx.method == "fused":  # a float32 statistics call beside the low-precision output call
+            _, masses = augmented_call(module, query.float(), key.float(), None, attention_mask, causal, scale, bias,
+                                       (visual, system))
+        else:
+            masses = chunked_masses(query, key, attention_mask, causal, visual, system, qmask, scale,
+                                    ctx.chunk_size, bias)
+    mass_v, mass_s = masses
     keep = qmask[:, None, :]
     zero = mass_v.new_zeros(())
     # where, not a product: rows of left padding can be fully masked (NaN in some kernels)
@@ -97,68 +107,60 @@ def avar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     return out, None
 
 
-def _allowed(attention_mask: Optional[torch.Tensor], q_len: int, kv_len: int, causal: bool, device) -> Optional[torch.Tensor]:
-    """Boolean ``[B|1, 1, Tq, Tk]`` of the keys each query may see, exactly as the SDPA call sees
-    them (None: all). A None mask with causal queries means SDPA's ``is_causal`` (top-left
-    aligned; transformers crops the keys to Tq in that case)."""
-    if attention_mask is not None:
-        return attention_mask
-    if q_len > 1 and causal:
-        rows = torch.arange(q_len, device=device)[:, None]
-        cols = torch.arange(kv_len, device=device)[None, :]
-        return (cols <= rows)[None, None]
-    return None
-
-
-def _with_bias(attention_mask: Optional[torch.Tensor], bias: torch.Tensor, q_len: int, kv_len: int, causal: bool,
-               dtype: torch.dtype) -> torch.Tensor:
-    """The additive float mask ``[B, 1, Tq, Tk]``: the key bias where attention is allowed,
-    the dtype's minimum elsewhere (as transformers' eager masks)."""
-    row_bias = bias[:, None, None, :].to(dtype)
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        return attention_mask.to(dtype) + row_bias
-    allowed = _allowed(attention_mask, q_len, kv_len, causal, bias.device)
-    if allowed is None:
-        return row_bias.expand(bias.shape[0], 1, q_len, kv_len)
-    return torch.where(allowed, row_bias, torch.finfo(dtype).min)
-
-
 # ----------------------------------------------------------------------------- fused
-def fused_call(module, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor],
-               mask: Optional[torch.Tensor], causal: bool, visual: torch.Tensor, system: torch.Tensor, scale: float,
-               **kwargs) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One SDPA call over ``[q, 0]``, ``[k, 0]``, ``[v, 1_V, 1_S, 0]``: the zero columns leave
-    every logit q·k unchanged (``scale`` is passed explicitly), so the first D output columns
-    are the attention output and the next two the masses ``softmax(z) @ 1_V`` and
-    ``softmax(z) @ 1_S``. ``value`` None: statistics only. Returns (output ``[B, Tq, H, D]``
-    or None, mass_v ``[B, H, Tq]``, mass_s)."""
+def augmented_call(module, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], causal: bool, scale: float, bias: Optional[torch.Tensor] = None,
+                   indicators: Optional[tuple[torch.Tensor, torch.Tensor]] = None, dropout: float = 0.0,
+                   **kwargs) -> tuple[Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """One SDPA call with extra columns, the attention mask left as it is (``is_causal`` and the
+    fast kernels stay on; no [T, T] float mask is built):
+
+    * key bias ``b`` ``[B, Tk]``: q gets a column of ones and k a column ``b / scale``, so every
+      logit becomes ``scale·q·k + b_j`` (``scale`` is passed explicitly; the intervention);
+    * indicators ``(1_V, 1_S)`` ``[B, Tk]``: two value columns, so the matching output columns
+      are the masses ``softmax(z) @ 1_V`` and ``softmax(z) @ 1_S`` (the statistics).
+
+    q, k and v are zero-padded to one head width (the fused CPU/GPU kernels want equal widths).
+    Returns (output ``[B, Tq, H, Dv]`` or None when ``value`` is None, (mass_v, mass_s)
+    ``[B, H, Tq]`` or None)."""
     batch, _, _, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     v_dim = 0 if value is None else value.shape[-1]
-    width = max(head_dim, v_dim + 2)
+    n_ind = 0 if indicators is None else 2
+    width = max(head_dim + (bias is not None), v_dim + n_ind)
     if query.device.type == "cuda":
         width += -width % 8  # flash / memory-efficient kernels want head dims in multiples of 8
-    ind = torch.stack([visual, system], dim=-1).to(query.dtype)[:, None].expand(batch, kv_heads, kv_len, 2)
-    parts = ([] if value is None else [value]) + [ind]
-    if width > v_dim + 2:
-        parts.append(ind.new_zeros(batch, kv_heads, kv_len, width - v_dim - 2))
-    values = torch.cat(parts, dim=-1)
-    q = F.pad(query, (0, width - head_dim)) if width > head_dim else query
-    k = F.pad(key, (0, width - head_dim)) if width > head_dim else key
+    q_parts, k_parts, v_parts = [query], [key], [] if value is None else [value]
+    if bias is not None:
+        q_parts.append(query.new_ones(query.shape[:-1] + (1,)))
+        k_parts.append((bias / scale).to(key.dtype)[:, None, :, None].expand(batch, kv_heads, kv_len, 1))
+    if indicators is not None:
+        v_parts.append(torch.stack(indicators, dim=-1).to(key.dtype)[:, None].expand(batch, kv_heads, kv_len, 2))
+    q, k, v = (_padded(parts, width) for parts in (q_parts, k_parts, v_parts))
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(query.dtype)
-    out, _ = _sdpa(module, q, k, values, mask, dropout=0.0, scaling=scale, is_causal=causal, **kwargs)
+    out, _ = _sdpa(module, q, k, v, mask, dropout=dropout, scaling=scale, is_causal=causal, **kwargs)
     # out: [B, Tq, H, width]
     output = None if value is None else out[..., :v_dim].contiguous()
-    return output, out[..., v_dim].transpose(1, 2), out[..., v_dim + 1].transpose(1, 2)
+    masses = None if indicators is None else (out[..., v_dim].transpose(1, 2), out[..., v_dim + 1].transpose(1, 2))
+    return output, masses
+
+
+def _padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``parts`` concatenated on the last dim and zero-padded to ``width`` columns."""
+    have = sum(p.shape[-1] for p in parts)
+    if have < width:
+        parts = parts + [parts[0].new_zeros(parts[0].shape[:-1] + (width - have,))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 # ----------------------------------------------------------------------------- chunked
 def _chunk_masses(q: torch.Tensor, k: torch.Tensor, rows_mask: Optional[torch.Tensor], cols: torch.Tensor,
-                  ind: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  ind: torch.Tensor, scale: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Masses of one chunk of query rows. q ``[B, H, c, D]``, k ``[B, Hkv, Tk, D]`` (float32);
     ``rows_mask``: bool (allowed) or float (additive) ``[B|1, 1, c, Tk]`` or None; ``cols``
-    the V ∪ S key positions (< Tk) and ``ind`` their indicator columns ``[B, 1, |cols|, 2]``.
+    the V ∪ S key positions (< Tk) and ``ind`` their indicator columns ``[B, 1, |cols|, 2]``;
+    ``bias`` the intervention's key bias ``[B, 1, 1, Tk]`` or None.
 
     ``m_K = exp(LSE_K - LSE_all) = sum_{j in K} exp(z_j - LSE_all)``: one exp over the V ∪ S
     columns and a product with the indicators give both masses (instead of a masked LSE per set)."""
@@ -170,6 +172,8 @@ def _chunk_masses(q: torch.Tensor, k: torch.Tensor, rows_mask: Optional[torch.Te
     z = z.view(batch, heads, c, kv_len)
     if rows_mask is not None:
         z = z.add_(rows_mask) if rows_mask.dtype != torch.bool else z.masked_fill_(~rows_mask, torch.finfo(z.dtype).min)
+    if bias is not None:
+        z = z.add_(bias)
     lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
     probs = torch.exp(z.index_select(-1, cols) - lse_all)  # [B, H, c, |V ∪ S|]
     masses = torch.matmul(probs, ind)  # [B, H, c, 2]
@@ -178,7 +182,7 @@ def _chunk_masses(q: torch.Tensor, k: torch.Tensor, rows_mask: Optional[torch.Te
 
 def chunked_masses(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
                    visual: torch.Tensor, system: torch.Tensor, qmask: torch.Tensor, scale: float,
-                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``exp(LSE_K - LSE_all)`` for the query rows in Q, ``chunk_size`` rows at a time; returns
     two ``[B, H, Tq]`` float32 tensors (zero outside Q).
 
@@ -207,7 +211,8 @@ def chunked_masses(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.
         else:
             rows_mask = None
         n_cols = int(torch.searchsorted(cols, width))  # cols ascending: those below the crop
-        fn = partial(_chunk_masses, rows_mask=rows_mask, cols=cols[:n_cols], ind=ind[:, :, :n_cols], scale=scale)
+        fn = partial(_chunk_masses, rows_mask=rows_mask, cols=cols[:n_cols], ind=ind[:, :, :n_cols], scale=scale,
+                     bias=None if bias is None else bias[:, None, None, :width].float())
         k_chunk = k32[:, :, :width]
         if torch.is_grad_enabled() and (q_chunk.requires_grad or k32.requires_grad):
             mv, ms = checkpoint(fn, q_chunk, k_chunk, use_reentrant=False)
