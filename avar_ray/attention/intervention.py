@@ -4,7 +4,8 @@
 
 Because softmax(z + b) ∝ A·e^b, this is exactly an additive key bias of ``log(1 + a_img)`` on
 the visual keys V and ``log(1 − a_sys)`` on the system keys S, so it runs inside SDPA-style
-kernels (an additive float mask) and never needs eager attention maps. The bias is applied in
+kernels (as an extra q/k column, see ``kernel.augmented_call``; no [T, T] mask) and never needs
+eager attention maps. The bias is applied in
 the text decoder's layers (all, or a chosen subset); the vision tower is untouched.
 
 Generation: tokens produced by ``generate`` are response tokens (never V or S), so the bias

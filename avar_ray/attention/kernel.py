@@ -7,6 +7,11 @@ layers (``module.layer_idx`` set) and by the vision blocks (``layer_idx`` None):
 calls, and every call without a context, go straight to transformers' own
 ``sdpa_attention_forward`` -- the same function ``attn_implementation="sdpa"`` runs.
 
+Intervention (SPEC.md §2): the key bias b_j (log(1 + a_img) on V, log(1 - a_sys) on S) enters
+as one more q/k column, q' = [q, 1] and k' = [k, b / scale], so scale·q'·k' = scale·q·k + b_j.
+The attention mask is passed on untouched: SDPA keeps ``is_causal`` and its fused kernels, and
+no [T, T] float mask is built (``augmented_call``).
+
 Statistics: for the queries i in Q, the mass on a key set K is
 
     m_K(i) = sum_{j in K} softmax(z_i)_j = exp( LSE_{j in K} z_ij - LSE_j z_ij )
@@ -15,9 +20,9 @@ computed one of two ways, both exact and differentiable:
 
 * ``fused`` (default): the masses are attention outputs whose values are the indicator
   columns of V and S, ``softmax(z) @ [1_V, 1_S]``. In float32 the layer makes ONE SDPA call
-  with query/key zero-padded by two columns (logits unchanged) and the value extended by
-  ``[1_V, 1_S]``: output and masses come from the same kernel (about +2/D of the attention
-  cost). In bf16/fp16 the output call stays in the model dtype and a second, float32 SDPA call
+  with query/key zero-padded by two columns (logits unchanged; the intervention's column goes
+  there) and the value extended by ``[1_V, 1_S]``: output and masses come from the same kernel
+  (about +2/D of the attention cost). In bf16/fp16 the output call stays in the model dtype and a second, float32 SDPA call
   gives the masses (precision of the statistics). Same masks and kernels as SDPA, O(T) extra
   memory, differentiable through SDPA's own backward.
 * ``chunked``: the logsumexp form above in float32, over chunks of ``chunk_size`` query rows
