@@ -1,12 +1,13 @@
 """``avar serve [--model DIR] [-c CONFIG] [--host H] [--port P] [key=value...]``
 
 Deploys the answer-with-VAS app on Ray Serve (embedded local Ray, or the cluster named by
-``ray.address`` / RAY_ADDRESS) and keeps it up until Ctrl-C. Binds to ``serve.host``
+``ray.address`` / RAY_ADDRESS) and keeps it up until Ctrl-C or SIGTERM. Binds to ``serve.host``
 (127.0.0.1 by default). Replicas and their CPUs/GPUs: ``serve.replicas``, ``serve.num_cpus``,
 ``serve.num_gpus``.
 """
 from __future__ import annotations
 
+import signal
 import time
 
 
@@ -29,14 +30,18 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)
     from avar_ray.serve.app import start_serve, stop_serve
 
+    def interrupt(signum, frame):  # SIGTERM (kill, a pod stopping) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
     url = start_serve(args.model or cfg.model.path, cfg)
-    print(f"serving {args.model or cfg.model.path} at {url} (POST {url}answer, GET {url}health); Ctrl-C stops it",
-          flush=True)
+    signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own handler
+    print(f"serving {args.model or cfg.model.path} at {url} (POST {url}answer, GET {url}health); "
+          "Ctrl-C or SIGTERM stops it", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down Serve")
+        print("shutting down Serve", flush=True)
     finally:
         stop_serve()
     return 0
