@@ -42,6 +42,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/attention_stats.py
+	$(BIN)/python bench/rl_step.py
 
 config-doc: $(STAMP)
 	$(BIN)/avar config-doc --out docs/config_reference.md
