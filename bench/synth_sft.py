@@ -12,7 +12,8 @@ actor and engine start-up included, as a user sees it):
            once (tests/fake_openai.py): the HTTP client's and pipeline's overhead
 SFT (Ray Train, 2 workers, ZeRO-2, one epoch over the oracle rows, same seed and data order):
   plain alpha = beta = 0 (the baseline) vs AGTO alpha = beta = 0.15: samples/s, and the VAS of
-  the batch at the last step and averaged over the second half of the epoch.
+  the batch at the last step and averaged over the second half of the epoch, and the absolute
+  visual mass alpha_img (the VAS ratio also rises when L_sup drives the system mass towards 0).
 Every ratio is against the baseline measured in the same run.
 """
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> None:
     small = write_procedural(root / "data_small", n=args.vllm_rows, seed=0)
 
     print(f"synthesis ({args.rows} rows; vllm {args.vllm_rows} rows)", flush=True)
+    synth("warm-up", small, root / "synth_warmup", [])  # Ray Data's first run starts its workers: not measured
     results = {"synth": [synth("oracle", data, root / "synth_oracle", [])]}
     vllm = [f"synth.{s}.{k}={v}" for s in ("caption", "reasoning", "anchor") for k, v in
             (("kind", "vllm"), ("model", model), ("dtype", "float32"), ("max_model_len", 1024),
