@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -127,6 +128,7 @@ def main() -> None:
           f"{agto['vas_late_mean'] / plain['vas_late_mean']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(root, ignore_errors=True)  # model, data, shards, checkpoints of this run
 
 
 if __name__ == "__main__":
