@@ -31,7 +31,7 @@ computed one of two ways, both exact and differentiable:
   ``exp(z - LSE_all)`` over the V ∪ S columns only, times their indicator columns, gives both
   masses. Under autograd each chunk is checkpointed (recomputed in the backward), so training
   memory stays chunk x T too. It recomputes q·k for the rows of Q, so it costs more than
-  ``fused`` (bench/attention_stats.py, T=4096, CPU: whole forward 2.9x plain SDPA, fused
+  ``fused`` (bench/attention_stats.py, T=4096, CPU: whole forward about 3x plain SDPA, fused
   1.2x): a cross-check and a fallback, not the default.
 """
 from __future__ import annotations
