@@ -4,7 +4,7 @@ log-probability (and entropy) of every sampled response token.
 Shared by the learners (old/new log-probs) and the tests that hold the learner against vLLM.
 The sampler and the learner must define the same distribution: both divide the logits by the
 sampling temperature and both forbid the chat-template and vision tokens (see
-``TEMPLATE_TOKENS``).
+``avar_ray.spans.RESPONSE_BANNED_TOKENS``).
 """
 from __future__ import annotations
 
@@ -15,19 +15,11 @@ import torch
 from actors.records import conversation
 from avar_ray.data.schema import Sample
 from avar_ray.modeling import Encoded, encode_batch
+from avar_ray.spans import banned_token_ids  # noqa: F401  (re-exported: the rollout worker and learner use it)
 
-# Tokens a response must never contain: a sampled <|image_pad|> would break the vision-token
-# count of the HF forward, and a sampled <|im_start|> would open a new turn and scramble the
-# response span. vLLM gets them as a -100 logit bias, the learner as -inf (e^-100 ~ 0).
-TEMPLATE_TOKENS = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                   "<|image_pad|>", "<|video_pad|>")
+# vLLM gets the template tokens (avar_ray.spans.RESPONSE_BANNED_TOKENS) as a -100 logit bias,
+# the learner as -inf (e^-100 ~ 0).
 BANNED_LOGIT_BIAS = -100.0
-
-
-def banned_token_ids(tokenizer) -> list[int]:
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    vocab = tokenizer.get_vocab()
-    return sorted(vocab[t] for t in TEMPLATE_TOKENS if t in vocab)
 
 
 def encode_rollouts(processor, samples: Sequence[Sample], response_ids: Sequence[Sequence[int]],

@@ -22,6 +22,19 @@ import torch
 ROLES = ("system", "user", "assistant")
 QUERY_SPANS = ("user", "response", "user_visual")
 
+# Template tokens a response must never contain, in RL sampling, eval and serving alike. A
+# generated image placeholder would be read as one by the next forward (the model counts
+# <|image_pad|> tokens to place image features), and a generated <|im_start|> opens a new turn
+# that the span finder cannot segment. <|im_end|> stays allowed: it ends the response.
+RESPONSE_BANNED_TOKENS = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                          "<|image_pad|>", "<|video_pad|>")
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    """Ids of ``RESPONSE_BANNED_TOKENS`` in this tokenizer (or processor)."""
+    vocab = getattr(tokenizer, "tokenizer", tokenizer).get_vocab()
+    return sorted(vocab[t] for t in RESPONSE_BANNED_TOKENS if t in vocab)
+
 
 class UnsupportedTemplateError(ValueError):
     """The tokenizer's chat template has no markers this module can segment."""

@@ -202,16 +202,17 @@ def test_unsegmentable_response_is_skipped_and_counted(tiny_model_dir, bench_fil
     item is skipped and counted in its benchmark's bad rows, the rest is scored."""
     from avar_ray.eval.attention_pass import attention_rows
     from avar_ray.eval.benchmarks import load_benchmarks
-    from avar_ray.eval.generation import Generation, template_marker_ids
+    from avar_ray.eval.generation import Generation
     from avar_ray.eval.runner import _drop_failed
     from avar_ray.modeling import load_model, load_processor
+    from avar_ray.spans import banned_token_ids
 
     processor = load_processor(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir)).eval()
     (bench,) = load_benchmarks([bench_files["rows"]], processor, None, 900)
     tok = processor.tokenizer
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
-    assert im_start in template_marker_ids(processor)  # banned in generation
+    assert im_start in banned_token_ids(processor)  # banned in generation
     good = tok.encode("answer A")
     gens = [Generation(good, "answer A", "length"), Generation(good + [im_start] + good, "x", "length")]
     rows = attention_rows(model, processor, bench.items, gens, None, None, 256, batch_size=2)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from avar_ray.attention import Intervention, generate as attention_generate
 from avar_ray.eval.benchmarks import EvalItem
 from avar_ray.modeling import encode_batch
+from avar_ray.spans import RESPONSE_BANNED_TOKENS, banned_token_ids
 
 log = logging.getLogger("avar_ray.eval")
 
@@ -30,20 +31,6 @@ class Generation:
     text: str  # decoded without special tokens
     finish_reason: str  # "stop" or "length"
     prompt_ids: Optional[list[int]] = None  # the engine's own prompt ids (vLLM), to check alignment
-
-
-# Template tokens a response must never contain. A generated image placeholder would be read
-# as one by the next forward (the model counts <|image_pad|> tokens to place image features:
-# "image features and image tokens do not match"); a generated <|im_start|> opens a new turn
-# for the span finder ("unknown role header"). The RL sampler bans the same tokens
-# (actors/policy.py TEMPLATE_TOKENS). <|im_end|> stays allowed: it ends the response.
-TEMPLATE_MARKERS = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                    "<|video_pad|>")
-
-
-def template_marker_ids(processor) -> list[int]:
-    vocab = getattr(processor, "tokenizer", processor).get_vocab()
-    return [vocab[t] for t in TEMPLATE_MARKERS if t in vocab]
 
 
 def start_vllm(model_dir: str, dtype: str, max_model_len: int, max_images: int, enforce_eager: bool, seed: int,
@@ -72,7 +59,7 @@ def vllm_generate(llm, items: Sequence[EvalItem], max_new_tokens: int, temperatu
 
     vocab = llm.get_tokenizer().get_vocab()
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            bad_words=[t for t in TEMPLATE_MARKERS if t in vocab])
+                            bad_words=[t for t in RESPONSE_BANNED_TOKENS if t in vocab])
     inputs = []
     for item in items:
         request = {"prompt": item.prompt_text}
@@ -112,7 +99,7 @@ def hf_generate(model, processor, items: Sequence[EvalItem], intervention: Optio
     stops = stop_ids(model, processor)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    suppress = template_marker_ids(processor)
+    suppress = banned_token_ids(processor)
     torch.manual_seed(seed)
     gens: list[Generation] = []
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
