@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import importlib
 import json
 import os
@@ -38,8 +39,8 @@ from avar_ray.ray_utils import WORKER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY_DIR = REPO / "configs" / "kuberay"
-SCHEMA_DIR = REPO.parent / "shared" / "schemas" / "kuberay"  # KubeRay's CRDs, beside the repo
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+SCHEMA_DIR = REPO / "tests" / "data" / "kuberay_crds"  # KubeRay's CRDs (gzipped, Apache-2.0)
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml.gz", "RayCluster": "ray.io_rayclusters.yaml.gz"}
 PAPER_CONFIG = REPO / "configs" / "qwen2_5_vl_7b.yaml"
 GPU = "nvidia.com/gpu"
 HEAD_MARKER = "avar_test_head"  # a custom resource only the test's Ray head has
@@ -96,11 +97,8 @@ def strict_schema(node):
 @functools.cache
 def crd_validator(kind: str):
     jsonschema = pytest.importorskip("jsonschema")
-    if not SCHEMA_DIR.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMA_DIR} (they live in ../shared/schemas/kuberay "
-                    "beside the repository)")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1-1.4 MB of YAML
-    crd = yaml.load((SCHEMA_DIR / CRD_FILES[kind]).read_text(), Loader=loader)
+    crd = yaml.load(gzip.decompress((SCHEMA_DIR / CRD_FILES[kind]).read_bytes()), Loader=loader)
     assert crd["spec"]["names"]["kind"] == kind
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
