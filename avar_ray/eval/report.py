@@ -8,7 +8,10 @@ from typing import Any, Optional, Sequence
 def fmt(value: Optional[float], digits: int = 2, percent: bool = False) -> str:
     if value is None or value != value:
         return "n/a"
-    return f"{value * 100:.1f}" if percent else f"{value:.{digits}f}"
+    if percent:
+        return f"{value * 100:.1f}"
+    # A ratio over a near-zero system mass can reach 1e18 (tiny models): keep the cell readable.
+    return f"{value:.3g}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
 
 
 def signed(value: Optional[float], digits: int = 2, percent: bool = False) -> str:
