@@ -166,7 +166,7 @@ class RLConfig:
     micro_batch_size: int = 4
     ppo_epochs: int = 1
     save_every: int = 5
-    weight_sync_backend: Literal["object_store", "nccl"] = "object_store"
+    weight_sync_backend: Literal["object_store", "nccl"] = "object_store"  # nccl: broadcast to rollout workers (gloo without GPUs)
     weight_sync_bucket_mb: float = 64.0
     enforce_eager: bool = True
     seed: int = 0

@@ -266,3 +266,22 @@ def test_placement_beyond_the_cluster_fails_before_starting_actors(ray_local, ti
                       + ["rl.placement.rollout_workers=64"])
     with pytest.raises(PlacementError, match="rl.placement asks for 66 CPUs"):
         run_rl(cfg)
+
+
+@slow
+def test_broadcast_weight_sync_backend_keeps_vllm_equal_to_the_learner(ray_local, tiny_model_dir, procedural_parquet,
+                                                                        tmp_path):
+    """``rl.weight_sync_backend: nccl`` broadcasts the buckets from learner rank 0 to the rollout
+    workers (over gloo here: no GPUs); step 2's rollouts come from broadcast weights and must
+    match the learner's log-probs as the object-store path does."""
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+
+    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps=2)
+                      + ["rl.weight_sync_backend=nccl", "rl.save_every=0"])
+    report = run_rl(cfg)
+    metrics = read_metrics(Path(report.metrics_path))
+    assert [r["step"] for r in metrics] == [1, 2]
+    for record in metrics:
+        _check_step(record)
+        assert record["sync/broadcast"] == 1

@@ -15,6 +15,7 @@ from actors.learner import LearnerGroup, LearnerSpec
 from actors.placement import check_resources, reward_options, rollout_options
 from actors.reward import RewardService, ScorerSpec
 from actors.rollout import EngineSpec, RolloutPool, SamplingSpec
+from actors.weight_sync import BroadcastWeightSync
 
 
 def engine_spec(cfg, model_path: str) -> EngineSpec:
@@ -54,9 +55,6 @@ class RLSystem:
     def __init__(self, cfg, model_path: str | Path) -> None:
         import ray
 
-        if cfg.rl.weight_sync_backend != "object_store":
-            # The rollout side has the broadcast receiver; the learner group has no sender yet.
-            raise NotImplementedError("rl.weight_sync_backend: only 'object_store' is wired into the RL driver")
         check_resources(cfg.rl.placement, ray.available_resources())
         path = str(Path(model_path).resolve())
         placement = cfg.rl.placement
@@ -83,18 +81,44 @@ class RLSystem:
             name, exc = next(iter(errors.items()))
             raise RuntimeError(f"RL start-up: the {name} actors failed to start: {exc}") from exc
         self.rollout, self.reward, self.learners = built["rollout"], built["reward"], built["learners"]
+        self.broadcast = None
+        if cfg.rl.weight_sync_backend == "nccl":
+            # NCCL between GPUs; the same broadcast over gloo when the rollout workers have none
+            # (how the CPU tests exercise this path).
+            backend = "nccl" if placement.rollout_gpus > 0 and placement.learner_gpus > 0 else "gloo"
+            self.broadcast = BroadcastWeightSync(self.learners, self.rollout.actors, backend)
+            self._restarts_at_group = self.rollout.restarts
         self.start_s = time.perf_counter() - start
 
+    def _broadcast_usable(self) -> bool:
+        """A rollout worker Ray restarted is not a member of the broadcast group (its rendezvous
+        is over): from then on every sync goes through the object store."""
+        if self.broadcast is not None and self.rollout.restarts != self._restarts_at_group:
+            print("weight sync: a rollout worker was restarted and cannot rejoin the broadcast group; "
+                  "using the object store from now on", flush=True)
+            self.broadcast = None
+        return self.broadcast is not None
+
     def sync_weights(self, version: int) -> dict:
-        """Learner weights -> every rollout worker and the reward scorer (bucketed, object store)."""
+        """Learner weights -> every rollout worker and the reward scorer, in buckets: through the
+        object store (put once, every receiver reads the same objects), or with
+        ``rl.weight_sync_backend: nccl`` broadcast to the rollout workers while the reward
+        scorer still reads the object store. Either way the pools keep the object-store handle,
+        which is what a restarted actor loads."""
         t = time.perf_counter()
         handle = self.learners.publish_weights(version, self.bucket_mb)
         publish_s = time.perf_counter() - t
-        with ThreadPoolExecutor(2) as pool:  # both receivers read the same objects at once
-            rollout, reward = pool.submit(self.rollout.update_weights, handle), pool.submit(self.reward.update_weights, handle)
+        with ThreadPoolExecutor(2) as pool:  # both receivers load at once
+            if self._broadcast_usable():
+                self.rollout.handle = handle
+                rollout = pool.submit(lambda: self.broadcast.sync(version, self.bucket_mb)[1])
+            else:
+                rollout = pool.submit(self.rollout.update_weights, handle)
+            reward = pool.submit(self.reward.update_weights, handle)
             rollout_s, reward_s = rollout.result(), reward.result()
         return {"sync/publish_s": publish_s, "sync/rollout_load_s": rollout_s, "sync/reward_load_s": reward_s,
-                "sync/buckets": handle.num_buckets, "sync/mb": handle.total_bytes / 2**20}
+                "sync/buckets": handle.num_buckets, "sync/mb": handle.total_bytes / 2**20,
+                "sync/broadcast": int(self.broadcast is not None)}
 
     def restarts(self) -> dict:
         return {"restarts/rollout": self.rollout.restarts, "restarts/reward": self.reward.restarts}
