@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from actors.policy import banned_token_ids, encode_rollouts, forward_logprobs, p
 from actors.records import TrainItem
 from actors.weight_sync import (MIB, WeightHandle, broadcast_bucket, broadcast_table, bucket_names, make_weight_group,
                                 publish_object_store)
+from avar_ray.ray_utils import free_port
 
 CLIENT_STATE_KEY = "avar_client_state"
 
@@ -65,11 +65,6 @@ def deepspeed_config(spec: LearnerSpec) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
 
 class Learner:
     """One rank of the learner group."""
@@ -81,7 +76,7 @@ class Learner:
     def address(self) -> tuple[str, int, str]:
         import ray
 
-        return ray.util.get_node_ip_address(), free_port(), ray.get_runtime_context().get_node_id()
+        return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int) -> dict:
         import deepspeed

@@ -13,6 +13,15 @@ WORKER_ENV = {
 }
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS has free right now on ``host`` ("" = every interface)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def init_ray(ray_cfg=None, **kwargs):
     """``ray.init`` once; returns the ``ray`` module. Reuses an initialised Ray (tests, demo)."""
     import ray

@@ -17,16 +17,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import socket
 import statistics
 import tempfile
 import time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -41,6 +34,7 @@ def main() -> None:
 
     from avar_ray.config import load_config
     from avar_ray.data.procedural import generate_samples
+    from avar_ray.ray_utils import free_port
     from avar_ray.serve.app import start_serve
     from avar_ray.tiny_model import build_tiny_model
 

@@ -22,7 +22,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import yaml
 
 from avar_ray.cli import COMMANDS
 from avar_ray.config import load_config
-from avar_ray.ray_utils import WORKER_ENV
+from avar_ray.ray_utils import WORKER_ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY_DIR = REPO / "configs" / "kuberay"
@@ -280,12 +279,6 @@ def test_paper_config_loads_with_the_papers_settings():
 
 
 # ----------------------------------------------------------------------------- ray job submit
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def processes_using(path: str) -> list[int]:
     """Pids whose command line mentions ``path`` (our head's temp dir): what teardown must end."""
     pids = []

@@ -5,24 +5,19 @@ from __future__ import annotations
 import base64
 import io
 import math
-import socket
 
 import pytest
 from PIL import Image
 
 from avar_ray.config import ServeConfig, load_config
 from avar_ray.data.procedural import generate_samples
+from avar_ray.ray_utils import free_port
 from avar_ray.serve.validation import RequestError, check_image, from_json
 
 MAX_IMAGE_BYTES = 60_000
 MAX_PIXELS = 300 * 300
 MAX_PROMPT_CHARS = 8000  # above what the tiny model's 1024-token context holds (one token per "circle ")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(size: tuple[int, int], noise: bool = False) -> bytes:
@@ -49,7 +44,7 @@ def serve_url(ray_local, tiny_model_dir):
 
     from avar_ray.serve.app import start_serve
 
-    cfg = load_config(None, ["model.max_model_len=1024", f"serve.port={_free_port()}", "serve.max_new_tokens=16",
+    cfg = load_config(None, ["model.max_model_len=1024", f"serve.port={free_port()}", "serve.max_new_tokens=16",
                              f"serve.max_image_bytes={MAX_IMAGE_BYTES}", f"serve.max_image_pixels={MAX_PIXELS}",
                              "serve.num_cpus=1", f"serve.max_prompt_chars={MAX_PROMPT_CHARS}"])
     url = start_serve(str(tiny_model_dir), cfg, name="avar-test")

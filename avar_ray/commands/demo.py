@@ -11,6 +11,7 @@ finished stages of an earlier run, handy after a failure in a late stage).
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -152,7 +153,7 @@ def run(args) -> int:
     def rl(sft_model: str) -> dict:
         from avar_ray.rl import run_rl
 
-        rl_cfg = demo_config(args.config, out, args.overrides)
+        rl_cfg = copy.deepcopy(cfg)
         rl_cfg.model.path = sft_model  # RL starts from the cold-start model, as in the paper
         report = run_rl(rl_cfg)
         print(report.summary())
