@@ -200,6 +200,15 @@ class EvalConfig:
     gpu_memory_utilization: float = 0.6  # vLLM's share of the GPU (freed before the statistics pass)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the transformers model's device; auto: cuda if present
     seed: int = 0
+    # Scale-out: 0 = one vLLM engine and one model in this process (no Ray); N >= 1 = Ray Data
+    # with an actor pool of N vLLM engines and one of stats_workers statistics actors.
+    num_engines: int = 0
+    engine_gpus: float = 0.0  # per engine actor (tensor parallel inside one engine is not used)
+    engine_cpus: float = 1.0
+    stats_workers: int = 1  # actors of the statistics pass (transformers model each)
+    stats_gpus: float = 0.0
+    stats_cpus: float = 1.0
+    resume: bool = True  # keep finished samples of an earlier run into the same out (same settings)
 
 
 @dataclass
@@ -221,6 +230,19 @@ class ServeConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers of SFT, RL and eval; API keys are read from the environment only."""
+
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["jsonl", "tensorboard"])
+    project: str = "avar"  # W&B project and MLflow experiment
+    run_name: Optional[str] = None  # None: "<stage>-<out dir name>"
+    wandb_entity: Optional[str] = None
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: files under <out>/wandb (`wandb sync` later)
+    mlflow_tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else a file store <out>/mlruns
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: embedded local Ray (or RAY_ADDRESS when set)
     num_cpus: Optional[int] = None
@@ -238,6 +260,7 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -379,6 +402,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rl.temperature > 0, "rl.temperature: must be positive (GRPO samples)"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1"),
+        (cfg.eval.num_engines >= 0 and cfg.eval.stats_workers >= 1,
+         "eval.num_engines: must be >= 0; eval.stats_workers: must be >= 1"),
         (cfg.serve.replicas >= 1, "serve.replicas: must be >= 1"),
         (min(cfg.serve.max_image_bytes, cfg.serve.max_image_pixels, cfg.serve.max_prompt_chars,
              cfg.serve.max_new_tokens) >= 1, "serve.max_*: limits must be >= 1"),

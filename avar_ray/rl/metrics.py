@@ -1,17 +1,19 @@
 """Per-step RL metrics: the reward parts, accuracy, the responses' VAS and lengths (a pure
 summary of the step's rollouts), plus the learner's statistics and the phase timings; written
-as one JSON object per step to ``metrics.jsonl``, as TensorBoard scalars, and as a progress
-line."""
+through the tracker (``avar_ray.tracking``: ``metrics.jsonl``, TensorBoard, W&B, MLflow) and as a
+progress line."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from actors.records import Rollout, Scored
+from avar_ray.config import TrackingConfig
+from avar_ray.tracking import METRICS, Tracker, read_metrics  # noqa: F401  (read_metrics: the driver's)
 
 # The phases of a step, in order (the keys "time/<phase>" of every record).
 PHASES = ("sample", "rollout", "reward", "advantage", "update", "weight_sync", "checkpoint")
@@ -43,48 +45,19 @@ def rollout_metrics(rollouts: Sequence[Rollout], scored: Sequence[Scored], advan
     }
 
 
-def _clean(value):
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+class MetricsWriter(Tracker):
+    """The RL step metrics through the one tracker (``metrics.jsonl`` always, plus the
+    backends of ``tracking``; ``tensorboard=False`` drops TensorBoard) and a tqdm bar. A
+    resumed run keeps the records up to its checkpoint's step and drops any written after it
+    (they are redone)."""
 
-
-class MetricsWriter:
-    """``metrics.jsonl`` + TensorBoard + a tqdm bar. A resumed run keeps the records up to its
-    checkpoint's step and drops any written after it (they are redone)."""
-
-    def __init__(self, out: Path, total_steps: int, start_step: int, tensorboard: bool) -> None:
-        from tqdm import tqdm
-
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "metrics.jsonl"
-        kept = read_metrics(self.path, upto=start_step) if start_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.jsonl = self.path.open("a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True)
-
-    def log(self, step: int, metrics: dict) -> None:
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"rl/{key}", value, step)
-            self.tb.flush()
-        self.bar.update(1)
-        self.bar.set_postfix_str(progress_line(record), refresh=True)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.jsonl.close()
+    def __init__(self, out: Path, total_steps: int, start_step: int, tensorboard: bool,
+                 tracking: Optional[TrackingConfig] = None, run_config: Optional[dict] = None) -> None:
+        tracking = tracking if tracking is not None else TrackingConfig()
+        if not tensorboard:
+            tracking = dataclasses.replace(tracking, backends=[b for b in tracking.backends if b != "tensorboard"])
+        super().__init__(tracking, out, "rl", run_config, start_step, total_steps, progress_line, always=("jsonl",))
+        self.path = Path(out) / METRICS
 
 
 def progress_line(record: dict) -> str:
@@ -94,10 +67,3 @@ def progress_line(record: dict) -> str:
 
     return (f"reward {f('reward/total')} acc {f('reward/accuracy', '.2f')} vas {f('vas/response')} "
             f"len {f('response/length_mean', '.1f')} step {f('time/step', '.1f')}s")
-
-
-def read_metrics(path: Path, upto: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if upto is None or r["step"] <= upto]

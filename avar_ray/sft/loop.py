@@ -14,10 +14,18 @@ import torch
 from avar_ray.sft.data import encode_rows
 from avar_ray.sft.ds_config import deepspeed_config, lr_scheduler, steps_per_epoch
 from avar_ray.sft.export import export_hf
-from avar_ray.sft.metrics import MetricsLogger
+from avar_ray.tracking import Tracker
 
 # Summed over the micro-batches of a step and over ranks, then divided by the count.
 _MEAN_KEYS = ("loss", "lm_loss", "l_enh", "l_sup", "vas", "alpha_img", "alpha_sys")
+
+
+def progress_line(record: dict) -> str:
+    def f(key: str) -> str:
+        value = record.get(key)
+        return "n/a" if value is None else f"{value:.3g}"
+
+    return f"loss {f('loss')} lm {f('lm_loss')} vas {f('vas')}"
 
 
 def vision_parameters(model) -> list[torch.nn.Parameter]:
@@ -108,7 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
     if sft.resume and (ckpt_dir / "latest").exists():
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = int(client["step"])
-    logger = MetricsLogger(out, total, step, enabled=rank == 0)
+    tracker = (Tracker(config["tracking"], out, "sft", config["run_config"], step, total, progress_line,
+                       always=("jsonl",)) if rank == 0 else None)
     micro_per_epoch = steps_per_epoch(config["rows"], world, sft.micro_batch_size, sft.grad_accum) * sft.grad_accum
     skip = (step * sft.grad_accum) % micro_per_epoch  # micro-batches of this epoch done before the checkpoint
     shard = ray.train.get_dataset_shard("train")
@@ -139,7 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
             grad_norm = engine.get_global_grad_norm()
             last.update(lr=lr, samples_per_s=global_batch / elapsed, step_time_s=elapsed,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan)
-            logger.log(step, last)
+            if tracker is not None:
+                tracker.log(step, last)
             if sft.save_every and step % sft.save_every == 0:
                 save(step)
             sums, count, t0 = None, 0, time.perf_counter()
@@ -149,5 +159,6 @@ def train_loop_per_worker(config: dict) -> None:
     info = {"steps": step, "source_model": model_path, "alpha": sft.alpha, "beta": sft.beta,
             "agto_query": sft.agto_query, "zero_stage": sft.zero_stage, "bf16": bf16}
     export_hf(engine, processor, out / "final", sft.zero_stage, rank, info)
-    logger.close()
+    if tracker is not None:
+        tracker.close()
     ray.train.report({"step": step, **{k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}})

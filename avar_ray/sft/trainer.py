@@ -5,8 +5,8 @@
 The driver prepares the Ray Data dataset (rows longer than ``sft.max_length`` are counted and
 left out), derives the step count for the LR schedule, and starts ``sft.num_workers`` Ray
 Train workers, each running ``loop.train_loop_per_worker`` on its split of the data. Outputs
-under ``sft.out``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` (DeepSpeed),
-``final/`` (HF directory) and ``sft_report.json``.
+under ``sft.out``: ``metrics.jsonl`` and the other ``tracking.backends`` (``tensorboard/``...),
+``checkpoints/`` (DeepSpeed), ``final/`` (HF directory) and ``sft_report.json``.
 """
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from avar_ray.config import to_dict
 from avar_ray.sft.data import check_columns, prepare_dataset, training_files
 from avar_ray.sft.ds_config import total_steps
 from avar_ray.sft.loop import train_loop_per_worker
+from avar_ray.tracking import METRICS, read_metrics
 
 
 @dataclass
@@ -43,13 +45,6 @@ class SFTReport:
                 f"({self.too_long} longer than max_length skipped) in {self.seconds:.1f}s, "
                 f"{self.samples_per_s:.2f} samples/s; lm_loss {g(self.first, 'lm_loss')} -> {g(self.last, 'lm_loss')}, "
                 f"VAS {g(self.first, 'vas')} -> {g(self.last, 'vas')}; model exported to {self.export}")
-
-
-def _read_metrics(path: Path, after_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] > after_step]
 
 
 def _start_step(ckpt_dir: Path, resume: bool, what: str) -> int:
@@ -88,7 +83,8 @@ def run_sft(cfg) -> SFTReport:
         train_loop_per_worker,
         train_loop_config={"sft": sft, "model_path": str(Path(cfg.model.path).resolve()), "total_steps": total,
                            "rows": rows, "out": str(out), "chunk_size": cfg.attention.chunk_size,
-                           "eps": cfg.attention.eps, "backend": "nccl" if sft.use_gpu else "gloo"},
+                           "eps": cfg.attention.eps, "backend": "nccl" if sft.use_gpu else "gloo",
+                           "tracking": cfg.tracking, "run_config": to_dict(cfg)},
         torch_config=TorchConfig(backend="nccl" if sft.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sft.num_workers, use_gpu=sft.use_gpu,
                                      resources_per_worker={"CPU": sft.cpus_per_worker}),
@@ -98,7 +94,7 @@ def run_sft(cfg) -> SFTReport:
     )
     trainer.fit()
     report.seconds = time.perf_counter() - t0
-    steps = _read_metrics(out / "metrics.jsonl", start)
+    steps = [r for r in read_metrics(out / METRICS) if r["step"] > start]
     if steps:
         report.first, report.last, report.final_step = steps[0], steps[-1], steps[-1]["step"]
         rates = [s["samples_per_s"] for s in steps if s.get("samples_per_s")]
