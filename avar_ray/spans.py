@@ -2,10 +2,11 @@
 (response), found from the token ids and the chat template's markers (SPEC.md, notation).
 
 Never estimated from character offsets or a fixed fraction of the prompt. Works for the
-Qwen2-VL / Qwen2.5-VL template (``<|im_start|>role\\n ... <|im_end|>\\n`` turns, images as
-``<|vision_start|><|image_pad|>...<|vision_end|>``), with or without an explicit system
-prompt (the template's default one counts as S), several images, and padded batches (left or
-right). A tokenizer without these markers gets ``UnsupportedTemplateError``.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL templates (``<|im_start|>role\\n ... <|im_end|>\\n`` turns,
+images as ``<|vision_start|><|image_pad|>...<|vision_end|>``), with or without an explicit
+system prompt (Qwen2/2.5-VL's default one counts as S; Qwen3-VL's template adds none, so S is
+empty there unless the caller gives one), several images, and padded batches (left or right).
+A tokenizer without these markers gets ``UnsupportedTemplateError``.
 
     S  the whole system turn: <|im_start|>system\\n ... <|im_end|>\\n
     U  the user turn(s) minus V and minus the vision start/end markers
@@ -62,7 +63,7 @@ class TemplateIds:
             name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
             raise UnsupportedTemplateError(
                 f"cannot segment conversations of {name!r}: its tokenizer lacks {', '.join(missing)} "
-                "(supported: Qwen2-VL / Qwen2.5-VL chat templates)"
+                "(supported: Qwen2-VL / Qwen2.5-VL / Qwen3-VL chat templates)"
             )
         newline = tokenizer.encode("\n", add_special_tokens=False)
         if len(newline) != 1:

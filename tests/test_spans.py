@@ -23,11 +23,13 @@ def processor(tiny_model_dir):
 
 
 def _pieces(tok, system, user_parts, response, n_image_tokens):
-    """(token ids, labels) of one conversation, assembled by hand. Labels: S U V R - ."""
+    """(token ids, labels) of one conversation, assembled by hand (``system`` None: no system
+    turn, as Qwen3-VL's template renders it). Labels: S U V R - ."""
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     special = tok.convert_tokens_to_ids
     out: list[tuple[list[int], str]] = []
-    out.append(([special("<|im_start|>")] + enc("system\n" + system) + [special("<|im_end|>")] + enc("\n"), "S"))
+    if system is not None:
+        out.append(([special("<|im_start|>")] + enc("system\n" + system) + [special("<|im_end|>")] + enc("\n"), "S"))
     out.append(([special("<|im_start|>")] + enc("user\n"), "U"))
     image_index = 0
     for part in user_parts:
@@ -89,6 +91,22 @@ def test_spans_match_hand_built_conversation(processor, system, user_parts, size
     ids = enc.inputs["input_ids"][0].tolist()
     assert ids == expected_ids, "the hand-built conversation must tokenize like the chat template"
     assert _labels(enc.spans, 0, range(len(ids))) == expected
+    assert int(enc.spans.visual.sum()) == sum(_image_tokens(processor, images))
+
+
+@pytest.mark.parametrize("system,user_parts,sizes,response", CASES)
+def test_qwen3_vl_spans_match_hand_built_conversation(tiny_qwen3_vl_dir, system, user_parts, sizes, response):
+    """Qwen3-VL's template has no default system turn: S is empty unless the caller gives one."""
+    processor = load_processor(str(tiny_qwen3_vl_dir))
+    images = [Image.new("RGB", s, (200, 30, 30)) for s in sizes]
+    expected_ids, expected = _pieces(processor.tokenizer, system, user_parts, response,
+                                     _image_tokens(processor, images))
+    enc = encode_batch(processor, [_messages(system, user_parts)], [images],
+                       response_texts=[response] if response is not None else None)
+    ids = enc.inputs["input_ids"][0].tolist()
+    assert ids == expected_ids, "the hand-built conversation must tokenize like the chat template"
+    assert _labels(enc.spans, 0, range(len(ids))) == expected
+    assert int(enc.spans.system.sum()) == (0 if system is None else expected.count("S"))
     assert int(enc.spans.visual.sum()) == sum(_image_tokens(processor, images))
 
 
