@@ -9,11 +9,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
-from actors.policy import BANNED_LOGIT_BIAS, banned_token_ids
 from actors.records import PromptRequest, Rollout, conversation
 from actors.recovery import ActorSet
 from actors.weight_sync import WeightHandle, fetch_buckets
+from avar_ray.config import ModelConfig
+from avar_ray.decoding import ResponseCodec
+from avar_ray.engines import start_llm
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.6
     seed: int = 0
     system_prompt: str | None = None
+    model: Optional[ModelConfig] = None  # image resolution (model.min_pixels / max_pixels)
 
 
 @dataclass
@@ -46,23 +50,20 @@ class RolloutWorker:
     """One vLLM engine. Weights are replaced in place (``update_weights``), never by restarting."""
 
     def __init__(self, spec: EngineSpec, worker_index: int = 0):
-        from vllm import LLM
-
         from avar_ray.modeling import load_processor
 
         start = time.perf_counter()
         self.spec = spec
         self.worker_index = worker_index
         self.version = 0  # the checkpoint it started from
-        self.processor = load_processor(spec.model_path)
-        self.logit_bias = {i: BANNED_LOGIT_BIAS for i in banned_token_ids(self.processor)}
-        self.llm = LLM(spec.model_path, dtype=spec.dtype, max_model_len=spec.max_model_len,
-                       enforce_eager=spec.enforce_eager, seed=spec.seed,
-                       gpu_memory_utilization=spec.gpu_memory_utilization,
-                       limit_mm_per_prompt={"image": spec.max_images, "video": 0},
-                       worker_extension_cls=EXTENSION,
-                       # temperature applied, as the learner's log-probs (logits / T)
-                       logprobs_mode="processed_logprobs", **cpu_scheduler_args(spec.max_model_len))
+        self.processor = load_processor(spec.model_path, spec.model)
+        self.codec = ResponseCodec(self.processor)
+        self.llm = start_llm(spec.model or ModelConfig(), path=spec.model_path, dtype=spec.dtype,
+                             max_model_len=spec.max_model_len, max_images=spec.max_images,
+                             enforce_eager=spec.enforce_eager, seed=spec.seed,
+                             gpu_memory_utilization=spec.gpu_memory_utilization, worker_extension_cls=EXTENSION,
+                             # temperature applied, as the learner's log-probs (logits / T)
+                             logprobs_mode="processed_logprobs")
         self.start_s = time.perf_counter() - start
 
     def ready(self) -> dict:
@@ -108,8 +109,6 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
 
     def generate(self, requests: list[PromptRequest], sampling: SamplingSpec) -> list[Rollout]:
-        from vllm import SamplingParams
-
         inputs, params = [], []
         for req in requests:
             messages, images = conversation(req.sample, self.spec.system_prompt)
@@ -118,16 +117,16 @@ class RolloutWorker:
             if images:
                 item["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             inputs.append(item)
-            params.append(SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                         max_tokens=sampling.max_new_tokens, logprobs=0, seed=req.seed,
-                                         logit_bias=self.logit_bias))
+            params.append(self.codec.sampling_params(n=sampling.n, temperature=sampling.temperature,
+                                                     top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                                                     logprobs=0, seed=req.seed))
         outputs = self._guard(lambda: self.llm.generate(inputs, params, use_tqdm=False))
         rollouts = []
         for req, out in zip(requests, outputs):
             for completion in out.outputs:
                 ids = list(completion.token_ids)
                 logprobs = [float(completion.logprobs[i][tok].logprob) for i, tok in enumerate(ids)]
-                rollouts.append(Rollout(req.index, req.sample.id, ids, completion.text, logprobs,
+                rollouts.append(Rollout(req.index, req.sample.id, ids, self.codec.decode(ids), logprobs,
                                         str(completion.finish_reason), self.version, list(out.prompt_token_ids)))
         return rollouts
 
@@ -141,19 +140,6 @@ class RolloutWorker:
         except EngineDeadError:
             log.error("rollout worker %d: vLLM engine died; exiting for a restart", self.worker_index)
             os._exit(1)
-
-
-def cpu_scheduler_args(max_model_len: int) -> dict:
-    """No chunked prefill on CPU. A seeded request whose prompt is cut into chunks has its
-    sampled token discarded and its generator rewound, which a CPU generator cannot do
-    ("CPU Generator does not use offset"): the engine dies as soon as a step's prompts exceed
-    the token budget (4096; e.g. 64 rollouts of an 85-token prompt). Whole prompts only,
-    with a budget of at least one full-length sequence."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return {}
-    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
 def split_even(items: list, parts: int) -> list[list]:

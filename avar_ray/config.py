@@ -28,6 +28,14 @@ class ModelConfig:
     path: str = "runs/tiny_model"  # HF directory (transformers + vLLM loadable)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int = 2048
+    # Image resolution, the same in every stage (HF processor and vLLM): |V| and so VAS depend on it.
+    # None: the checkpoint's preprocessor config (Qwen2.5-VL-7B: 3,136 .. 12,845,056 pixels).
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    # The system turn of every conversation (synthesis, SFT, RL, eval, serve, `avar vas`).
+    # None: the chat template's default (Qwen2.5-VL: "You are a helpful assistant."; Qwen3-VL
+    # has none, and VAS = V/S needs one).
+    system_prompt: Optional[str] = None
 
 
 @dataclass
@@ -399,6 +407,10 @@ def validate(cfg: RunConfig) -> None:
              cfg.rl.max_new_tokens, cfg.rl.reward.batch_size, cfg.rl.max_images) >= 1,
          "rl.steps/prompts_per_step/micro_batch_size/ppo_epochs/max_new_tokens/max_images/reward.batch_size: must be >= 1"),
         (cfg.rl.weight_sync_bucket_mb > 0, "rl.weight_sync_bucket_mb: must be positive"),
+        (all(p is None or p >= 1 for p in (cfg.model.min_pixels, cfg.model.max_pixels)),
+         "model.min_pixels, model.max_pixels: must be >= 1 (or null)"),
+        (None in (cfg.model.min_pixels, cfg.model.max_pixels) or cfg.model.min_pixels <= cfg.model.max_pixels,
+         "model.min_pixels: must be <= model.max_pixels"),
         (cfg.rl.temperature > 0, "rl.temperature: must be positive (GRPO samples)"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1"),

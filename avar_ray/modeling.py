@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from avar_ray.config import ModelConfig
+from avar_ray.engines import pixel_kwargs
 from avar_ray.spans import Spans, TemplateIds, find_spans
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,10 +26,12 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
 
 
-def load_processor(path: str):
+def load_processor(path: str, model: ModelConfig | None = None):
+    """The checkpoint's processor at ``model.min_pixels`` / ``model.max_pixels`` (the same
+    resolution vLLM gets from ``avar_ray.engines``); without ``model``, the checkpoint's own."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, **(pixel_kwargs(model) if model is not None else {}))
 
 
 def load_model(path: str, dtype: str = "float32", attn_implementation: str = "avar"):

@@ -141,7 +141,10 @@ def test_resume_continues_at_the_saved_step(sft_runs, tmp_path, tiny_model_dir, 
 def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, procedural_parquet):
     import torch
     from safetensors.torch import load_file
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
+
+    from avar_ray.config import ModelConfig
+    from avar_ray.engines import start_llm
 
     from avar_ray.data.schema import build_messages, from_row, pil_images
 
@@ -152,8 +155,8 @@ def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, pr
     assert any(not torch.equal(trained[k], base[k]) for k in base)
 
     sample = from_row(pq.read_table(procedural_parquet).to_pylist()[0])
-    llm = LLM(str(export), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 1, "video": 0})
+    llm = start_llm(ModelConfig(str(export), max_model_len=1024), max_images=1, enforce_eager=True, seed=0,
+                    gpu_memory_utilization=0.6)
     try:
         messages = build_messages(sample)
         prompt = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from avar_ray.attention import Intervention, generate as attention_generate
+from avar_ray.decoding import ResponseCodec
 from avar_ray.eval.benchmarks import EvalItem
 from avar_ray.modeling import encode_batch
-from avar_ray.spans import RESPONSE_BANNED_TOKENS, banned_token_ids
 
 log = logging.getLogger("avar_ray.eval")
 
@@ -28,18 +28,9 @@ log = logging.getLogger("avar_ray.eval")
 @dataclass
 class Generation:
     ids: list[int]  # generated token ids (the end-of-turn token included when it stopped there)
-    text: str  # decoded without special tokens
+    text: str  # avar_ray.decoding.decode_response: template tokens dropped, reasoning tags kept
     finish_reason: str  # "stop" or "length"
     prompt_ids: Optional[list[int]] = None  # the engine's own prompt ids (vLLM), to check alignment
-
-
-def start_vllm(model_dir: str, dtype: str, max_model_len: int, max_images: int, enforce_eager: bool, seed: int,
-               gpu_memory_utilization: float):
-    from vllm import LLM
-
-    return LLM(str(model_dir), dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
-               gpu_memory_utilization=gpu_memory_utilization,
-               limit_mm_per_prompt={"image": max(1, max_images), "video": 0})
 
 
 def stop_vllm(llm) -> None:
@@ -55,11 +46,8 @@ def stop_vllm(llm) -> None:
 
 
 def vllm_generate(llm, items: Sequence[EvalItem], max_new_tokens: int, temperature: float, seed: int) -> list[Generation]:
-    from vllm import SamplingParams
-
-    vocab = llm.get_tokenizer().get_vocab()
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            bad_words=[t for t in RESPONSE_BANNED_TOKENS if t in vocab])
+    codec = ResponseCodec(llm.get_tokenizer())
+    params = codec.sampling_params(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
     inputs = []
     for item in items:
         request = {"prompt": item.prompt_text}
@@ -70,7 +58,8 @@ def vllm_generate(llm, items: Sequence[EvalItem], max_new_tokens: int, temperatu
     gens = []
     for out in outputs:
         completion = out.outputs[0]
-        gens.append(Generation(list(completion.token_ids), completion.text,
+        ids = list(completion.token_ids)
+        gens.append(Generation(ids, codec.decode(ids),
                                "length" if completion.finish_reason == "length" else "stop",
                                list(out.prompt_token_ids)))
     return gens
@@ -99,7 +88,7 @@ def hf_generate(model, processor, items: Sequence[EvalItem], intervention: Optio
     stops = stop_ids(model, processor)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    suppress = banned_token_ids(processor)
+    codec = ResponseCodec(processor)
     torch.manual_seed(seed)
     gens: list[Generation] = []
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
@@ -108,9 +97,9 @@ def hf_generate(model, processor, items: Sequence[EvalItem], intervention: Optio
                            padding_side="left").to(device)
         with torch.no_grad():
             out = attention_generate(model, enc, intervention, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress, **sampling)
+                                     pad_token_id=tokenizer.pad_token_id, **codec.generate_kwargs(), **sampling)
         width = enc.inputs["input_ids"].shape[1]
         for row in out[:, width:].tolist():
             ids, reason = trim_generated(row, stops)
-            gens.append(Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), reason))
+            gens.append(Generation(ids, codec.decode(ids), reason))
     return gens

@@ -25,7 +25,8 @@ from avar_ray.eval import plots
 from avar_ray.eval.attention_pass import SPANS, attention_rows
 from avar_ray.eval.benchmarks import Benchmark, EvalItem, load_benchmarks
 from avar_ray.eval.files import PLOTS, REPORT, RESULTS, SAMPLES, jsonable
-from avar_ray.eval.generation import Generation, hf_generate, start_vllm, stop_vllm, vllm_generate
+from avar_ray.engines import start_llm
+from avar_ray.eval.generation import Generation, hf_generate, stop_vllm, vllm_generate
 from avar_ray.eval.heatmap import response_patch_attention
 from avar_ray.eval.report import eval_report
 from avar_ray.eval.scoring import results_summary, score_response
@@ -134,8 +135,8 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
     plot_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    processor = load_processor(str(model_dir))
-    benchmarks = load_benchmarks(bench_files, processor, ecfg.system_prompt,
+    processor = load_processor(str(model_dir), cfg.model)
+    benchmarks = load_benchmarks(bench_files, processor, cfg.model.system_prompt,
                                  cfg.model.max_model_len - ecfg.max_new_tokens, ecfg.max_samples)
     items = [item for b in benchmarks for item in b.items]
     timings["prepare_s"] = time.perf_counter() - start
@@ -149,9 +150,9 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
         if intervention is None:
             own = llm is None
             if own:
-                llm = start_vllm(str(model_dir), cfg.model.dtype, cfg.model.max_model_len,
-                                 max(len(it.images) for it in items), ecfg.enforce_eager, ecfg.seed,
-                                 ecfg.gpu_memory_utilization)
+                llm = start_llm(cfg.model, path=str(model_dir), max_images=max(len(it.images) for it in items),
+                                enforce_eager=ecfg.enforce_eager, seed=ecfg.seed,
+                                gpu_memory_utilization=ecfg.gpu_memory_utilization)
                 timings["engine_start_s"] = time.perf_counter() - t0  # part of generate_s
             try:
                 gens = vllm_generate(llm, items, ecfg.max_new_tokens, ecfg.temperature, ecfg.seed)

