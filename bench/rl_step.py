@@ -115,13 +115,13 @@ class HFGenerator:
     def __init__(self, model_dir: str):
         import torch
 
-        from actors.policy import banned_token_ids
+        from avar_ray.decoding import ResponseCodec
         from avar_ray.modeling import load_model, load_processor
 
         torch.manual_seed(0)
         self.model = load_model(model_dir, attn_implementation="sdpa").eval()
         self.processor = load_processor(model_dir)
-        self.banned = banned_token_ids(self.processor)
+        self.codec = ResponseCodec(self.processor)
 
     def generate(self, samples, n: int, max_new_tokens: int) -> dict:
         """Sampled response tokens (up to and including the first end token) and seconds."""
@@ -137,7 +137,7 @@ class HFGenerator:
         with torch.no_grad():
             out = self.model.generate(**encoded.inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                       max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                      suppress_tokens=self.banned, pad_token_id=tok.pad_token_id)
+                                      pad_token_id=tok.pad_token_id, **self.codec.generate_kwargs())
         ends = {tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
         tokens = 0
         for row in out[:, encoded.inputs["input_ids"].shape[1]:].tolist():

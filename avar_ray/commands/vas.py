@@ -13,6 +13,7 @@ responses enter the statistics pass as their exact token ids.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -32,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", choices=["fused", "chunked"], default="fused", help="how the masses are computed")
     parser.add_argument("--chunk-size", type=int, default=256, help="query rows per chunk (--method chunked)")
     parser.add_argument("--system-prompt", default=None, help="explicit system prompt (default: the template's)")
+    parser.add_argument("--min-pixels", type=int, default=argparse.SUPPRESS,
+                        help="image resolution bounds (model.min_pixels / model.max_pixels; default: the checkpoint's)")
+    parser.add_argument("--max-pixels", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--intervention", action="store_true", help="measure with the training-free intervention on")
     parser.add_argument("--a-img", type=float, default=0.15, help="with --intervention: visual re-weighting")
     parser.add_argument("--a-sys", type=float, default=0.4, help="with --intervention: system re-weighting, < 1")
@@ -81,12 +85,14 @@ def _generate_ids(model, processor, rows, intervention, max_new_tokens) -> list[
     import torch
 
     from avar_ray.attention import generate
+    from avar_ray.decoding import ResponseCodec
     from avar_ray.modeling import encode_batch
 
     enc = encode_batch(processor, [r["messages"] for r in rows], [r["images"] for r in rows],
                        padding_side="left").to(next(model.parameters()).device)
     with torch.no_grad():
-        seq = generate(model, enc, intervention, max_new_tokens=max_new_tokens, do_sample=False)
+        seq = generate(model, enc, intervention, max_new_tokens=max_new_tokens, do_sample=False,
+                       **ResponseCodec(processor).generate_kwargs())
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     prompt_width = enc.inputs["input_ids"].shape[1]
@@ -183,6 +189,8 @@ def run(args) -> int:
     from avar_ray.attention.intervention import validate_layers
     from avar_ray.data.readers import read_samples
     from avar_ray.data.schema import build_messages, pil_images
+    from avar_ray.config import ModelConfig
+    from avar_ray.decoding import decode_response
     from avar_ray.modeling import load_model, load_processor
 
     if args.batch_size <= 0:
@@ -202,7 +210,9 @@ def run(args) -> int:
     except ValueError as exc:
         raise SystemExit(f"avar vas: {exc}") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    processor = load_processor(args.model)
+    # unset: model.min_pixels / max_pixels of the config schema
+    resolution = ModelConfig(**{k: getattr(args, k) for k in ("min_pixels", "max_pixels") if hasattr(args, k)})
+    processor = load_processor(args.model, resolution)
     model = load_model(args.model, dtype=args.dtype).to(device).eval()
     num_layers = model.config.get_text_config().num_hidden_layers
     try:  # fail before any work, naming the option
@@ -231,7 +241,7 @@ def run(args) -> int:
             print(f"avar vas: generating responses {k * args.batch_size + len(batch)}/{len(todo)}", flush=True)
             for r, ids in zip(batch, _generate_ids(model, processor, batch, intervention, args.max_new_tokens)):
                 r["response_ids"], r["source"] = ids, "generated"
-                r["response"] = processor.tokenizer.decode(ids, skip_special_tokens=True)
+                r["response"] = decode_response(processor, ids)
     # rows with exact ids and rows with texts are encoded in separate batches
     groups = [[r for r in rows if "response_ids" in r], [r for r in rows if "response_ids" not in r]]
     results = []
@@ -245,7 +255,7 @@ def run(args) -> int:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     summary = _summary(per_sample, per_sample[0]["layers"])
     summary.update(model=str(args.model), data=str(args.data), query=args.query, method=args.method,
-                   read_report=str(report),
+                   read_report=str(report), min_pixels=resolution.min_pixels, max_pixels=resolution.max_pixels,
                    intervention=None if intervention is None else
                    {"a_img": intervention.a_img, "a_sys": intervention.a_sys,
                     "layers": None if intervention.layers is None else list(intervention.layers)})
