@@ -182,7 +182,6 @@ class RLConfig:
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     norm_adv_by_std: bool = True  # GRPO; False = Dr.GRPO (mean-centred only)
     weight_decay: float = 0.0
-    system_prompt: Optional[str] = None  # None: the chat template's default system turn
     max_images: int = 1  # per prompt; samples with more are skipped (counted)
     gpu_memory_utilization: float = 0.6  # vLLM, GPU only
     export_hf: bool = True  # an HF checkpoint beside each DeepSpeed checkpoint
@@ -203,7 +202,6 @@ class EvalConfig:
     heatmaps: int = 3  # samples drawn with the response's attention over the image patches
     max_samples: int = -1  # per benchmark file; -1: all
     batch_size: int = 4  # rows per attention-statistics forward (and per transformers generate call)
-    system_prompt: Optional[str] = None  # None: the chat template's default one (it counts as S)
     enforce_eager: bool = True  # vLLM without compilation: faster start-up, slower decoding
     gpu_memory_utilization: float = 0.6  # vLLM's share of the GPU (freed before the statistics pass)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the transformers model's device; auto: cuda if present

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from avar_ray.config import load_config
+from avar_ray.config import ModelConfig, load_config
 from avar_ray.sft.data import check_columns, encode_rows, prepare_dataset, training_files
 from avar_ray.sft.ds_config import deepspeed_config, lr_factor, steps_per_epoch, total_steps
 
@@ -143,7 +143,6 @@ def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, pr
     from safetensors.torch import load_file
     from vllm import SamplingParams
 
-    from avar_ray.config import ModelConfig
     from avar_ray.engines import start_llm
 
     from avar_ray.data.schema import build_messages, from_row, pil_images
@@ -175,6 +174,6 @@ def test_rows_longer_than_max_length_are_skipped_and_counted(tiny_model_dir, ora
     processor = load_processor(str(tiny_model_dir))
     lengths = sorted(int(encode_rows(processor, [r])[0].inputs["attention_mask"].sum()) for r in rows)
     limit = lengths[len(lengths) // 2]
-    ds, kept, too_long = prepare_dataset(files, str(tiny_model_dir), limit, seed=0, shuffle=False)
+    ds, kept, too_long = prepare_dataset(files, ModelConfig(str(tiny_model_dir)), limit, seed=0, shuffle=False)
     assert too_long == sum(n > limit for n in lengths) > 0 and kept == len(rows) - too_long
     assert max(ds.to_pandas()["num_tokens"]) <= limit

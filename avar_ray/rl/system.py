@@ -22,7 +22,8 @@ def engine_spec(cfg, model_path: str) -> EngineSpec:
     rl = cfg.rl
     return EngineSpec(model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
                       max_images=rl.max_images, enforce_eager=rl.enforce_eager,
-                      gpu_memory_utilization=rl.gpu_memory_utilization, seed=rl.seed, system_prompt=rl.system_prompt)
+                      gpu_memory_utilization=rl.gpu_memory_utilization, seed=rl.seed,
+                      system_prompt=cfg.model.system_prompt, model=cfg.model)
 
 
 def scorer_spec(cfg, model_path: str) -> ScorerSpec:
@@ -30,7 +31,7 @@ def scorer_spec(cfg, model_path: str) -> ScorerSpec:
     return ScorerSpec(model_path=model_path, dtype=cfg.model.dtype, lambda_v=r.lambda_v, lambda_f=r.lambda_f,
                       visual_norm=r.visual_norm, visual_layers=r.visual_layers, eps=r.eps, batch_size=r.batch_size,
                       visual_gate=r.visual_gate, chunk_size=cfg.attention.chunk_size,
-                      system_prompt=cfg.rl.system_prompt)
+                      system_prompt=cfg.model.system_prompt)
 
 
 def learner_spec(cfg, model_path: str) -> LearnerSpec:
@@ -40,7 +41,7 @@ def learner_spec(cfg, model_path: str) -> LearnerSpec:
                        share_size=rl.prompts_per_step * rl.n_samples // rl.placement.learners,
                        ppo_epochs=rl.ppo_epochs, clip_ratio=rl.clip_ratio, rollout_n=rl.n_samples,
                        kl_coef=rl.kl_coef, kl_type=rl.kl_type, loss_agg_mode=rl.loss_agg_mode,
-                       temperature=rl.temperature, system_prompt=rl.system_prompt, seed=rl.seed,
+                       temperature=rl.temperature, system_prompt=cfg.model.system_prompt, seed=rl.seed,
                        use_gpu=rl.placement.learner_gpus > 0)
 
 

@@ -2,7 +2,8 @@
 
 A training row is a sample row (``schema.to_row``) plus ``target`` (the assistant turn,
 ``<think>...</think><answer>...</answer>``), as the synthesis stage writes them. The prompt is
-``schema.build_messages(sample)``, the same one the RL and eval stages use; the loss covers
+``schema.build_messages(sample, model.system_prompt)``, the same one the RL and eval stages use
+(at the same ``model.min_pixels`` / ``max_pixels``); the loss covers
 only the assistant turn (span R: the target and its closing ``<|im_end|>``).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 import pyarrow as pa
 import torch
 
+from avar_ray.config import ModelConfig
 from avar_ray.data.schema import build_messages, from_row, pil_images
 from avar_ray.modeling import Encoded, encode_batch
 
@@ -43,11 +45,11 @@ def check_columns(files: Sequence[str]) -> None:
             raise ValueError(f"sft.data: {f} lacks column(s) {missing} (expected synthesis output rows)")
 
 
-def encode_rows(processor, rows: Sequence[dict]) -> tuple[Encoded, torch.Tensor]:
+def encode_rows(processor, rows: Sequence[dict], system_prompt: str | None = None) -> tuple[Encoded, torch.Tensor]:
     """A right-padded batch of prompt + target, and labels that are the input ids on the
     assistant turn and ``IGNORE_INDEX`` everywhere else."""
     samples = [from_row(r) for r in rows]
-    encoded = encode_batch(processor, [build_messages(s) for s in samples], [pil_images(s) for s in samples],
+    encoded = encode_batch(processor, [build_messages(s, system_prompt) for s in samples], [pil_images(s) for s in samples],
                            response_texts=[str(r["target"]) for r in rows], padding_side="right")
     labels = encoded.inputs["input_ids"].masked_fill(~encoded.spans.response, IGNORE_INDEX)
     return encoded, labels
@@ -56,21 +58,22 @@ def encode_rows(processor, rows: Sequence[dict]) -> tuple[Encoded, torch.Tensor]
 class TokenLengths:
     """Ray Data callable class: adds ``num_tokens`` (prompt + target, images expanded) per row."""
 
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model: ModelConfig) -> None:
         from avar_ray.modeling import load_processor
 
-        self.processor = load_processor(model_path)
+        self.processor = load_processor(model.path, model)
+        self.system_prompt = model.system_prompt
 
     def __call__(self, batch):
         rows = batch.to_pylist()
         lengths = []
         for row in rows:
-            encoded, _ = encode_rows(self.processor, [row])
+            encoded, _ = encode_rows(self.processor, [row], self.system_prompt)
             lengths.append(int(encoded.inputs["attention_mask"].sum()))
         return batch.append_column("num_tokens", pa.array(lengths, type=pa.int64()))
 
 
-def prepare_dataset(files: Sequence[str], model_path: str, max_length: int, seed: int, shuffle: bool):
+def prepare_dataset(files: Sequence[str], model: ModelConfig, max_length: int, seed: int, shuffle: bool):
     """The Ray Data dataset of rows that fit ``max_length`` tokens; returns (dataset, kept
     rows, rows skipped as too long). Materialised: the count and the split need it anyway.
 
@@ -84,7 +87,7 @@ def prepare_dataset(files: Sequence[str], model_path: str, max_length: int, seed
     context.execution_options.preserve_order = True
     try:
         ds = ray.data.read_parquet(list(files), columns=COLUMNS)
-        ds = ds.map_batches(TokenLengths, fn_constructor_kwargs={"model_path": model_path}, batch_format="pyarrow",
+        ds = ds.map_batches(TokenLengths, fn_constructor_kwargs={"model": model}, batch_format="pyarrow",
                             batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
         ds = ds.materialize()
         total = ds.count()

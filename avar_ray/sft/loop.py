@@ -41,11 +41,12 @@ def _skip_shm_kernel_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _micro_step(engine, processor, rows, sft, chunk_size: int, eps: float, num_layers: int) -> dict:
+def _micro_step(engine, processor, rows, sft, chunk_size: int, eps: float, num_layers: int,
+                system_prompt: str | None) -> dict:
     """Forward + backward of one micro-batch; returns its metric sums."""
     from avar_ray.attention import AttentionContext, agto_losses, vas_from_stats
 
-    encoded, labels = encode_rows(processor, rows)
+    encoded, labels = encode_rows(processor, rows, system_prompt)
     encoded = encoded.to(engine.device)
     dtype = next(engine.module.parameters()).dtype
     if "pixel_values" in encoded.inputs:
@@ -104,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     if sft.freeze_vision:
         for p in vision_parameters(model):
             p.requires_grad_(False)
-    processor = load_processor(model_path)
+    processor = load_processor(model_path, config["model"])  # model.min_pixels / max_pixels
     num_layers = model.config.get_text_config().num_hidden_layers
     engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(sft, bf16),
                                            model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -135,7 +136,8 @@ def train_loop_per_worker(config: dict) -> None:
             if skip:
                 skip -= 1
                 continue
-            m = _micro_step(engine, processor, batch.to_pylist(), sft, config["chunk_size"], config["eps"], num_layers)
+            m = _micro_step(engine, processor, batch.to_pylist(), sft, config["chunk_size"], config["eps"], num_layers,
+                            config["model"].system_prompt)
             lr = float(engine.get_lr()[0])  # the LR of this update (the scheduler steps inside engine.step)
             engine.step()  # an optimizer step only at the accumulation boundary
             sums = m if sums is None else {k: sums[k] + m[k] for k in m}

@@ -72,7 +72,7 @@ def run_sft(cfg) -> SFTReport:
     check_columns(files)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    ds, rows, too_long = prepare_dataset(files, cfg.model.path, sft.max_length, sft.seed, sft.shuffle)
+    ds, rows, too_long = prepare_dataset(files, cfg.model, sft.max_length, sft.seed, sft.shuffle)
     total = total_steps(sft, rows, sft.num_workers)
     if start >= total:
         raise ValueError(f"sft.max_steps: the checkpoint is at step {start}, nothing left of {total} steps")
@@ -81,7 +81,8 @@ def run_sft(cfg) -> SFTReport:
         print(f"sft: {too_long} of {rows + too_long} rows are longer than sft.max_length={sft.max_length} tokens: skipped")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"sft": sft, "model_path": str(Path(cfg.model.path).resolve()), "total_steps": total,
+        train_loop_config={"sft": sft, "model_path": str(Path(cfg.model.path).resolve()), "model": cfg.model,
+                           "total_steps": total,
                            "rows": rows, "out": str(out), "chunk_size": cfg.attention.chunk_size,
                            "eps": cfg.attention.eps, "backend": "nccl" if sft.use_gpu else "gloo",
                            "tracking": cfg.tracking, "run_config": to_dict(cfg)},
