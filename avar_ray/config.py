@@ -141,6 +141,7 @@ class RewardConfig:
     eps: float = 1e-6
     batch_size: int = 8  # rollouts per scorer forward (attention statistics of the response)
     visual_gate: bool = True  # r_visual only for correct answers (SPEC.md §5); false: for every rollout (ablation)
+    accuracy_weight: float = 1.0  # w_acc in w_acc * r_acc + ...; -1 (lambdas 0) flips every GRPO advantage (a control)
 
 
 @dataclass
@@ -249,6 +250,20 @@ class TrackingConfig:
 
 
 @dataclass
+class WarmBaseConfig:
+    """The warm base (avar_ray/warm_base.py): the tiny model pre-trained on short procedural answers."""
+
+    seed: int = 0
+    n_train: int = 3000  # procedural training samples (short oracle chains)
+    steps: int = 400  # AdamW steps
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    check_n: int = 200  # held-out procedural samples the cached base is checked on
+    cache_dir: str = "~/.cache/avar-ray/warm_base"  # one folder per hash of the other settings
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: embedded local Ray (or RAY_ADDRESS when set)
     num_cpus: Optional[int] = None
@@ -267,6 +282,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    warm_base: WarmBaseConfig = field(default_factory=WarmBaseConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

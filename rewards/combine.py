@@ -76,8 +76,11 @@ def combine_rewards(
     lambda_f: float = 0.1,
     visual_norm: VisualNorm = "none",
     group_ids: np.ndarray | None = None,
+    accuracy_weight: float = 1.0,
 ) -> np.ndarray:
-    """r_acc + lambda_v * normalise_visual(r_visual) + lambda_f * r_format, per rollout.
+    """accuracy_weight * r_acc + lambda_v * normalise_visual(r_visual) + lambda_f * r_format, per
+    rollout. ``accuracy_weight`` -1 with lambda_v = lambda_f = 0 flips every group-normalised
+    GRPO advantage exactly (the control of tests/test_learning.py).
 
     For "group_z" the correct set is taken from ``r_acc`` (>= 0.5), not from r_visual > 0.
     """
@@ -89,7 +92,7 @@ def combine_rewards(
             f"reward shapes differ: acc {acc.shape}, format {fmt.shape}, visual {vis.shape}"
         )
     nv = normalise_visual(vis, visual_norm, group_ids=group_ids, correct=acc)
-    return acc + lambda_v * nv + lambda_f * fmt
+    return accuracy_weight * acc + lambda_v * nv + lambda_f * fmt
 
 
 @dataclass(frozen=True)
