@@ -60,10 +60,13 @@ class InterventionConfig:
 
 @dataclass
 class AttentionConfig:
-    query: Literal["user", "response"] = "response"
-    layers: Optional[list[int]] = None  # None = all text layers
-    chunk_size: int = 256  # queries per chunk in the statistics pass
-    eps: float = 1e-6
+    """The attention-statistics pass of every stage (SFT's AGTO, the RL reward, eval, serve, `avar vas`)."""
+
+    layers: Optional[list[int]] = None  # text layers of eval/serve statistics; None = all
+    # None: the fused statistics (one SDPA call, the default); N: the chunked method instead,
+    # N query rows x all keys at a time (bounded memory, about 3x slower; bench/attention_stats.py)
+    chunk_size: Optional[int] = None
+    eps: float = 1e-6  # SFT: the epsilon inside L_sup's log
 
 
 @dataclass
@@ -404,7 +407,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.sft.zero_stage in (0, 1, 2, 3), "sft.zero_stage: must be 0, 1, 2 or 3"),
         (cfg.rl.zero_stage in (0, 1, 2, 3), "rl.zero_stage: must be 0, 1, 2 or 3"),
         (cfg.rl.n_samples >= 2, "rl.n_samples: GRPO needs at least 2 rollouts per prompt"),
-        (cfg.attention.chunk_size > 0, "attention.chunk_size: must be positive"),
+        (cfg.attention.chunk_size is None or cfg.attention.chunk_size > 0,
+         "attention.chunk_size: must be positive (or null: the fused statistics)"),
         (cfg.rl.placement.rollout_workers >= 1, "rl.placement.rollout_workers: must be >= 1"),
         (cfg.rl.placement.learners >= 1, "rl.placement.learners: must be >= 1"),
         (cfg.synth.rows_per_shard >= 1, "synth.rows_per_shard: must be >= 1"),

@@ -62,3 +62,16 @@ def test_vas_cli_bad_options(tiny_model_dir, procedural_parquet, tmp_path, extra
     with pytest.raises(SystemExit, match=message):
         main(["vas", "--model", str(tiny_model_dir), "--data", str(procedural_parquet), "--out", str(tmp_path / "x"),
               "--limit", "1"] + extra)
+
+
+def test_vas_cli_qwen3_vl_needs_a_system_prompt(tiny_qwen3_vl_dir, procedural_parquet, tmp_path):
+    """Qwen3-VL's template adds no system turn: `avar vas` stops with the fix instead of writing
+    inf; with a system prompt the same call measures a finite VAS."""
+    args = ["vas", "--model", str(tiny_qwen3_vl_dir), "--data", str(procedural_parquet), "--limit", "2"]
+    with pytest.raises(SystemExit, match="VAS needs a system prompt: set model.system_prompt .*--system-prompt"):
+        main(args + ["--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none" / "vas.jsonl").exists()
+    out = tmp_path / "sys"
+    assert main(args + ["--out", str(out), "--system-prompt", "You are a helpful assistant."]) == 0
+    rows = _rows(out / "vas.jsonl")
+    assert len(rows) == 2 and all(0 < r["vas"] < float("inf") and r["alpha_sys"] > 0 for r in rows)

@@ -11,14 +11,16 @@ friends, the training-free intervention and the AGTO losses.
 The model must run ``attn_implementation="avar"`` (``avar_ray.modeling.load_model`` does).
 """
 from avar_ray.attention.agto import AGTOLosses, agto_losses
-from avar_ray.attention.context import (AttentionContext, AttentionStats, attention_statistics, require_avar,
+from avar_ray.attention.context import (NO_SYSTEM_PROMPT, AttentionContext, AttentionStats, NoSystemPromptError,
+                                        attention_statistics, generate, require_avar, require_system_span,
                                         use_context)
-from avar_ray.attention.intervention import Intervention, generate
+from avar_ray.attention.intervention import Intervention
 from avar_ray.attention.kernel import ATTN_IMPLEMENTATION, avar_attention_forward, register_attention
 from avar_ray.attention.vas import BANDS, VASResult, band, compute_vas, vas_from_stats
 
 __all__ = [
-    "AGTOLosses", "ATTN_IMPLEMENTATION", "AttentionContext", "AttentionStats", "BANDS", "Intervention", "VASResult",
-    "agto_losses", "attention_statistics", "avar_attention_forward", "band", "compute_vas", "generate",
-    "register_attention", "require_avar", "use_context", "vas_from_stats",
+    "AGTOLosses", "ATTN_IMPLEMENTATION", "AttentionContext", "AttentionStats", "BANDS", "Intervention",
+    "NO_SYSTEM_PROMPT", "NoSystemPromptError", "VASResult", "agto_losses", "attention_statistics",
+    "avar_attention_forward", "band", "compute_vas", "generate", "register_attention", "require_avar",
+    "require_system_span", "use_context", "vas_from_stats",
 ]

@@ -7,8 +7,8 @@ Per sample, then averaged over the samples where the term is defined (L_enh: |Q|
 |V| > 0; L_sup: |Q| > 0 and |S| > 0). Q is the span the stats were taken with: R ("response",
 the label tokens; default) or U+V ("user_visual", the reference code's). Layer subset: take
 the stats with ``layers=`` or pass ``layers`` here. Tensors that backpropagate when the
-statistics pass ran with ``grad=True``. The total loss is ``L_LM + alpha·L_enh + beta·L_sup``
-(``total``).
+statistics pass ran with ``grad=True``. The training loss is ``L_LM + alpha·L_enh + beta·L_sup``
+with ``sft.alpha`` / ``sft.beta`` (``avar_ray.sft.loop``).
 """
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ class AGTOLosses:
     sup: torch.Tensor  # scalar
     enh_per_sample: torch.Tensor  # [B] (NaN where undefined)
     sup_per_sample: torch.Tensor
-
-    def total(self, lm_loss: torch.Tensor, alpha: float = 0.15, beta: float = 0.15) -> torch.Tensor:
-        return lm_loss + alpha * self.enh + beta * self.sup
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

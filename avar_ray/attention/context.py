@@ -23,6 +23,28 @@ from avar_ray.spans import QUERY_SPANS, Spans
 
 Method = Literal["fused", "chunked"]
 METHODS = ("fused", "chunked")
+DEFAULT_CHUNK_SIZE = 256  # query rows per chunk when the chunked method is asked for without a size
+
+# VAS = V/S mass ratio: without a system turn (Qwen3-VL's template adds no default one) S is
+# empty and every ratio is x/0. Tools stop with this message instead of printing inf/NaN.
+NO_SYSTEM_PROMPT = ("VAS needs a system prompt: set model.system_prompt (the chat template added no system turn, "
+                    "so the system span S is empty and VAS = V/S is undefined; Qwen3-VL's template has no default "
+                    "system prompt)")
+
+
+class NoSystemPromptError(RuntimeError):
+    """A VAS computation on a conversation without a system span: a setting to fix, not a bad
+    row (a RuntimeError, so that per-row ``ValueError`` handlers do not swallow it)."""
+
+
+def require_system_span(system: torch.Tensor, hint: str = "") -> None:
+    """Raise ``NoSystemPromptError`` unless every row has a system span (``system``: the S mask
+    ``[B, T]`` or the counts ``[B]``). ``hint`` names the tool's own option, if it has one."""
+    counts = system.sum(-1) if system.dim() == 2 else system
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        rows = f" (rows {empty[:8]}{' ...' if len(empty) > 8 else ''} of {counts.numel()})"
+        raise NoSystemPromptError(NO_SYSTEM_PROMPT + (f" or {hint}" if hint else "") + rows)
 
 
 @dataclass
@@ -70,16 +92,22 @@ class AttentionContext:
     Key masks ``visual``/``system`` are ``[B, T]`` in the coordinates of the first forward's
     positions. ``query_mask`` (None = no statistics) selects Q; ``layers`` the text layers whose
     statistics are recorded (None = all). ``intervention`` adds its key bias in its own layers.
-    ``method``: "fused" (default) gets the masses from an SDPA call whose values are the V/S
-    indicator columns; "chunked" computes ``exp(LSE_K - LSE_all)`` over chunks of query rows
-    (``chunk_size`` queries x all keys at a time). Both are exact and differentiable.
+    ``method``: "fused" gets the masses from an SDPA call whose values are the V/S indicator
+    columns; "chunked" computes ``exp(LSE_K - LSE_all)`` over chunks of query rows
+    (``chunk_size`` queries x all keys at a time). Both are exact and differentiable. Left None,
+    the method follows ``chunk_size`` (the ``attention.chunk_size`` config key): None = fused,
+    N = chunked with N query rows per chunk.
     """
 
     def __init__(self, visual: torch.Tensor, system: torch.Tensor, query_mask: Optional[torch.Tensor] = None,
                  layers: Optional[Sequence[int]] = None, intervention: Optional[Intervention] = None,
-                 method: Method = "fused", chunk_size: int = 256, num_layers: Optional[int] = None):
+                 method: Optional[Method] = None, chunk_size: Optional[int] = None,
+                 num_layers: Optional[int] = None):
+        if method is None:
+            method = "fused" if chunk_size is None else "chunked"
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if visual.shape != system.shape or visual.dim() != 2:
@@ -104,7 +132,8 @@ class AttentionContext:
 
     @classmethod
     def from_spans(cls, spans: Spans, query: Optional[str] = None, layers: Optional[Sequence[int]] = None,
-                   intervention: Optional[Intervention] = None, method: Method = "fused", chunk_size: int = 256,
+                   intervention: Optional[Intervention] = None, method: Optional[Method] = None,
+                   chunk_size: Optional[int] = None,
                    num_layers: Optional[int] = None) -> "AttentionContext":
         """From exact spans; ``query`` in ("user", "response", "user_visual") or None (no statistics)."""
         if query is not None and query not in QUERY_SPANS:
@@ -201,8 +230,8 @@ def require_avar(model) -> None:
 
 
 def attention_statistics(model, encoded, query: str = "user", layers: Optional[Sequence[int]] = None,
-                         chunk_size: int = 256, intervention: Optional[Intervention] = None, grad: bool = False,
-                         method: Method = "fused", **model_kwargs):
+                         chunk_size: Optional[int] = None, intervention: Optional[Intervention] = None,
+                         grad: bool = False, method: Optional[Method] = None, **model_kwargs):
     """One forward pass of ``encoded`` (an ``avar_ray.modeling.Encoded``) that also returns the
     attention masses of Q = ``query`` on V and S: ``(outputs, AttentionStats)``.
 
@@ -219,3 +248,24 @@ def attention_statistics(model, encoded, query: str = "user", layers: Optional[S
     with torch.set_grad_enabled(grad):
         outputs = model(**encoded.inputs, avar_context=ctx, use_cache=False, **model_kwargs)
     return outputs, ctx.stats()
+
+
+def generate(model, encoded, intervention: Optional[Intervention], **generate_kwargs) -> torch.Tensor:
+    """``model.generate`` on an encoded prompt batch with the intervention applied.
+
+    ``encoded`` is an ``avar_ray.modeling.Encoded`` of generation prompts (no response); for
+    more than one row use ``padding_side="left"``, as ``generate`` expects. Returns what
+    ``generate`` returns (prompt + new token ids). With ``intervention=None`` this is plain
+    generation.
+    """
+    if intervention is None:
+        return model.generate(**encoded.inputs, **generate_kwargs)
+    require_avar(model)
+    if encoded.spans.response.any():
+        raise ValueError("generate: the encoded batch already holds response tokens; encode the prompts only")
+    num_layers = model.config.get_text_config().num_hidden_layers
+    ctx = AttentionContext.from_spans(encoded.spans, intervention=intervention, num_layers=num_layers)
+    with use_context(model, ctx):  # generate() rejects unknown model kwargs; a hook adds it per forward
+        out = model.generate(**encoded.inputs, **generate_kwargs)
+    ctx.check_used()
+    return out

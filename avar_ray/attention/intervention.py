@@ -8,9 +8,9 @@ kernels (as an extra q/k column, see ``kernel.augmented_call``; no [T, T] mask) 
 eager attention maps. The bias is applied in
 the text decoder's layers (all, or a chosen subset); the vision tower is untouched.
 
-Generation: tokens produced by ``generate`` are response tokens (never V or S), so the bias
-covers the prompt keys and is zero on every key appended later (the KV cache grows; the
-attention function pads the bias with zeros to the current key length).
+Generation (``context.generate``): tokens produced by ``generate`` are response tokens (never
+V or S), so the bias covers the prompt keys and is zero on every key appended later (the KV
+cache grows; the attention function pads the bias with zeros to the current key length).
 """
 from __future__ import annotations
 
@@ -82,29 +82,3 @@ def validate_layers(layers: Optional[Sequence[int]], num_layers: int, what: str)
     if not out:
         raise ValueError(f"{what}: the layer subset is empty (use None for all layers)")
     return tuple(sorted(set(out)))
-
-
-def generate(model, encoded, intervention: Optional[Intervention], **generate_kwargs) -> torch.Tensor:
-    """``model.generate`` on an encoded prompt batch with the intervention applied.
-
-    ``encoded`` is an ``avar_ray.modeling.Encoded`` of generation prompts (no response); for
-    more than one row use ``padding_side="left"``, as ``generate`` expects. Returns what
-    ``generate`` returns (prompt + new token ids). With ``intervention=None`` this is plain
-    generation.
-    """
-    from avar_ray.attention.context import AttentionContext, require_avar, use_context
-
-    if intervention is None:
-        return model.generate(**encoded.inputs, **generate_kwargs)
-    require_avar(model)
-    if encoded.spans.response.any():
-        raise ValueError("generate: the encoded batch already holds response tokens; encode the prompts only")
-    ctx = AttentionContext.from_spans(encoded.spans, intervention=intervention, num_layers=_num_layers(model))
-    with use_context(model, ctx):  # generate() rejects unknown model kwargs; a hook adds it per forward
-        out = model.generate(**encoded.inputs, **generate_kwargs)
-    ctx.check_used()
-    return out
-
-
-def _num_layers(model) -> int:
-    return model.config.get_text_config().num_hidden_layers

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from avar_ray.attention.context import AttentionStats, attention_statistics
+from avar_ray.attention.context import AttentionStats, attention_statistics, require_system_span
 from avar_ray.attention.intervention import Intervention
 
 # SPEC.md §1 bands (Qwen2.5-VL-7B scale): narrow < 10, wide 10-15, panoramic > 15.
@@ -92,6 +92,7 @@ def compute_vas(model, encoded, query: str = "user", layers: Optional[Sequence[i
                 intervention: Optional[Intervention] = None, method: str = "fused", eps: float = 0.0) -> VASResult:
     """VAS & friends of a batch (an ``avar_ray.modeling.Encoded``): one no-grad statistics pass.
     ``query``: "user" (U, the paper's analysis) or "response" (R; the batch must hold responses)."""
+    require_system_span(encoded.spans.system)  # V/S is undefined without S: say so, not inf
     _, stats = attention_statistics(model, encoded, query=query, layers=layers, chunk_size=chunk_size,
                                     intervention=intervention, grad=False, method=method)
     return vas_from_stats(stats, eps=eps)

@@ -20,28 +20,41 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF model directory (Qwen2/2.5-VL)")
+    # Defaults come from the config schema (avar_ray/config.py), never repeated here.
+    from avar_ray.config import AttentionConfig, EvalConfig, InterventionConfig, ModelConfig
+
+    model, attn, iv, ev = ModelConfig(), AttentionConfig(), InterventionConfig(), EvalConfig()
+    parser.add_argument("--model", required=True, help="HF model directory (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
     parser.add_argument("--data", required=True, help="data file (.parquet, .jsonl, .json MathVista, .tsv VLMEvalKit)")
     parser.add_argument("--query", choices=["user", "response"], default="user",
-                        help="query span Q: user text (paper's analysis) or the response tokens")
+                        help="query span Q: user text (paper's analysis; the default) or the response tokens")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--responses", default=None, help="JSONL of {id, response} for --query response")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy generation length when responses are missing")
+    parser.add_argument("--max-new-tokens", type=int, default=ev.max_new_tokens,
+                        help="greedy generation length when responses are missing (eval.max_new_tokens)")
     parser.add_argument("--limit", type=int, default=-1, help="first N samples only (-1: all)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--layers", default=None, help="comma-separated text-layer indices (default: all)")
-    parser.add_argument("--method", choices=["fused", "chunked"], default="fused", help="how the masses are computed")
-    parser.add_argument("--chunk-size", type=int, default=256, help="query rows per chunk (--method chunked)")
-    parser.add_argument("--system-prompt", default=None, help="explicit system prompt (default: the template's)")
+    parser.add_argument("--batch-size", type=int, default=ev.batch_size, help="rows per forward (eval.batch_size)")
+    parser.add_argument("--layers", default=_csv(attn.layers), help="comma-separated text-layer indices (default: all)")
+    parser.add_argument("--method", choices=["fused", "chunked"], default=None,
+                        help="how the masses are computed (default: chunked when --chunk-size is given, else fused)")
+    parser.add_argument("--chunk-size", type=int, default=attn.chunk_size,
+                        help="query rows per chunk of the chunked method (attention.chunk_size)")
+    parser.add_argument("--system-prompt", default=model.system_prompt,
+                        help="explicit system prompt (model.system_prompt; default: the template's, which "
+                             "Qwen3-VL does not have: VAS = V/S needs one)")
     parser.add_argument("--min-pixels", type=int, default=argparse.SUPPRESS,
                         help="image resolution bounds (model.min_pixels / model.max_pixels; default: the checkpoint's)")
     parser.add_argument("--max-pixels", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--intervention", action="store_true", help="measure with the training-free intervention on")
-    parser.add_argument("--a-img", type=float, default=0.15, help="with --intervention: visual re-weighting")
-    parser.add_argument("--a-sys", type=float, default=0.4, help="with --intervention: system re-weighting, < 1")
-    parser.add_argument("--intervention-layers", default=None, help="comma-separated layers (default: all)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--a-img", type=float, default=iv.a_img, help="with --intervention: visual re-weighting")
+    parser.add_argument("--a-sys", type=float, default=iv.a_sys, help="with --intervention: system re-weighting, < 1")
+    parser.add_argument("--intervention-layers", default=_csv(iv.layers), help="comma-separated layers (default: all)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=model.dtype)
+    parser.add_argument("--device", default=ev.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+
+
+def _csv(values) -> str | None:
+    return None if values is None else ",".join(str(v) for v in values)
 
 
 def _int_list(text, option: str):
@@ -101,6 +114,18 @@ def _generate_ids(model, processor, rows, intervention, max_new_tokens) -> list[
         cut = next((i for i, t in enumerate(row) if t in eos), None)
         out.append(row if cut is None else row[:cut + 1])
     return out
+
+
+def _check_system_span(processor, row) -> None:
+    """Stop early, with the fix, when the chat template gives the conversations no system turn."""
+    from avar_ray.attention import NoSystemPromptError, require_system_span
+    from avar_ray.modeling import encode_batch
+
+    try:
+        require_system_span(encode_batch(processor, [row["messages"]], [row["images"]]).spans.system,
+                            hint="pass --system-prompt")
+    except NoSystemPromptError as exc:
+        raise SystemExit(f"avar vas: {exc}") from None
 
 
 def _stats_rows(model, processor, rows, args, intervention, layers) -> list[dict]:
@@ -185,7 +210,7 @@ def _plot(summary: dict, rows: list[dict], path: Path, title: str) -> None:
 def run(args) -> int:
     import torch
 
-    from avar_ray.attention import Intervention
+    from avar_ray.attention import Intervention, NoSystemPromptError
     from avar_ray.attention.intervention import validate_layers
     from avar_ray.data.readers import read_samples
     from avar_ray.data.schema import build_messages, pil_images
@@ -223,6 +248,7 @@ def run(args) -> int:
 
     rows = [{"index": i, "id": s.id, "messages": build_messages(s, system_prompt=args.system_prompt),
              "images": pil_images(s), "meta": s.meta} for i, s in enumerate(samples)]
+    _check_system_span(processor, rows[0])  # before any generation or statistics pass
     skipped: list[str] = []
     if args.query == "response":
         given, skipped = _read_responses(args.responses) if args.responses else (None, [])
@@ -247,14 +273,18 @@ def run(args) -> int:
     results = []
     for group in groups:
         if group:
-            results += _stats_rows(model, processor, group, args, intervention, layers)
+            try:
+                results += _stats_rows(model, processor, group, args, intervention, layers)
+            except NoSystemPromptError as exc:  # a row whose conversation still has no system turn
+                raise SystemExit(f"avar vas: {exc}") from None
     per_sample = [row for _, row in sorted(results, key=lambda x: x[0])]
 
     with (out_dir / "vas.jsonl").open("w", encoding="utf-8") as fh:
         for row in per_sample:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     summary = _summary(per_sample, per_sample[0]["layers"])
-    summary.update(model=str(args.model), data=str(args.data), query=args.query, method=args.method,
+    summary.update(model=str(args.model), data=str(args.data), query=args.query,
+                   method=args.method or ("fused" if args.chunk_size is None else "chunked"), chunk_size=args.chunk_size,
                    read_report=str(report), min_pixels=resolution.min_pixels, max_pixels=resolution.max_pixels,
                    intervention=None if intervention is None else
                    {"a_img": intervention.a_img, "a_sys": intervention.a_sys,

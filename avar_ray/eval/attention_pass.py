@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from avar_ray.attention import AttentionContext, AttentionStats, Intervention, VASResult, require_avar, vas_from_stats
+from avar_ray.attention import (AttentionContext, AttentionStats, Intervention, VASResult, require_avar,
+                                require_system_span, vas_from_stats)
 from avar_ray.eval.benchmarks import EvalItem
 from avar_ray.eval.generation import Generation
 from avar_ray.modeling import Encoded, encode_batch
@@ -37,6 +38,7 @@ def span_metrics(model, encoded: Encoded, intervention: Optional[Intervention] =
     device = next(model.parameters()).device
     encoded = encoded.to(device)
     spans = encoded.spans
+    require_system_span(spans.system)  # V/S is undefined without S: say so, not inf
     ctx = AttentionContext(spans.visual, spans.system, spans.user | spans.response, layers=layers,
                            intervention=intervention, chunk_size=chunk_size,
                            num_layers=model.config.get_text_config().num_hidden_layers)
