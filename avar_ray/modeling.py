@@ -34,6 +34,12 @@ def load_processor(path: str, model: ModelConfig | None = None):
     return AutoProcessor.from_pretrained(path, **(pixel_kwargs(model) if model is not None else {}))
 
 
+def image_resolution(processor) -> dict:
+    """The pixel bounds a processor resizes images into (what results files record)."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    return {"min_pixels": getattr(size, "shortest_edge", None), "max_pixels": getattr(size, "longest_edge", None)}
+
+
 def load_model(path: str, dtype: str = "float32", attn_implementation: str = "avar"):
     """A HF image-text-to-text model; ``attn_implementation="avar"`` is our statistics-capable
     SDPA (it behaves exactly like SDPA outside a statistics/intervention context)."""

@@ -216,7 +216,7 @@ def run(args) -> int:
     from avar_ray.data.schema import build_messages, pil_images
     from avar_ray.config import ModelConfig
     from avar_ray.decoding import decode_response
-    from avar_ray.modeling import load_model, load_processor
+    from avar_ray.modeling import image_resolution, load_model, load_processor
 
     if args.batch_size <= 0:
         raise SystemExit("--batch-size must be positive")
@@ -285,7 +285,7 @@ def run(args) -> int:
     summary = _summary(per_sample, per_sample[0]["layers"])
     summary.update(model=str(args.model), data=str(args.data), query=args.query,
                    method=args.method or ("fused" if args.chunk_size is None else "chunked"), chunk_size=args.chunk_size,
-                   read_report=str(report), min_pixels=resolution.min_pixels, max_pixels=resolution.max_pixels,
+                   read_report=str(report), **image_resolution(processor),
                    intervention=None if intervention is None else
                    {"a_img": intervention.a_img, "a_sys": intervention.a_sys,
                     "layers": None if intervention.layers is None else list(intervention.layers)})

@@ -30,7 +30,7 @@ from avar_ray.eval.generation import Generation, hf_generate, stop_vllm, vllm_ge
 from avar_ray.eval.heatmap import response_patch_attention
 from avar_ray.eval.report import eval_report
 from avar_ray.eval.scoring import results_summary, score_response
-from avar_ray.modeling import load_model, load_processor
+from avar_ray.modeling import image_resolution, load_model, load_processor
 
 log = logging.getLogger("avar_ray.eval")
 
@@ -184,6 +184,7 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
                                                            "layers": None if intervention.layers is None
                                                            else list(intervention.layers)},
         "max_new_tokens": ecfg.max_new_tokens, "temperature": ecfg.temperature,
+        "resolution": image_resolution(processor),  # |V| per sample: samples.jsonl attention.*.visual_tokens
         "files": {b.name: b.path for b in benchmarks},
         **results_summary(per_benchmark, {b.name: b.bad_rows() for b in benchmarks}),
         "prompt_ids_mismatch": sum(1 for r in records if r["prompt_ids_match"] is False),
