@@ -3,6 +3,8 @@ processor and vLLM alike, so the same sample has the same number of image tokens
 prompt and in the statistics pass (VAS = V/S scales with |V|)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from avar_ray.config import ConfigError, ModelConfig, load_config
@@ -58,3 +60,23 @@ def test_vllm_prompt_and_statistics_pass_agree_on_visual_tokens(tiny_model_dir):
         del llm
     in_vllm = [sum(t in visual for t in out.prompt_token_ids) for out in outs]
     assert in_vllm == hf
+
+
+def test_serve_applies_the_model_section(tiny_model_dir):
+    """`avar serve`'s engine: the same |V| as the statistics pass at this resolution, and the
+    configured system prompt as S."""
+    from avar_ray.serve.engine import AnswerEngine
+    from avar_ray.serve.validation import AnswerRequest
+
+    sample = generate_samples(1, seed=3)[0]
+    model = ModelConfig(str(tiny_model_dir), max_model_len=1024, max_pixels=SMALL, system_prompt="Look first.")
+    engine = AnswerEngine(model.path, model, device="cpu", layers=None, chunk_size=None)
+    out = engine.answer(AnswerRequest(pil_images(sample)[0], sample.images[0], sample.question, max_new_tokens=4))
+    processor = load_processor(model.path, model)
+    assert out["visual_tokens"] == _hf_visual_count(processor, sample) < _hf_visual_count(
+        load_processor(model.path), sample)
+    # the configured system prompt is S of the served conversation (the template's default otherwise)
+    plain = AnswerEngine(model.path, dataclasses.replace(model, system_prompt=None), device="cpu", layers=None,
+                         chunk_size=None)
+    out_plain = plain.answer(AnswerRequest(pil_images(sample)[0], sample.images[0], sample.question, max_new_tokens=4))
+    assert out["user"]["alpha_sys"] != out_plain["user"]["alpha_sys"]

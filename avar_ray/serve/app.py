@@ -64,8 +64,7 @@ class AvarAnswer:
         from avar_ray.serve.engine import AnswerEngine
 
         self.cfg = cfg.serve
-        self.engine = AnswerEngine(model_dir, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                                   device=cfg.serve.device, layers=cfg.attention.layers,
+        self.engine = AnswerEngine(model_dir, cfg.model, device=cfg.serve.device, layers=cfg.attention.layers,
                                    chunk_size=cfg.attention.chunk_size)
 
     @api.get("/health")

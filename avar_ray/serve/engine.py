@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from avar_ray.attention.intervention import validate_layers
+from avar_ray.config import ModelConfig
 from avar_ray.data.fields import RowError
 from avar_ray.data.schema import Sample
 from avar_ray.eval.attention_pass import attention_rows
@@ -28,14 +29,18 @@ ATTENTION_KEYS = ("vas", "alpha_img", "eps_img", "alpha_sys", "band", "per_layer
 
 
 class AnswerEngine:
-    def __init__(self, model_dir: str, dtype: str = "float32", max_model_len: int = 2048, device: str = "auto",
-                 layers: Optional[Sequence[int]] = None, chunk_size: int = 256):
+    """``model``: the model section (dtype, context, resolution and system prompt, as in eval);
+    ``model_dir`` may be another checkpoint than ``model.path``."""
+
+    def __init__(self, model_dir: str, model: ModelConfig, device: str, layers: Optional[Sequence[int]],
+                 chunk_size: Optional[int]):
         self.model_dir = str(model_dir)
         self.device = resolve_device(device)
-        self.processor = load_processor(self.model_dir)
-        self.model = load_model(self.model_dir, dtype=dtype).to(self.device).eval()
+        self.processor = load_processor(self.model_dir, model)
+        self.model = load_model(self.model_dir, dtype=model.dtype).to(self.device).eval()
         self.num_layers = self.model.config.get_text_config().num_hidden_layers
-        self.max_model_len = max_model_len
+        self.max_model_len = model.max_model_len
+        self.system_prompt = model.system_prompt
         self.layers = layers
         self.chunk_size = chunk_size
         self._lock = threading.Lock()  # one forward at a time: requests queue, the CPU is not oversubscribed
@@ -51,8 +56,8 @@ class AnswerEngine:
         sample = Sample(id="request", question=req.question, answer="", answer_type="text",
                         images=[req.image_bytes], choices=req.choices, source="serve")
         try:
-            item = prepare_item(self.processor, "serve", sample, None, self.max_model_len - req.max_new_tokens,
-                                images=[req.image])
+            item = prepare_item(self.processor, "serve", sample, self.system_prompt,
+                                self.max_model_len - req.max_new_tokens, images=[req.image])
         except RowError as exc:  # the prompt (question + image tokens) leaves no room for the answer
             raise RequestError(400, "question", f"{exc.detail} (model context {self.max_model_len} tokens, "
                                                 f"max_new_tokens {req.max_new_tokens})") from None
