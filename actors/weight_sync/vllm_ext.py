@@ -85,10 +85,11 @@ class _ObjectStoreStream:
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         while (data := self.queue.get()) is not _END:
             self.queued_bytes -= len(data)
-            self.meter.arrived(len(data), self.queued_bytes)
-            for item in unpack_bucket(data).items():
-                self.meter.tensors += 1
-                yield item
+            tensors = unpack_bucket(data)
+            self.meter.arrived(sum(t.numel() * t.element_size() for t in tensors.values()), self.queued_bytes)
+            del data
+            self.meter.tensors += len(tensors)
+            yield from tensors.items()
 
     def _run(self) -> None:
         try:

@@ -1,0 +1,86 @@
+"""The two ends as plain building blocks.
+
+``ModuleSender``: the sender protocol of ``WeightSync`` over one in-memory module in one
+process (one rank): the benchmark and the tests drive the engine with it; the learner group
+implements the same methods over DeepSpeed ranks. ``engine_*``: what a process holding a
+``vllm.LLM`` (built with ``worker_extension_cls=EXTENSION``) calls to load a sync; each returns
+the receiving worker's statistics (``vllm_ext._Meter``)."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from actors.weight_sync.broadcast import broadcast_table, make_weight_group, send_broadcast
+from actors.weight_sync.buckets import MIB, WeightHandle, fetch_buckets, publish_object_store
+
+EXTENSION = "actors.weight_sync.VLLMWeightExtension"
+
+
+class ModuleSender:
+    """Sends ``module``'s parameters (only ``requires_grad`` ones if ``trainable_only``)."""
+
+    def __init__(self, module: torch.nn.Module, trainable_only: bool = False):
+        self.module, self.trainable_only = module, trainable_only
+        self._group, self._backend = None, None
+
+    def named(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.detach()) for n, p in self.module.named_parameters()
+                if p.requires_grad or not self.trainable_only]
+
+    def address(self) -> tuple[str, int, str]:
+        from avar_ray.ray_utils import free_port
+
+        return "127.0.0.1", free_port(), ""
+
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        self._group, self._backend = make_weight_group(host, port, 0, world_size, backend), backend
+
+    def publish_weights(self, version: int, bucket_mb: float) -> WeightHandle:
+        return publish_object_store(self.named(), version, bucket_mb)
+
+    def weight_table(self, version: int, bucket_mb: float) -> WeightHandle:
+        return broadcast_table(((n, t.shape, t.dtype) for n, t in self.named()), int(bucket_mb * MIB), version,
+                               self._backend)
+
+    def broadcast_weights(self, handle: WeightHandle) -> float:
+        start = time.perf_counter()
+        send_broadcast(self._group, self.named(), handle, next(self.module.parameters()).device)
+        return time.perf_counter() - start
+
+
+def _first(results: list) -> dict:
+    return results[0]  # every tensor-parallel worker loads the same buckets; rank 0 speaks for them
+
+
+def engine_update_object_store(llm, handle: WeightHandle) -> dict:
+    """Stream ``handle``'s buckets into the engine, one RPC per bucket (the next bucket is
+    fetched while the engine loads the last one)."""
+    llm.collective_rpc("avar_begin_weight_update")
+    for data in fetch_buckets(handle):
+        llm.collective_rpc("avar_receive_weight_buckets", args=([data],))
+    return _first(llm.collective_rpc("avar_finish_weight_update"))
+
+
+def engine_join_group(llm, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
+    """Every worker of the engine joins the broadcast group at ``rank_offset + its TP rank``."""
+    return llm.collective_rpc("avar_init_weight_group", args=(host, port, rank_offset, world_size, backend))
+
+
+def engine_receive_broadcast(llm, handle: WeightHandle) -> dict:
+    return _first(llm.collective_rpc("avar_receive_weight_broadcast", args=(handle.names, handle.shapes)))
+
+
+def reset_engine_caches(llm) -> None:
+    """After every update: stale vision embeddings, or an "Encoder cache miss" that kills the
+    engine, otherwise (ARCHITECTURE.md)."""
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_prefix_cache()
+
+
+def stats_line(stats: Optional[dict]) -> str:
+    if not stats:
+        return "no sync yet"
+    return (f"{stats['buckets']} buckets, {stats['bytes'] / MIB:.1f} MiB, peak held {stats['peak_held_bytes'] / MIB:.1f} "
+            f"MiB, {stats['layers_done_before_last_bucket']} layers loaded before the last bucket")
