@@ -180,6 +180,9 @@ class RLConfig:
     save_every: int = 5
     weight_sync_backend: Literal["object_store", "nccl"] = "object_store"  # nccl: broadcast to rollout workers (gloo without GPUs)
     weight_sync_bucket_mb: float = 64.0
+    # GPUs one vLLM engine spans (tensor parallel); each rollout worker then asks for this many times
+    # rl.placement.rollout_gpus. UNTESTED on GPUs here (no GPU in CI); on CPU only validated and counted.
+    rollout_tensor_parallel_size: int = 1
     enforce_eager: bool = True
     seed: int = 0
     kl_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"  # verl's KL estimators
@@ -425,6 +428,9 @@ def validate(cfg: RunConfig) -> None:
              cfg.rl.max_new_tokens, cfg.rl.reward.batch_size, cfg.rl.max_images) >= 1,
          "rl.steps/prompts_per_step/micro_batch_size/ppo_epochs/max_new_tokens/max_images/reward.batch_size: must be >= 1"),
         (cfg.rl.weight_sync_bucket_mb > 0, "rl.weight_sync_bucket_mb: must be positive"),
+        (cfg.rl.rollout_tensor_parallel_size >= 1, "rl.rollout_tensor_parallel_size: must be >= 1"),
+        (cfg.rl.rollout_tensor_parallel_size == 1 or cfg.rl.placement.rollout_gpus > 0,
+         "rl.rollout_tensor_parallel_size: > 1 needs GPUs (rl.placement.rollout_gpus > 0 per tensor-parallel rank)"),
         (all(p is None or p >= 1 for p in (cfg.model.min_pixels, cfg.model.max_pixels)),
          "model.min_pixels, model.max_pixels: must be >= 1 (or null)"),
         (None in (cfg.model.min_pixels, cfg.model.max_pixels) or cfg.model.min_pixels <= cfg.model.max_pixels,
