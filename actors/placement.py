@@ -1,7 +1,12 @@
 """Where the RL actors run: one config section (``rl.placement``) decides how many rollout
 workers and learners there are and what CPUs/GPUs each gets. Learners share one placement
 group (they form a torch.distributed group); rollout workers and the reward actor are plain
-restartable actors."""
+restartable actors.
+
+``rl.rollout_tensor_parallel_size`` (tp): one vLLM engine spans tp GPUs, so a rollout worker
+asks for ``tp * rollout_gpus`` GPUs (``rollout_gpus`` is per tensor-parallel rank) and its
+engine takes tp ranks of the weight-broadcast group. Counted and validated on CPU; the GPU
+path is untested here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,22 +22,23 @@ class Demand:
     gpus: float
 
 
-def total_demand(placement) -> Demand:
+def total_demand(placement, tensor_parallel_size: int = 1) -> Demand:
     p = placement
     return Demand(
         cpus=p.rollout_workers * p.rollout_cpus + p.learners * p.learner_cpus + p.reward_cpus,
-        gpus=p.rollout_workers * p.rollout_gpus + p.learners * p.learner_gpus + p.reward_gpus,
+        gpus=p.rollout_workers * tensor_parallel_size * p.rollout_gpus + p.learners * p.learner_gpus + p.reward_gpus,
     )
 
 
-def check_resources(placement, available: dict) -> None:
+def check_resources(placement, available: dict, tensor_parallel_size: int = 1) -> None:
     """Fail early, naming the keys, instead of waiting forever for actors that cannot be placed."""
-    need = total_demand(placement)
+    need = total_demand(placement, tensor_parallel_size)
     have_cpu, have_gpu = float(available.get("CPU", 0)), float(available.get("GPU", 0))
     if need.cpus > have_cpu + 1e-9 or need.gpus > have_gpu + 1e-9:
         raise PlacementError(
             f"rl.placement asks for {need.cpus:g} CPUs and {need.gpus:g} GPUs "
-            f"(rollout_workers x rollout_cpus/gpus + learners x learner_cpus/gpus + reward_cpus/gpus) "
+            f"(rollout_workers x rollout_cpus, rollout_workers x rl.rollout_tensor_parallel_size "
+            f"({tensor_parallel_size}) x rollout_gpus, learners x learner_cpus/gpus, reward_cpus/gpus) "
             f"but the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower rl.placement.* "
             "or give Ray more (ray.num_cpus for a local Ray)")
 
@@ -44,9 +50,15 @@ def _resources(cpus: float, gpus: float) -> dict:
     return out
 
 
-def rollout_options(placement) -> dict:
-    return {**_resources(placement.rollout_cpus, placement.rollout_gpus), "max_restarts": placement.max_restarts,
-            "max_task_retries": 0}
+def rollout_options(placement, tensor_parallel_size: int = 1) -> dict:
+    return {**_resources(placement.rollout_cpus, tensor_parallel_size * placement.rollout_gpus),
+            "max_restarts": placement.max_restarts, "max_task_retries": 0}
+
+
+def broadcast_ranks(rollout_workers: int, tensor_parallel_size: int = 1) -> tuple[list[int], int]:
+    """Rank offsets of the engines in the weight-broadcast group and its world size: the
+    sender is rank 0, engine i's tensor-parallel rank r is ``1 + i * tp + r``."""
+    return [1 + i * tensor_parallel_size for i in range(rollout_workers)], 1 + rollout_workers * tensor_parallel_size
 
 
 def reward_options(placement) -> dict:

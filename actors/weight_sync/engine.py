@@ -51,12 +51,14 @@ class WeightSync:
     def _build_group(self) -> None:
         import ray
 
+        from actors.placement import broadcast_ranks
+
         host, port, _ = ray.get(self.senders.actors[0].address.remote())
-        world = 1 + len(self.pool.actors) * self.tp
+        offsets, world = broadcast_ranks(len(self.pool.actors), self.tp)
         # Every member blocks in the rendezvous until all have joined: start them together.
         ray.get([a.init_weight_group.remote(host, port, world, self.backend) for a in self.senders.actors]
-                + [w.init_weight_group.remote(host, port, 1 + i * self.tp, world, self.backend)
-                   for i, w in enumerate(self.pool.actors)])
+                + [w.init_weight_group.remote(host, port, rank, world, self.backend)
+                   for w, rank in zip(self.pool.actors, offsets)])
         self._restarts_at_group = getattr(self.pool, "restarts", 0)
         self.group_builds += 1
 
