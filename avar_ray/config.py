@@ -261,7 +261,7 @@ class WarmBaseConfig:
 
     seed: int = 0
     n_train: int = 3000  # procedural training samples (short oracle chains)
-    steps: int = 400  # AdamW steps
+    steps: int = 300  # AdamW steps
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 20

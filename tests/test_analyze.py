@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import stats
 
 from avar_ray.cli import main
-from avar_ray.eval.analyze import pearson, run_analyze
+from avar_ray.eval.analyze import bootstrap, pearson, run_analyze, wilson
 
 # (label, overall VAS with Q = U, overall accuracy): a made-up base → cold start → RL → extra run
 POINTS = [("base", 7.5, 0.491), ("cold start", 10.1, 0.510), ("agto", 13.8, 0.526), ("rl", 18.9, 0.561)]
@@ -51,8 +51,9 @@ def test_analyze_r_and_p_equal_scipy(tmp_path):
     report = (out / "analysis.md").read_text()
     assert f"r = {corr['r']:.4f}" in report
     # stage table: deltas against the first run, in the given order
-    assert "| base | 49.1 | +0.0 | 7.50 | +0.00 |" in report
-    assert "| rl | 56.1 | +7.0 | 18.90 | +11.40 |" in report
+    lo, hi = wilson(0.491, 20)
+    assert f"| base | 49.1 [{lo * 100:.1f}, {hi * 100:.1f}] | +0.0 | 7.50 |" in report
+    assert "| rl | 56.1 [" in report and "| +7.0 | 18.90 |" in report
     # accuracy per benchmark (columns sorted by name: mathvista, mmstar)
     assert "| stage | mathvista | mmstar |" in report and "| cold start | 51.0 | 25.0 |" in report
     for png in ("vas_vs_accuracy.png", "stage_table.png"):
@@ -95,3 +96,25 @@ def test_analyze_bad_run_directories(tmp_path):
         main(["analyze", str(broken), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="1 labels for 2 run directories"):
         main(["analyze", str(good), str(good), "--labels", "x", "--out", str(tmp_path / "o")])
+
+
+def test_intervals_wilson_equals_scipy_and_bootstrap_covers_the_mean(tmp_path):
+    for k, n in ((0, 10), (3, 10), (57, 200), (200, 200)):
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson(k / n, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    assert wilson(None, 10) is None and wilson(0.5, 0) is None
+    values = list(np.random.default_rng(1).normal(5.0, 2.0, 400)) + [None, math.nan]  # non-finite skipped
+    mean, low, high = bootstrap(values)
+    half = 1.96 * 2.0 / math.sqrt(400)
+    assert mean == pytest.approx(np.mean(values[:400])) and low < mean < high
+    assert high - low == pytest.approx(2 * half, rel=0.25)  # the normal interval, within sampling noise
+    # per-sample records: the table carries the bootstrap intervals and the heads blind to S
+    run = write_run(tmp_path, "r", 7.5, 0.5)
+    rows = [{"attention": {"user": {"vas": v, "vas_robust": v / 10, "alpha_img": 0.1, "low_sys_heads": 2,
+                                    "low_sys_layers": 1, "heads": 16},
+                           "response": {"vas": v, "alpha_img": 0.2}}} for v in (5.0, 10.0)]
+    (run / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    summary = run_analyze([run], tmp_path / "out")
+    ci = summary["runs"][0]["intervals"]
+    assert ci["vas"][1] >= 5.0 and ci["vas"][2] <= 10.0 and ci["low_sys_heads"] == pytest.approx(2 / 16)
+    assert "| 12% (1 layers) |" in (tmp_path / "out" / "analysis.md").read_text()

@@ -230,3 +230,17 @@ def test_decode_image_rejects_bad_input(samples):
     with pytest.raises(ImageDecodeError, match="exceeds"):
         decode_image(samples[0].images[0], max_pixels=100)
     assert decode_image(encode_png(decode_image(samples[0].images[0]))).size == (112, 112)
+
+
+def test_short_chains_verify_and_are_short(samples):
+    from avar_ray.synth.verify import verify
+
+    for s in samples:
+        short = oracle_reasoning(s, "short")
+        assert short.endswith(f"The answer is {s.answer}."), short
+        assert len(short) < len(oracle_reasoning(s, "full")) and len(short) < 160
+        assert verify(s, short).target is not None  # the synthesis check accepts it
+    marked = generate_samples(6, seed=3, chain="short")
+    assert all(oracle_reasoning(s) == oracle_reasoning(s, "short") for s in marked)  # meta.chain picks the style
+    with pytest.raises(ValueError, match="chain must be one of"):
+        generate_samples(1, seed=0, chain="long")

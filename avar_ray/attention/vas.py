@@ -8,6 +8,14 @@ Per sample, over layers l (the recorded subset), heads h and query positions i i
     alpha_sys = mean_{l,h,i} mass_S(l,h,i)
     per_layer = VAS of each layer (mean over h, i)
 
+The paper's VAS is a mean of per-query ratios: a head that puts almost no mass on S (common in
+tiny or heavily trained models) makes it explode (1e17 has been seen). Beside it, as a companion
+that stays readable (the headline remains the paper's VAS):
+
+    vas_robust    = sum_{l,h,i} mass_V / sum_{l,h,i} mass_S     (a ratio of means)
+    low_sys_heads = how many (layer, head) pairs have a mean system mass below SYS_FLOOR
+    low_sys_layers = how many layers have at least one such head
+
 A sample with no query token gets NaN everywhere; one with no visual token gets VAS =
 alpha_img = 0 and eps_img = NaN.
 """
@@ -24,6 +32,9 @@ from avar_ray.attention.intervention import Intervention
 
 # SPEC.md §1 bands (Qwen2.5-VL-7B scale): narrow < 10, wide 10-15, panoramic > 15.
 BANDS = (("narrow", 10.0), ("wide", 15.0), ("panoramic", math.inf))
+# A head whose mean attention mass on the system span is below this is "blind to S": its V/S
+# ratios are what make the paper's VAS explode.
+SYS_FLOOR = 1e-3
 
 
 def band(vas: float) -> str:
@@ -48,6 +59,10 @@ class VASResult:
     query_count: torch.Tensor
     visual_count: torch.Tensor
     layers: list[int]
+    vas_robust: torch.Tensor  # ratio of means (see the module docstring)
+    low_sys_heads: torch.Tensor  # [B] (layer, head) pairs with mean system mass < SYS_FLOOR
+    low_sys_layers: torch.Tensor  # [B] layers with at least one such head
+    heads: int  # query heads per layer
 
     def rows(self, ids: Optional[Sequence[str]] = None) -> list[dict]:
         """JSON-ready dicts, one per sample (NaN -> None)."""
@@ -63,7 +78,9 @@ class VASResult:
                        per_layer=[num(v) for v in self.per_layer[b]],
                        per_layer_alpha_img=[num(v) for v in self.per_layer_alpha_img[b]],
                        layers=list(self.layers), query_tokens=int(self.query_count[b]),
-                       visual_tokens=int(self.visual_count[b]))
+                       visual_tokens=int(self.visual_count[b]), vas_robust=num(self.vas_robust[b]),
+                       low_sys_heads=int(self.low_sys_heads[b]), low_sys_layers=int(self.low_sys_layers[b]),
+                       heads=self.per_layer.shape[1] * self.heads)
             out.append(row)
         return out
 
@@ -84,8 +101,12 @@ def vas_from_stats(stats: AttentionStats, eps: float = 0.0) -> VASResult:
     alpha_img = per_layer_alpha.mean(1)
     eps_img = alpha_img / visual_count.double()  # NaN (0/0) or inf never: alpha_img = 0 when |V| = 0
     eps_img = torch.where(visual_count > 0, eps_img, torch.full_like(eps_img, math.nan))
+    head_sys = mass_s.sum(3) / n_q[:, None, None]  # [B, L, H] mean system mass per head
+    low = head_sys < SYS_FLOOR
+    vas_robust = mass_v.sum((1, 2, 3)) / mass_s.sum((1, 2, 3))
     return VASResult(per_layer.mean(1), alpha_img, eps_img, alpha_sys, per_layer, per_layer_alpha,
-                     stats.query_mask.sum(-1).cpu(), visual_count, list(stats.layers))
+                     stats.query_mask.sum(-1).cpu(), visual_count, list(stats.layers), vas_robust,
+                     low.sum((1, 2)), low.any(2).sum(1), heads)
 
 
 def compute_vas(model, encoded, query: str = "user", layers: Optional[Sequence[int]] = None, chunk_size: int = 256,

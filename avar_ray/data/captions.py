@@ -218,6 +218,55 @@ def _reason_triangle(sample: Sample, scene: dict[str, Any], target: dict[str, An
             f"+ {angles[u]} = 180. " + _final(sample, str(angles[u])))
 
 
+# ---------------------------------------------------------------- short chains
+# One or two sentences per task: what the tiny model can learn in a few CPU minutes (the full
+# chains above run to 150-300 tokens). Same closing sentences, so verification is unchanged.
+
+
+def _short_colour(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    o = _obj(scene, target["object"])
+    return f"The {o['shape']} is {o['colour']}. " + _final(sample, o["colour"])
+
+
+def _short_count(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    k = len(target["objects"])
+    return f"I count {k} {target['noun']}. " + _final(sample, str(k))
+
+
+def _short_relation(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    a, b = _obj(scene, target["a"]), _obj(scene, target["b"])
+    rel = relation_between(a, b)
+    return (f"The {object_name(a)} is at the {a['position']}, the {object_name(b)} at the "
+            f"{b['position']}. " + _final(sample, f"{rel} the {object_name(b)}"))
+
+
+def _short_size(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    big = _obj(scene, target["object"])
+    return f"The {object_name(big)} is the large one. " + _final(sample, f"the {object_name(big)}")
+
+
+def _short_chart(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    bar = next(b for b in scene["bars"] if b["label"] == target["bar"])
+    if target["variant"] == "tallest":
+        return f"Bar {bar['label']} is the tallest, at {bar['value']}. " + _final(sample, bar["label"])
+    return f"Bar {bar['label']} reaches {bar['value']}. " + _final(sample, str(bar["value"]))
+
+
+def _short_triangle(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    angles, (k1, k2), u = scene["angles"], scene["known"], scene["unknown"]
+    return (f"{u} = 180 - {angles[k1]} - {angles[k2]} = {angles[u]}. " + _final(sample, str(angles[u])))
+
+
+_SHORT_REASONERS = {
+    "shape_colour": _short_colour,
+    "count": _short_count,
+    "relation": _short_relation,
+    "size": _short_size,
+    "bar_chart": _short_chart,
+    "triangle_angle": _short_triangle,
+}
+CHAIN_STYLES = ("full", "short")
+
 _REASONERS = {
     "shape_colour": _reason_colour,
     "count": _reason_count,
@@ -228,10 +277,17 @@ _REASONERS = {
 }
 
 
-def oracle_reasoning(sample: Sample) -> str:
-    """A reasoning chain grounded in the scene graph that ends with "The answer is X."."""
+def oracle_reasoning(sample: Sample, style: str | None = None) -> str:
+    """A reasoning chain grounded in the scene graph that ends with "The answer is X.".
+
+    ``style``: "full" (the long templated chain) or "short" (one or two sentences); None reads
+    the sample's ``meta.chain`` (set by ``write_procedural(chain=...)``), default "full"."""
     meta = sample.meta
-    return _REASONERS[meta["task"]](sample, meta["scene"], meta["target"])
+    style = style or meta.get("chain", "full")
+    if style not in CHAIN_STYLES:
+        raise ValueError(f"sample {sample.id!r}: unknown chain style {style!r} (expected one of {CHAIN_STYLES})")
+    reasoners = _SHORT_REASONERS if style == "short" else _REASONERS
+    return reasoners[meta["task"]](sample, meta["scene"], meta["target"])
 
 
 # ---------------------------------------------------------------- anchors
@@ -265,4 +321,4 @@ def anchor_phrases(sample: Sample) -> list[str]:
     return out
 
 
-__all__ = ["anchor_phrases", "caption", "oracle_reasoning"]
+__all__ = ["CHAIN_STYLES", "anchor_phrases", "caption", "oracle_reasoning"]

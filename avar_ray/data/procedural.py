@@ -10,7 +10,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from avar_ray.data.captions import anchor_phrases, caption, oracle_reasoning
+from avar_ray.data.captions import CHAIN_STYLES, anchor_phrases, caption, oracle_reasoning
 from avar_ray.data.render import render_scene
 from avar_ray.data.scenes import BUILDERS
 from avar_ray.data.schema import Sample, write_parquet
@@ -26,7 +26,7 @@ def task_for(index: int, seed: int) -> str:
     return order[index % len(order)]
 
 
-def make_sample(index: int, seed: int, image_size: int = 112) -> Sample:
+def make_sample(index: int, seed: int, image_size: int = 112, chain: str = "full") -> Sample:
     task = task_for(index, seed)
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms.
     rng = random.Random(f"avar-proc-{seed}-{index}")
@@ -40,23 +40,27 @@ def make_sample(index: int, seed: int, image_size: int = 112) -> Sample:
         choices=draw.choices,
         source=SOURCE,
         meta={"task": task, "scene": draw.scene, "target": draw.target,
-              "caption": caption(draw.scene)},
+              "caption": caption(draw.scene), "chain": chain},
     )
 
 
-def generate_samples(n: int, seed: int, image_size: int = 112) -> list[Sample]:
+def generate_samples(n: int, seed: int, image_size: int = 112, chain: str = "full") -> list[Sample]:
+    """``chain``: the oracle reasoning style the samples carry (captions.CHAIN_STYLES)."""
+    if chain not in CHAIN_STYLES:
+        raise ValueError(f"chain must be one of {CHAIN_STYLES}, got {chain!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if image_size < 56:
         raise ValueError(f"image_size {image_size} is too small to draw the tasks (>= 56)")
-    return [make_sample(i, seed, image_size) for i in range(n)]
+    return [make_sample(i, seed, image_size, chain) for i in range(n)]
 
 
 def write_procedural(
-    out_dir: str | Path, n: int, seed: int, image_size: int = 112, split_name: str = "train"
+    out_dir: str | Path, n: int, seed: int, image_size: int = 112, split_name: str = "train",
+    chain: str = "full",
 ) -> Path:
     """Write out_dir/{split_name}.parquet and print a one-line summary."""
-    samples = generate_samples(n, seed, image_size)
+    samples = generate_samples(n, seed, image_size, chain)
     path = write_parquet(samples, Path(out_dir) / f"{split_name}.parquet")
     tasks = Counter(s.meta["task"] for s in samples)
     kinds = Counter(s.answer_type for s in samples)

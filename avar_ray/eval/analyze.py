@@ -1,6 +1,10 @@
 """``run_analyze``: several evaluated models (``avar eval`` output directories) side by side: the
 VAS-vs-accuracy scatter with Pearson's r and its p-value (the paper's r = 0.96 figure) and the
-stage table (base → cold start → RL), as PNG and Markdown."""
+stage table (base → cold start → RL) with 95% intervals, as PNG and Markdown.
+
+Intervals: Wilson's for an accuracy (from n and the rate), a seeded percentile bootstrap over the
+samples (``samples.jsonl``) for the attention means; without ``samples.jsonl`` only the
+accuracy gets one."""
 from __future__ import annotations
 
 import json
@@ -10,10 +14,54 @@ from typing import Any, Optional, Sequence
 
 from avar_ray.eval import plots
 from avar_ray.eval.report import STAGE_HEADER, analysis_report, stage_rows
-from avar_ray.eval.files import RESULTS, jsonable
+from avar_ray.eval.files import RESULTS, SAMPLES, jsonable
+from avar_ray.attention.vas import SYS_FLOOR
 
 REPORT = "analysis.md"
 SUMMARY = "analysis.json"
+Z95 = 1.959963984540054
+BOOTSTRAP = 2000
+# Per-sample attention figures given intervals: (records key, span, key in the row).
+SPAN_FIGURES = (("vas", "user", "vas"), ("vas_robust", "user", "vas_robust"), ("alpha_img", "user", "alpha_img"),
+                ("vas_response", "response", "vas"), ("alpha_img_response", "response", "alpha_img"))
+
+
+def wilson(rate: Optional[float], n: int) -> Optional[tuple[float, float]]:
+    """Wilson's 95% interval of a proportion observed as ``rate`` over ``n`` trials."""
+    if rate is None or n <= 0:
+        return None
+    centre = (rate + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
+    half = Z95 * math.sqrt(rate * (1 - rate) / n + Z95 ** 2 / (4 * n * n)) / (1 + Z95 ** 2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap(values: Sequence[float], seed: int = 0) -> Optional[tuple[float, float, float]]:
+    """(mean, low, high): the mean of the finite values and its 95% percentile bootstrap interval."""
+    import numpy as np
+
+    x = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(x) == 0:
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP, len(x)))].mean(1)
+    return float(x.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def intervals(run: dict) -> dict[str, Any]:
+    """The 95% intervals of a run (see the module docstring) and how many heads are blind to S."""
+    o = run["overall"]
+    out: dict[str, Any] = {"accuracy": wilson(o["accuracy"], int(o["n"] or 0))}
+    path = Path(run["dir"]) / SAMPLES
+    if not path.is_file():
+        return out
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for key, span, field in SPAN_FIGURES:
+        out[key] = bootstrap([(r.get("attention") or {}).get(span, {}).get(field) for r in records])
+    user = [(r.get("attention") or {}).get("user", {}) for r in records]
+    heads = [(u.get("low_sys_heads"), u.get("heads")) for u in user if u.get("heads")]
+    if heads:
+        out["low_sys_heads"] = sum(a for a, _ in heads) / sum(b for _, b in heads)  # share of (layer, head) pairs
+        out["low_sys_layers"] = max(u.get("low_sys_layers", 0) for u in user if u.get("heads"))
+    return out
 
 
 def load_run(run_dir: str | Path, label: Optional[str] = None) -> dict[str, Any]:
@@ -60,6 +108,8 @@ def run_analyze(run_dirs: Sequence[str | Path], out_dir: str | Path,
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"analyze: {len(labels)} labels for {len(run_dirs)} run directories")
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
+    for run in runs:
+        run["intervals"] = intervals(run)
     points = [(run["label"], run["overall"]["vas"], run["overall"]["accuracy"]) for run in runs
               if run["overall"]["vas"] is not None and run["overall"]["accuracy"] is not None]
     r, p = pearson([pt[1] for pt in points], [pt[2] for pt in points])
@@ -70,11 +120,12 @@ def run_analyze(run_dirs: Sequence[str | Path], out_dir: str | Path,
     plots.table_png(STAGE_HEADER, stage_rows(runs), "stages: accuracy and VAS", out / "stage_table.png")
     correlation = {"r": r, "p": p, "n": len(points)}
     figures = {"scatter": "vas_vs_accuracy.png", "stage_table": "stage_table.png"}
-    (out / REPORT).write_text(analysis_report(runs, correlation, figures))
+    (out / REPORT).write_text(analysis_report(runs, correlation, figures, SYS_FLOOR))
     summary = jsonable({
         "correlation": correlation,
         "runs": [{"label": run["label"], "dir": run["dir"], "model": run["model"], **{
-            k: run["overall"][k] for k in ("n", "accuracy", "vas", "vas_response", "alpha_img")}} for run in runs],
+            k: run["overall"][k] for k in ("n", "accuracy", "vas", "vas_response", "alpha_img")},
+            "intervals": run["intervals"]} for run in runs],
     })
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary

@@ -85,24 +85,38 @@ def eval_report(results: dict[str, Any], figures: dict[str, str], heatmaps: Sequ
     return "\n".join(lines)
 
 
-STAGE_HEADER = ("stage", "accuracy %", "Δ acc", "VAS (Q=U)", "Δ VAS", "VAS (Q=R)", "alpha_img (U)", "n")
+STAGE_HEADER = ("stage", "accuracy % [95% CI]", "Δ acc", "VAS (Q=U) [95% CI]", "robust VAS (Q=U) [95% CI]",
+                "heads S<floor", "VAS (Q=R)", "alpha_img (U) [95% CI]", "alpha_img (R) [95% CI]", "n")
+
+
+def with_ci(value: Optional[float], ci: Optional[Sequence[float]], digits: int = 2, percent: bool = False) -> str:
+    """"12.5 [9.1, 16.3]": a figure and its interval (``ci``: (low, high) or (mean, low, high))."""
+    if not ci:
+        return fmt(value, digits, percent)
+    low, high = ci[-2], ci[-1]
+    return f"{fmt(value, digits, percent)} [{fmt(low, digits, percent)}, {fmt(high, digits, percent)}]"
 
 
 def stage_rows(runs: Sequence[dict]) -> list[list[str]]:
-    """One row per run (in the given order, e.g. base → cold start → RL), deltas to the first."""
+    """One row per run (in the given order, e.g. base → cold start → RL), deltas to the first;
+    ``run["intervals"]`` (``analyze.intervals``) adds the 95% intervals where present."""
     rows = []
     first = runs[0]["overall"] if runs else {}
     for run in runs:
-        o = run["overall"]
+        o, ci = run["overall"], run.get("intervals", {})
         d_acc = None if o["accuracy"] is None or first["accuracy"] is None else o["accuracy"] - first["accuracy"]
-        d_vas = None if o["vas"] is None or first["vas"] is None else o["vas"] - first["vas"]
-        rows.append([run["label"], fmt(o["accuracy"], percent=True), signed(d_acc, percent=True),
-                     fmt(o["vas"]), signed(d_vas),
-                     fmt(o["vas_response"]), fmt(o["alpha_img"], 4), str(o["n"])])
+        robust = ci.get("vas_robust")
+        low = ci.get("low_sys_heads")
+        rows.append([run["label"], with_ci(o["accuracy"], ci.get("accuracy"), percent=True), signed(d_acc, percent=True),
+                     with_ci(o["vas"], ci.get("vas")), with_ci(robust[0] if robust else None, robust),
+                     "n/a" if low is None else f"{low * 100:.0f}% ({ci['low_sys_layers']} layers)",
+                     fmt(o["vas_response"]), with_ci(o["alpha_img"], ci.get("alpha_img"), 4),
+                     with_ci(o.get("alpha_img_response"), ci.get("alpha_img_response"), 4), str(o["n"])])
     return rows
 
 
-def analysis_report(runs: Sequence[dict], correlation: dict[str, Any], figures: dict[str, str]) -> str:
+def analysis_report(runs: Sequence[dict], correlation: dict[str, Any], figures: dict[str, str],
+                    sys_floor: float = 1e-3) -> str:
     r, p, n = correlation["r"], correlation["p"], correlation["n"]
     stat = "not defined (fewer than 2 runs, or constant VAS or accuracy)" if r is None else \
         f"**r = {r:.4f}**, p = {'n/a' if p is None else f'{p:.3g}'} (n = {n} runs)"
@@ -111,7 +125,12 @@ def analysis_report(runs: Sequence[dict], correlation: dict[str, Any], figures: 
              "the paper's VAS-vs-accuracy analysis (reference: r = 0.9616 over ~10 open 7B reasoning models).", "",
              "## Stage table", ""]
     lines += md_table(STAGE_HEADER, stage_rows(runs))
-    lines += ["", "## VAS vs accuracy", "", f"Pearson correlation: {stat}.", ""]
+    lines += ["", "Intervals: Wilson (accuracy), 95% percentile bootstrap over samples (attention means). "
+              "VAS is the paper's mean of per-query V/S ratios (the headline); a head that puts almost no mass on "
+              f"S makes it explode, so \"heads S<floor\" gives the share of (layer, head) pairs whose mean system "
+              f"mass is below {sys_floor:g} (and the most layers holding one, in a sample) and \"robust VAS\" the "
+              "ratio of means, sum V / sum S, beside it.",
+              "", "## VAS vs accuracy", "", f"Pearson correlation: {stat}.", ""]
     if "scatter" in figures:
         lines += [f"![VAS vs accuracy]({figures['scatter']})", ""]
     names = sorted({b for run in runs for b in run["benchmarks"]})
