@@ -24,10 +24,10 @@ class Sender(ModuleSender):
     """``ModuleSender`` over the tiny HF model, plus what the tests need: change the weights,
     and the log-probs of given tokens."""
 
-    def __init__(self, model_dir: str, trainable_only: bool = False):
+    def __init__(self, model_dir: str, trainable_only: bool = False, device: str = "cpu"):
         from avar_ray.modeling import load_model
 
-        self.model = load_model(model_dir, "float32", attn_implementation="sdpa").eval()
+        self.model = load_model(model_dir, "float32", attn_implementation="sdpa").eval().to(device)
         super().__init__(self.model, trainable_only)
 
     def perturb(self, seed: int, scale: float = 0.02, freeze_vision: bool = False) -> int:
@@ -36,7 +36,7 @@ class Sender(ModuleSender):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+                p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.device))
                 if freeze_vision and "visual" in name:
                     p.requires_grad_(False)
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
@@ -45,8 +45,8 @@ class Sender(ModuleSender):
         out = []
         with torch.no_grad():
             for prompt, response in zip(prompt_ids, response_ids):
-                ids = torch.tensor([prompt + response])
-                logp = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
+                ids = torch.tensor([prompt + response], device=self.model.device)
+                logp = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1).cpu()
                 positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
                 out.append(logp[positions, torch.tensor(response)].tolist())
         return out
@@ -181,6 +181,41 @@ def test_trainable_only_sync_moves_only_language_weights(ray_local, ends, tiny_m
         check_parity(ray, sender, pool.actors[0])
     finally:
         ray.kill(sender, no_restart=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_check.sh on a GPU machine)")
+@slow
+def test_broadcast_into_vllm_on_cuda(ray_local, tiny_model_dir):  # pragma: no cover - GPU only, untested here
+    """The GPU path: sender and vLLM engine on CUDA, the broadcast group persistent, log-probs
+    equal after two syncs. NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): with
+    one GPU the same group runs gloo over the CUDA tensors, with two or more it is nccl."""
+    import sys
+
+    from ray import cloudpickle
+
+    from actors.weight_sync import WeightSync
+
+    ray = ray_local
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    share = 1 if backend == "nccl" else 0.4
+    sender = ray.remote(Sender).options(num_cpus=1, num_gpus=share).remote(str(tiny_model_dir), False, "cuda")
+    receiver = ray.remote(Receiver).options(num_cpus=1, num_gpus=share).remote(str(tiny_model_dir),
+                                                                                gpu_memory_utilization=0.3)
+    try:
+        ray.get(receiver.ready.remote())
+        sync = WeightSync(sender_group(sender), Pool([receiver]), backend, BUCKET_MB)
+        before = check_parity(ray, sender, receiver)
+        for version in (1, 2):
+            ray.get(sender.perturb.remote(version))
+            m = sync.sync(version)
+            assert m["sync/broadcast"] == 1 and m["sync/cold_publishes"] == 0
+            check_streamed(ray.get(receiver.last_stats.remote()), sync.last_handle)
+            before = check_parity(ray, sender, receiver, before=before)
+        print(f"GPU weight sync ({backend}): {m['sync/mb']:.1f} MiB in {m['sync/s']:.3f} s")
+    finally:
+        for actor in (sender, receiver):
+            ray.kill(actor, no_restart=True)
 
 
 def sender_group(actor):

@@ -84,13 +84,14 @@ class EngineReceiver:
     protocol of ``WeightSync`` (what a rollout worker does, without the sampling around it).
     Load methods return seconds; ``last_stats`` the receiving worker's statistics."""
 
-    def __init__(self, model_dir: str, max_model_len: int = 512, **engine_kwargs):
+    def __init__(self, model_dir: str, max_model_len: int = 512, gpu_memory_utilization: float = 0.5,
+                 **engine_kwargs):
         from avar_ray.config import ModelConfig
         from avar_ray.engines import start_llm
 
         self.llm = start_llm(ModelConfig(path=model_dir, max_model_len=max_model_len), max_images=1,
-                             enforce_eager=True, seed=0, gpu_memory_utilization=0.5, worker_extension_cls=EXTENSION,
-                             **engine_kwargs)
+                             enforce_eager=True, seed=0, gpu_memory_utilization=gpu_memory_utilization,
+                             worker_extension_cls=EXTENSION, **engine_kwargs)
         self.stats: dict = {}
 
     def ready(self) -> bool:

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# What the CPU suite cannot check, on a machine with one (or more) CUDA GPU, in under 8 minutes;
+# prints one table at the end.
+#
+#   bash bench/gpu_check.sh            # on the GPU machine (a venv with CUDA torch + vllm: make install EXTRA=gpu)
+#   bash bench/gpu_check.sh --dry-run  # here, on CPU: every piece that can run without a GPU, at small sizes
+#
+# 1 weight-sync  tests/test_weight_sync.py::test_broadcast_into_vllm_on_cuda: the persistent broadcast group
+#                into a vLLM engine on CUDA, two syncs, vLLM log-probs == the sender's. nccl with >= 2 GPUs;
+#                on ONE GPU NCCL refuses two ranks on one device ("Duplicate GPU detected"), so the group
+#                runs gloo over the CUDA tensors (the table says which).
+# 2 vllm-parity  tests/test_rl_actors.py -k gpu: vLLM on CUDA generating, reloading from the DeepSpeed
+#                learner and matching its log-probs (the RL colleague's test; skipped if absent).
+# 3 attention    statistics pass (avar, fused) in bf16 vs float32 on a Qwen2.5-VL-3B-shaped model (2 text
+#                layers at real widths: hidden 2048, 16 heads, 2 KV heads, MLP 11008, vocab 151936), T=4096:
+#                max relative error of the V/S masses, and its cost against a plain SDPA forward.
+# 4 grpo-zero3   `avar rl` on the tiny model, 2 GRPO steps, ZeRO-3, learner and vLLM sharing the GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+AVAR=${AVAR:-.venv/bin/avar}
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+ROWS=()
+row() { ROWS+=("$(printf '%-13s %-6s %7s  %s' "$1" "$2" "$3" "$4")"); }
+timed() { local t0=$SECONDS; "$@" >"$WORK/out.log" 2>&1; local rc=$?; ELAPSED=$((SECONDS - t0)); return $rc; }
+
+if [[ $DRY == 0 ]] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA GPU visible to $PY (use --dry-run on CPU)"; exit 2
+fi
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} TOKENIZERS_PARALLELISM=false
+
+# ---- 1 + 2: pytest pieces (skip themselves without CUDA; a dry run only collects them)
+for piece in "weight-sync:tests/test_weight_sync.py::test_broadcast_into_vllm_on_cuda" \
+             "vllm-parity:tests/test_rl_actors.py -k gpu"; do
+  name=${piece%%:*}; target=${piece#*:}
+  if [[ $DRY == 1 ]]; then
+    # shellcheck disable=SC2086
+    if timed $PY -m pytest -q --collect-only $target; then row "$name" dry "$ELAPSED" "collected: $(grep -c '::' "$WORK/out.log") test(s)"
+    else row "$name" FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
+    continue
+  fi
+  # shellcheck disable=SC2086
+  timed timeout 240 $PY -m pytest -q -s -x $target
+  rc=$?
+  detail=$(grep -m1 "GPU weight sync" "$WORK/out.log" || tail -1 "$WORK/out.log")
+  if [[ $rc == 0 ]] && grep -q "passed" "$WORK/out.log"; then row "$name" ok "$ELAPSED" "$detail"
+  elif [[ $rc == 5 ]] || grep -q "skipped" "$WORK/out.log"; then row "$name" skip "$ELAPSED" "$detail"
+  else row "$name" FAIL "$ELAPSED" "$detail"; fi
+done
+
+# ---- 3: attention statistics bf16 vs float32 at Qwen2.5-VL-3B widths
+cat >"$WORK/attn.py" <<'PY'
+import sys, time
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from avar_ray.attention import AttentionContext, register_attention
+
+dry = sys.argv[1] == "1"
+device = "cpu" if dry else "cuda"
+T = 256 if dry else 4096
+text = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
+            num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+if dry:  # the same code at a width a CPU run can afford
+    text.update(hidden_size=256, intermediate_size=512, num_attention_heads=8, vocab_size=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
+config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(depth=1, hidden_size=64, intermediate_size=128,
+                          num_heads=2, out_hidden_size=text["hidden_size"]),
+                          image_token_id=text["vocab_size"] - 2, video_token_id=text["vocab_size"] - 1,
+                          vision_start_token_id=text["vocab_size"] - 4, vision_end_token_id=text["vocab_size"] - 3)
+register_attention()
+pos = torch.arange(T, device=device)[None]
+system, visual = pos < 24, (pos >= 24) & (pos < 24 + T // 4)
+response = pos >= T // 2
+ids = torch.randint(0, text["vocab_size"] - 8, (1, T), device=device)
+
+def build(impl, dtype):
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=impl, dtype=dtype).to(device).eval()
+
+def timeit(fn, n=3):
+    fn()
+    if device == "cuda": torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter(); fn()
+        if device == "cuda": torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+def stats(model):
+    ctx = AttentionContext(visual, system, response, method="fused", chunk_size=256, num_layers=2)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, avar_context=ctx)
+    s = ctx.stats()
+    return s.mass_v.float(), s.mass_s.float()
+
+f32 = build("avar", torch.float32)
+ref_v, ref_s = stats(f32)
+bf16 = build("avar", torch.bfloat16)
+v, s = stats(bf16)
+rel = max(((v - ref_v).abs().max() / ref_v.abs().max()).item(), ((s - ref_s).abs().max() / ref_s.abs().max()).item())
+t_stats = timeit(lambda: stats(bf16))
+sdpa = build("sdpa", torch.bfloat16)
+with torch.no_grad():
+    t_sdpa = timeit(lambda: sdpa(input_ids=ids, use_cache=False))
+print(f"ATTN T={T} bf16-vs-f32 max rel err {rel:.2e}; stats {t_stats * 1e3:.1f} ms vs sdpa {t_sdpa * 1e3:.1f} ms "
+      f"= {t_stats / t_sdpa:.2f}x")
+PY
+if timed timeout 240 $PY "$WORK/attn.py" "$DRY"; then row attention "$([[ $DRY == 1 ]] && echo dry || echo ok)" "$ELAPSED" "$(grep -m1 '^ATTN' "$WORK/out.log" | cut -c6-)"
+else row attention FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
+
+# ---- 4: two GRPO steps with ZeRO-3 on the GPU (learner and vLLM share it)
+RL_ARGS=(rl.steps=2 rl.zero_stage=3 rl.prompts_per_step=2 rl.n_samples=4 rl.max_new_tokens=16 rl.save_every=0
+         rl.placement.learner_gpus=0.4 rl.placement.rollout_gpus=0.4 rl.gpu_memory_utilization=0.3
+         rl.weight_sync_backend=nccl "rl.out=$WORK/rl")
+if [[ $DRY == 1 ]]; then
+  if timed $PY -c "from avar_ray.config import load_config; import sys; load_config('configs/tiny_local.yaml', sys.argv[1:])" "${RL_ARGS[@]}"
+  then row grpo-zero3 dry "$ELAPSED" "config with ZeRO-3 + GPU placement validates"
+  else row grpo-zero3 FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
+else
+  $AVAR tiny-model --out "$WORK/tiny" >/dev/null 2>&1 && $AVAR make-data --out "$WORK/data" --n 16 >/dev/null 2>&1
+  if timed timeout 300 $AVAR rl -c configs/tiny_local.yaml "model.path=$WORK/tiny" "data.train=$WORK/data/train.parquet" "${RL_ARGS[@]}"
+  then row grpo-zero3 ok "$ELAPSED" "$(grep -m1 -i 'step 2' "$WORK/out.log" | cut -c1-90)"
+  else row grpo-zero3 FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log" | cut -c1-90)"; fi
+fi
+
+echo
+echo "gpu_check $([[ $DRY == 1 ]] && echo '(dry run, CPU)') on $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")')"
+printf '%-13s %-6s %7s  %s\n' piece status seconds result
+for r in "${ROWS[@]}"; do echo "$r"; done
