@@ -11,7 +11,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("avar_ray.commands.demo", "the whole pipeline on a tiny model and procedural data, on a local Ray"),
-    "tiny-model": ("avar_ray.commands.tiny", "write a tiny random Qwen2.5-VL checkpoint (tests, demo)"),
+    "tiny-model": ("avar_ray.commands.tiny", "write a tiny random Qwen2.5-VL (or Qwen3-VL) checkpoint (tests, demo)"),
     "make-data": ("avar_ray.commands.make_data", "render procedural visual reasoning tasks to Parquet"),
     "vas": ("avar_ray.commands.vas", "Visual Attention Score of a model on a data file"),
     "synth": ("avar_ray.commands.synth", "stage 1: VARD cold-start data synthesis (Ray Data)"),
