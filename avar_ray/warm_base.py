@@ -113,20 +113,19 @@ def train(model, processor, wb, image_size: int, log_every: int = 25) -> list[fl
 def answer(model, processor, samples: Sequence, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
     """Greedy responses (transformers generate, left-padded batches)."""
     from avar_ray.data.schema import build_messages, pil_images
+    from avar_ray.decoding import ResponseCodec
     from avar_ray.modeling import encode_batch
-    from avar_ray.spans import banned_token_ids
 
-    tok = processor.tokenizer
-    bad = [[i] for i in banned_token_ids(tok)]
+    codec = ResponseCodec(processor)
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         enc = encode_batch(processor, [build_messages(s) for s in chunk], [pil_images(s) for s in chunk],
                            padding_side="left")
-        gen = model.generate(**enc.inputs, max_new_tokens=max_new_tokens, do_sample=False, bad_words_ids=bad,
-                             pad_token_id=tok.pad_token_id)
+        gen = model.generate(**enc.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id, **codec.generate_kwargs())
         width = enc.inputs["input_ids"].shape[1]
-        out += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+        out += [codec.decode(row.tolist()) for row in gen[:, width:]]
     return out
 
 
@@ -198,3 +197,20 @@ def ensure_warm_base(wb, image_size: int = 112, rebuild: bool = False) -> Path:
 
 def read_info(path: str | Path) -> dict:
     return json.loads((Path(path) / INFO).read_text())
+
+
+@torch.no_grad()
+def response_alpha_img(model_dir: str | Path, samples: Sequence, max_new_tokens: int = 48) -> float:
+    """Mean alpha_img of the response tokens (the visual mass they attend to) of greedy answers
+    to ``samples`` by the model in ``model_dir``."""
+    from avar_ray.attention.vas import compute_vas
+    from avar_ray.data.schema import build_messages, pil_images
+    from avar_ray.modeling import encode_batch, load_model, load_processor
+
+    processor, model = load_processor(str(model_dir)), load_model(str(model_dir)).eval()
+    texts = answer(model, processor, samples, max_new_tokens)
+    ids = [processor.tokenizer.encode(t, add_special_tokens=False) or [processor.tokenizer.eos_token_id]
+           for t in texts]
+    enc = encode_batch(processor, [build_messages(s) for s in samples], [pil_images(s) for s in samples],
+                       response_ids=ids)
+    return float(compute_vas(model, enc, query="response").alpha_img.mean())

@@ -86,3 +86,14 @@ def oracle_synth_dir(tmp_path_factory, procedural_parquet, ray_local) -> Path:
     report = run_synthesis(cfg, progress=False)
     assert report.kept == 32, report.summary()
     return out
+
+
+@pytest.fixture(scope="session")
+def warm_base_dir() -> Path:
+    """The warm base (avar_ray/warm_base.py) at the default settings: built once (a few CPU
+    minutes) into its on-disk cache, which later sessions and `make demo` reuse."""
+    from avar_ray.config import load_config
+    from avar_ray.warm_base import ensure_warm_base
+
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml")
+    return ensure_warm_base(cfg.warm_base, image_size=cfg.data.image_size)

@@ -129,3 +129,22 @@ def run_analyze(run_dirs: Sequence[str | Path], out_dir: str | Path,
     })
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def baselines_section(eval_file: str | Path, base: dict) -> str:
+    """Markdown: the two chance baselines on the eval file (answering at random, always giving the
+    most frequent answer) beside the warm base's own check (``base``: the demo's model stage)."""
+    from avar_ray.data.schema import read_parquet
+    from avar_ray.warm_base import baselines
+
+    b = baselines(read_parquet(eval_file))
+    lines = ["## Chance baselines on this eval set", "",
+             f"- answering at random: {b['random'] * 100:.1f} %",
+             f"- always answering `{b['most_frequent_answer']}` (the most frequent answer): "
+             f"{b['most_frequent'] * 100:.1f} %", ""]
+    if "check_accuracy" in base:
+        cb = base["baselines"]
+        lines += [f"The warm base (`{base.get('cache', '?')}`) answered {base['check_accuracy'] * 100:.1f} % of its "
+                  f"own {base['check_n']} held-out procedural tasks (random {cb['random'] * 100:.1f} %, most frequent "
+                  f"{cb['most_frequent'] * 100:.1f} %).", ""]
+    return "\n".join(lines)
