@@ -1,191 +1,279 @@
 """The learner group: N Ray actors in one placement group forming a torch.distributed group
-(gloo on CPU, nccl on GPU), each running ``deepspeed.initialize`` (ZeRO stage from the config).
+(gloo on CPU, nccl on GPU), each running ``deepspeed.initialize`` (ZeRO stage ``rl.zero_stage``).
 
-Per step each rank gets an equal share of the rollouts and runs the GRPO update with verl's
-``core_algos`` (``avar_ray.rl.grpo``): old log-probs, clipped token-mean policy loss, optional
-KL to a frozen reference, gradient clipping, one optimizer step per PPO epoch. Rank 0 gathers
-the full weights (ZeRO-3: per bucket) and publishes them for the weight sync.
+Per step the learners make two passes over the step's rollouts, data-parallel (the rollouts
+split over the ranks by length, ``avar_ray.grpo.plan_step``):
+
+* ``score``: one no-grad forward through the ``avar`` attention gives the old log-probs of the
+  sampled tokens (the behaviour policy of the PPO ratio) and, for the rollouts that need it
+  (the correct ones under SPEC.md §5's gate), the response-span attention statistics: r_visual
+  before the gate. The same pass checks each prompt's token ids against vLLM's.
+* ``train``: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps with verl's clipped loss
+  (``avar_ray.grpo``), optional truncated IS correction (``rl.tis_cap``) and KL to a frozen
+  reference (only when ``rl.kl_coef > 0``; a ZeRO-3 engine of its own, sharded like the policy).
+
+Memory: log-probs from the response positions' hidden states in LM-head chunks (``actors.policy``),
+token-budget micro-batches (``rl.max_tokens_per_micro_batch``), ``rl.gradient_checkpointing``,
+and under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` and filled tensor by tensor
+(``load_partitioned``): no rank ever holds the whole model. Rank 0 gathers the (trainable)
+weights bucket-wise and publishes them for the weight sync.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from actors.policy import banned_token_ids, encode_rollouts, forward_logprobs, pad_rows
-from actors.records import TrainItem
+from actors.records import ScoredPass, TrainItem
 from actors.weight_sync import (MIB, WeightHandle, broadcast_bucket, broadcast_table, bucket_names, make_weight_group,
-                                publish_object_store)
+                                publish_object_store, trainable_only)
 from avar_ray.ray_utils import free_port
+
+log = logging.getLogger(__name__)
 
 CLIENT_STATE_KEY = "avar_client_state"
 
-@dataclass
-class LearnerSpec:
-    model_path: str
-    dtype: str = "float32"
-    zero_stage: int = 2
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 4
-    share_size: int = 4  # rollouts per rank per step (fixed: DeepSpeed's accumulation count)
-    ppo_epochs: int = 1
-    clip_ratio: float = 0.2
-    rollout_n: int = 4
-    kl_coef: float = 0.0
-    kl_type: str = "low_var_kl"
-    loss_agg_mode: str = "token-mean"
-    temperature: float = 1.0
-    system_prompt: Optional[str] = None
-    seed: int = 0
-    use_gpu: bool = False
 
-    @property
-    def micro_batches(self) -> int:
-        return math.ceil(self.share_size / self.micro_batch_size)
+def load_partitioned(path: str, dtype: str, ds_config: dict):
+    """The HF model built inside ``deepspeed.zero.Init`` (each rank allocates only its partition)
+    and filled from the checkpoint's safetensors one tensor at a time: rank 0 reads it (memory
+    mapped) into the gathered parameter, which is re-partitioned at once. No rank ever holds
+    the whole model (transformers' own ZeRO-3 loading would need ``accelerate``)."""
+    import json
 
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.initialization import no_init_weights
 
-def deepspeed_config(spec: LearnerSpec) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": min(spec.micro_batch_size, spec.share_size),
-        "gradient_accumulation_steps": spec.micro_batches,
-        "gradient_clipping": spec.grad_clip,
-        "zero_optimization": {"stage": spec.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        # torch's AdamW: DeepSpeed's CPU Adam would JIT-compile first (~53 s, ARCHITECTURE.md)
-        "optimizer": {"type": "AdamW", "params": {"lr": spec.lr, "weight_decay": spec.weight_decay,
-                                                  "torch_adam": True}},
-        "bf16": {"enabled": spec.dtype == "bfloat16"},
-        "steps_per_print": 1 << 30,
-    }
+    from avar_ray.attention import register_attention
+    from avar_ray.modeling import torch_dtype
 
+    register_attention()
+    config = AutoConfig.from_pretrained(path)
+    # no random init (every weight comes from the checkpoint; it would index empty partitions)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights():
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="avar",
+                                                        dtype=torch_dtype(dtype))
+    model.tie_weights()  # tied embeddings: the head shares the embedding's (partitioned) parameter
+    index = Path(path) / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    params = dict(model.named_parameters())
+    # checkpoint names -> module names, as from_pretrained renames them (e.g. Qwen2.5-VL's
+    # "model.layers.*" -> "model.language_model.layers.*")
+    renames = get_model_conversion_mapping(model)
+
+    def module_name(key: str) -> str:
+        for transform in renames:
+            key = transform.rename_source_key(key)[0]
+        return key
+
+    loaded = set()
+    for file in files:
+        with safe_open(str(Path(path) / file), framework="pt") as f:
+            for key in sorted(f.keys()):  # the same order on every rank: each gather is a collective
+                name = module_name(key)
+                if name not in params:
+                    raise KeyError(f"{path}/{file}: tensor {name!r} has no parameter in the model (a checkpoint "
+                                   "saved under another naming: re-save it with this transformers' save_pretrained)")
+                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        params[name].data.copy_(f.get_tensor(key))
+                loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise KeyError(f"{path}: no weights for {sorted(missing)[:5]} ({len(missing)} parameters)")
+    return model
 
 
 class Learner:
-    """One rank of the learner group."""
+    """One rank of the learner group; ``rl`` and ``model`` are the config sections."""
 
-    def __init__(self, spec: LearnerSpec, rank: int, world_size: int):
-        self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.engine = None
+    def __init__(self, rl, model, rank: int, world_size: int):
+        self.rl, self.model_cfg, self.rank, self.world_size = rl, model, rank, world_size
+        self.use_gpu = rl.placement.learner_gpus > 0
+        self.engine = self.reference = None
 
     def address(self) -> tuple[str, int, str]:
         import ray
 
         return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
 
+    def _load(self, config: dict):
+        from avar_ray.modeling import load_model
+
+        if self.rl.zero_stage == 3:
+            return load_partitioned(self.model_cfg.path, self.model_cfg.dtype, config)
+        # attn "avar": plain SDPA unless a forward carries an attention context (the statistics)
+        return load_model(self.model_cfg.path, dtype=self.model_cfg.dtype, attn_implementation="avar")
+
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int) -> dict:
         import deepspeed
 
-        from avar_ray.modeling import load_model, load_processor
+        from avar_ray.deepspeed_config import deepspeed_config
+        from avar_ray.modeling import load_processor
 
+        rl = self.rl
         start = time.perf_counter()
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port),
                           # a GPU actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES)
-                          LOCAL_RANK=str(0 if self.spec.use_gpu else local_rank),
-                          LOCAL_WORLD_SIZE=str(1 if self.spec.use_gpu else local_world_size))
-        torch.manual_seed(self.spec.seed)
-        deepspeed.init_distributed(dist_backend="nccl" if self.spec.use_gpu else "gloo", auto_mpi_discovery=False)
-        self.processor = load_processor(self.spec.model_path)
+                          LOCAL_RANK=str(0 if self.use_gpu else local_rank),
+                          LOCAL_WORLD_SIZE=str(1 if self.use_gpu else local_world_size))
+        torch.manual_seed(rl.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo", auto_mpi_discovery=False)
+        self.processor = load_processor(self.model_cfg.path, self.model_cfg)  # the resolution vLLM uses
         self.banned = banned_token_ids(self.processor)
-        model = load_model(self.spec.model_path, dtype=self.spec.dtype, attn_implementation="sdpa")
-        self.reference = None
-        if self.spec.kl_coef > 0:
-            self.reference = load_model(self.spec.model_path, dtype=self.spec.dtype, attn_implementation="sdpa").eval()
-            self.reference.requires_grad_(False)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                    config=deepspeed_config(self.spec))
-        if self.reference is not None:
-            self.reference.to(self.engine.device)
-        return {"rank": self.rank, "pid": os.getpid(), "setup_s": time.perf_counter() - start}
+        # The micro-batches are ours (token budget): DeepSpeed's accumulation boundary is set per call.
+        config = deepspeed_config(rl.zero_stage, 1, 1, rl.grad_clip, rl.lr, rl.weight_decay,
+                                  self.model_cfg.dtype == "bfloat16")
+        model = self._load(config)
+        if rl.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if rl.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+        if rl.kl_coef > 0:
+            reference = self._load(config).eval().requires_grad_(False)
+            if rl.zero_stage == 3:  # partitioned like the policy, no optimizer
+                ref_config = {k: v for k, v in config.items() if k != "optimizer"}
+                self.reference, _, _, _ = deepspeed.initialize(model=reference, config=ref_config)
+            else:
+                self.reference = reference.to(self.engine.device)
+        return {"rank": self.rank, "pid": os.getpid(), "setup_s": time.perf_counter() - start,
+                "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
+
+    def _encode(self, items: list[TrainItem]):
+        return encode_rollouts(self.processor, [it.sample for it in items], [it.response_ids for it in items],
+                               self.model_cfg.system_prompt)
+
+    def _logprobs(self, model, encoded, items, chunks: int, with_entropy: bool = False, **kwargs):
+        return forward_logprobs(model, encoded, [len(it.response_ids) for it in items], self.rl.temperature,
+                                self.banned, with_entropy, chunks, **kwargs)
+
+    # ------------------------------------------------------------------ the no-grad pass
+    @torch.no_grad()
+    def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]], chunks: list[int]) -> dict:
+        """Old log-probs of every rollout, r_visual (ungated) of those flagged True, and the
+        prompt-id check against vLLM. ``micro_batches``: (step index, item, wants statistics)."""
+        from avar_ray.attention import AttentionContext
+        from rewards import visual_ratio
+
+        self.engine.eval()
+        out: dict[int, ScoredPass] = {}
+        seconds = {"forward": 0.0}
+        for micro, n_chunks in zip(micro_batches, chunks):
+            items = [it for _, it, _ in micro]
+            encoded = self._encode(items).to(self.engine.device)
+            ctx = None
+            if any(want for _, _, want in micro):
+                num_layers = self.engine.module.config.get_text_config().num_hidden_layers
+                ctx = AttentionContext.from_spans(encoded.spans, query="response", layers=self.rl.reward.visual_layers,
+                                                  num_layers=num_layers)
+                ctx.query_mask &= torch.tensor([want for _, _, want in micro], device=ctx.query_mask.device)[:, None]
+            t = time.perf_counter()
+            kwargs = {"avar_context": ctx} if ctx is not None else {}
+            logprob, _, _ = self._logprobs(self.engine, encoded, items, n_chunks, **kwargs)
+            seconds["forward"] += time.perf_counter() - t
+            stats = ctx.stats() if ctx is not None else None
+            ids = encoded.inputs["input_ids"].cpu()
+            for b, (index, item, want) in enumerate(micro):
+                error = ""
+                prompt = ids[b, :encoded.prompt_lengths[b]].tolist()
+                if item.prompt_ids and prompt != list(item.prompt_ids):
+                    error = (f"sample {item.sample.id}: the learner's prompt ({len(prompt)} tokens) differs from "
+                             f"vLLM's ({len(item.prompt_ids)} tokens)")
+                    log.warning("learner %d: %s", self.rank, error)
+                vas = math.nan
+                if want:
+                    mass_v, mass_s = stats.sample(b)
+                    vas = visual_ratio(mass_v, mass_s, eps=self.rl.reward.eps)
+                out[index] = ScoredPass(logprob[b, :len(item.response_ids)].tolist(), vas, error)
+        return {"passes": out, "seconds": seconds}
 
     # ------------------------------------------------------------------ training
-    def _micro_batches(self, items: list[TrainItem]):
-        size = self.spec.micro_batch_size
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
-            encoded = encode_rollouts(self.processor, [it.sample for it in chunk], [it.response_ids for it in chunk],
-                                      self.spec.system_prompt)
-            yield chunk, encoded, [len(it.response_ids) for it in chunk]
+    def train(self, minis: list[list[list[TrainItem]]], chunks: list[list[int]], infos: list[dict]) -> dict:
+        """``rl.ppo_epochs`` passes over ``minis`` (mini-batch -> micro-batches of items), one
+        optimizer step per mini-batch; ``infos``: verl's global batch info per mini-batch."""
+        from avar_ray.grpo import kl_loss, policy_loss, tis_weights
 
-    def _logprobs(self, model, encoded, lengths, with_entropy=False):
-        return forward_logprobs(model, encoded, lengths, self.spec.temperature, self.banned, with_entropy)
-
-    def train_step(self, items: list[TrainItem], info: dict) -> dict:
-        """The GRPO update on this rank's share. ``info``: verl's global batch info (dp_size,
-        batch_num_tokens, global_batch_size) so that the loss is the mean over the whole batch."""
-        from avar_ray.rl.grpo import kl_loss, policy_loss
-
-        if len(items) != self.spec.share_size:
-            raise ValueError(f"learner {self.rank}: got {len(items)} rollouts, expected a share of {self.spec.share_size}")
-        spec, engine = self.spec, self.engine
+        rl, engine = self.rl, self.engine
         engine.train()
-        batches = list(self._micro_batches(items))
+        encoded = [[self._encode(m) for m in mini] for mini in minis]
         stats = {"pg_loss": 0.0, "kl_loss": 0.0, "entropy_sum": 0.0, "tokens": 0, "clipfrac_sum": 0.0,
-                 "ppo_kl_sum": 0.0, "lp_diff_max": 0.0, "lp_diff_sum": 0.0, "old_logprob_s": 0.0}
-        old = None
-        if spec.ppo_epochs > 1:  # the policy moves between epochs: old log-probs need their own pass
-            t = time.perf_counter()
-            with torch.no_grad():
-                old = [self._logprobs(engine, enc, lengths)[0] for _, enc, lengths in batches]
-            stats["old_logprob_s"] = time.perf_counter() - t
-        grad_norms = []
-        for epoch in range(spec.ppo_epochs):
-            for b, (chunk, encoded, lengths) in enumerate(batches):
-                logprob, entropy, mask = self._logprobs(engine, encoded, lengths, with_entropy=True)
-                # One PPO epoch: nothing changed since sampling, so old == current (detached).
-                old_logprob = old[b] if old is not None else logprob.detach()
-                advantages = torch.tensor([it.advantage for it in chunk], dtype=torch.float32, device=logprob.device)
-                pg_loss, metrics = policy_loss(old_logprob, logprob, advantages, mask, spec.clip_ratio,
-                                               spec.rollout_n, info, spec.loss_agg_mode)
-                loss = pg_loss
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref_logprob = self._logprobs(self.reference, encoded, lengths)[0]
-                    kl = kl_loss(logprob, ref_logprob, mask, spec.kl_type, info, spec.loss_agg_mode)
-                    loss = loss + spec.kl_coef * kl
-                    stats["kl_loss"] += float(kl) if epoch == 0 else 0.0
-                engine.backward(loss, scale_wrt_gas=False)  # already scaled by the global token count
-                engine.step()
-                if epoch == 0:
+                 "ppo_kl_sum": 0.0, "update_tokens": 0, "tis_sum": 0.0, "tis_capped": 0, "updates": 0}
+        grad_norm = math.nan
+        for epoch in range(rl.ppo_epochs):
+            for m, mini in enumerate(minis):
+                for k, items in enumerate(mini):
+                    engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
+                    logprob, entropy, mask = self._logprobs(engine, encoded[m][k], items, chunks[m][k],
+                                                            with_entropy=epoch == 0)
+                    width = logprob.shape[1]
+                    old = pad_rows([it.old_logprobs for it in items], width).to(logprob.device)
+                    rollout = pad_rows([it.rollout_logprobs for it in items], width).to(logprob.device)
+                    weights = tis_weights(old, rollout, rl.tis_cap)
+                    advantages = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logprob.device)
+                    pg_loss, metrics = policy_loss(old, logprob, advantages, mask, rl.clip_ratio, rl.n_samples,
+                                                   infos[m], rl.loss_agg_mode, weights)
+                    loss = pg_loss
+                    if self.reference is not None:
+                        with torch.no_grad():
+                            ref = self._logprobs(self.reference, encoded[m][k], items, chunks[m][k])[0]
+                        kl = kl_loss(logprob, ref, mask, rl.kl_type, infos[m], rl.loss_agg_mode)
+                        loss = loss + rl.kl_coef * kl
+                        stats["kl_loss"] += float(kl.detach()) if epoch == 0 else 0.0
+                    engine.backward(loss, scale_wrt_gas=False)  # already scaled by the global token count
                     n_tok = int(mask.sum())
-                    stats["pg_loss"] += float(pg_loss.detach())
-                    stats["tokens"] += n_tok
-                    stats["entropy_sum"] += float((entropy.detach() * mask).sum())
                     stats["clipfrac_sum"] += metrics["actor/pg_clipfrac"] * n_tok
                     stats["ppo_kl_sum"] += metrics["actor/ppo_kl"] * n_tok
-                    rollout_lp = pad_rows([it.rollout_logprobs for it in chunk], logprob.shape[1]).to(logprob.device)
-                    diff = (logprob.detach() - rollout_lp).abs() * mask
-                    stats["lp_diff_max"] = max(stats["lp_diff_max"], float(diff.max()))
-                    stats["lp_diff_sum"] += float(diff.sum())
-            norm = engine.get_global_grad_norm()
-            grad_norms.append(float(norm) if norm is not None else math.nan)
-        stats["grad_norm"] = grad_norms[-1]
+                    stats["update_tokens"] += n_tok
+                    if weights is not None:
+                        stats["tis_sum"] += float((weights * mask).sum())
+                        stats["tis_capped"] += int(((weights >= rl.tis_cap) & mask).sum())
+                    if epoch == 0:
+                        stats["pg_loss"] += float(pg_loss.detach())
+                        stats["tokens"] += n_tok
+                        stats["entropy_sum"] += float((entropy * mask).sum())
+                engine.step()
+                stats["updates"] += 1
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else math.nan
+        stats["pg_loss"] /= len(minis)
+        stats["kl_loss"] /= len(minis)
+        stats["grad_norm"] = grad_norm
         return stats
 
     @torch.no_grad()
     def logprobs(self, items: list[TrainItem]) -> list[list[float]]:
-        """Current-policy log-probs of the given responses (tests, diagnostics)."""
+        """Current-policy log-probs of the given responses (tests, diagnostics; one rank)."""
         self.engine.eval()
-        out = []
-        for chunk, encoded, lengths in self._micro_batches(items):
-            lp, _, _ = self._logprobs(self.engine, encoded, lengths)
-            out.extend(lp[i, :n].tolist() for i, n in enumerate(lengths))
-        return out
+        lp, _, _ = self._logprobs(self.engine, self._encode(items), items, 0)
+        return [lp[i, :len(it.response_ids)].tolist() for i, it in enumerate(items)]
 
     # ------------------------------------------------------------------ weights
+    def _synced(self) -> list:
+        """The parameters a weight sync carries: all, or with ``rl.freeze_vision`` only the
+        trainable ones (the frozen vision tower never changes)."""
+        named = self.engine.module.named_parameters()
+        return list(trainable_only(named) if self.rl.freeze_vision else named)
+
     def _full_parameters(self, bucket_bytes: int):
         """(name, full tensor) on rank 0, (name, None) elsewhere; ZeRO-3 gathers bucket-wise
         on every rank (a collective), so all ranks must iterate."""
         import deepspeed
 
-        named = list(self.engine.module.named_parameters())
-        if self.spec.zero_stage != 3:
+        named = self._synced()
+        if self.rl.zero_stage != 3:
             for name, p in named:
                 yield name, (p.detach() if self.rank == 0 else None)
             return
@@ -215,7 +303,7 @@ class Learner:
 
     def weight_table(self, version: int, bucket_mb: float) -> WeightHandle:
         """Names, full shapes and dtypes per bucket (ZeRO-3: ``ds_shape``, no gather needed)."""
-        entries = ((n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self.engine.module.named_parameters())
+        entries = ((n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self._synced())
         return broadcast_table(entries, int(bucket_mb * MIB), version, self._weight_backend)
 
     def broadcast_weights(self, handle: WeightHandle) -> float:
@@ -234,13 +322,6 @@ class Learner:
                 broadcast_bucket(self._weight_group, pending, handle.shapes[bucket], self.engine.device)
                 bucket, pending = bucket + 1, []
         return time.perf_counter() - start
-
-    def publish_per_tensor(self) -> list:
-        """Baseline for the bench: one object per parameter (rank 0, ZeRO-1/2)."""
-        from actors.weight_sync import pack_bucket
-        import ray
-
-        return [ray.put(pack_bucket({n: p})) for n, p in self.engine.module.named_parameters()]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
@@ -263,7 +344,7 @@ class Learner:
     def export_hf(self, directory: str) -> None:
         """An HF checkpoint (transformers- and vLLM-loadable) of the current policy."""
         state = None
-        if self.spec.zero_stage == 3:
+        if self.rl.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank
         if self.rank != 0:
             return
@@ -273,19 +354,29 @@ class Learner:
         self.processor.save_pretrained(out)
 
 
-class LearnerGroup:
-    """The driver's view of the learners: equal shares in, summed metrics out."""
+def _chunk_counts(plan_lengths: list[list[int]]) -> int:
+    """LM-head calls of one micro-batch position: enough for the rank with the most response
+    tokens, the same on every rank (ZeRO-3 collectives)."""
+    from actors.policy import LOGPROB_CHUNK
 
-    def __init__(self, spec: LearnerSpec, placement):
+    return max(1, max(-(-sum(lengths) // LOGPROB_CHUNK) for lengths in plan_lengths))
+
+
+class LearnerGroup:
+    """The driver's view of the learners: the step's rollouts in, per-rollout passes and summed
+    metrics out."""
+
+    def __init__(self, rl, model):
         import ray
 
         from actors.placement import learner_options, learner_placement_group
 
-        self.spec = spec
+        self.rl = rl
+        placement = rl.placement
         self.world_size = placement.learners
         self.pg = learner_placement_group(placement)
         cls = ray.remote(Learner)
-        self.actors = [cls.options(**learner_options(placement, self.pg, r)).remote(spec, r, self.world_size)
+        self.actors = [cls.options(**learner_options(placement, self.pg, r)).remote(rl, model, r, self.world_size)
                        for r in range(self.world_size)]
         addresses = ray.get([a.address.remote() for a in self.actors])
         master_addr, master_port, _ = addresses[0]
@@ -294,29 +385,72 @@ class LearnerGroup:
         self.info = ray.get([a.setup.remote(master_addr, master_port, local[r], nodes.count(nodes[r]))
                              for r, a in enumerate(self.actors)])
 
-    def train_step(self, items: list[TrainItem]) -> dict:
+    def _plan(self, items: list[TrainItem], mini_batches: int):
+        from avar_ray.grpo import plan_step
+
+        # prompt + response tokens (the prompt length from vLLM; image tokens included)
+        lengths = [len(it.prompt_ids) + len(it.response_ids) for it in items]
+        return plan_step(lengths, self.world_size, mini_batches, self.rl.micro_batch_size,
+                         self.rl.max_tokens_per_micro_batch)
+
+    def score(self, items: list[TrainItem], want_stats: list[bool]) -> tuple[list[ScoredPass], dict]:
+        """The no-grad pass over the step's rollouts, data-parallel: one ``ScoredPass`` per item
+        (in order) and the pass's metrics."""
         import ray
 
-        from actors.rollout import split_even
-        from avar_ray.rl.grpo import batch_info
+        plan = [rank[0] for rank in self._plan(items, 1)]
+        chunks = [_chunk_counts([[len(items[i].response_ids) for i in plan[r][k]] for r in range(self.world_size)])
+                  for k in range(len(plan[0]))]
+        calls = [a.score.remote([[(i, items[i], want_stats[i]) for i in micro] for micro in plan[r]], chunks)
+                 for r, a in enumerate(self.actors)]
+        passes: dict[int, ScoredPass] = {}
+        results = ray.get(calls)
+        for result in results:
+            passes.update(result["passes"])
+        ordered = [passes[i] for i in range(len(items))]
+        diffs = [abs(a - b) for it, p in zip(items, ordered) for a, b in zip(p.old_logprobs, it.rollout_logprobs)]
+        return ordered, {
+            "actor/logprob_diff_max": max(diffs, default=0.0),
+            "actor/logprob_diff_mean": sum(diffs) / max(len(diffs), 1),
+            "learner/prompt_mismatch": sum(1 for p in ordered if p.error),
+            "learner/visual_stats_rollouts": sum(want_stats),
+            "time/old_logprob_forward": max(r["seconds"]["forward"] for r in results),
+        }
 
-        shares = split_even(items, self.world_size)
-        tokens = sum(len(it.response_ids) for it in items)
-        info = batch_info(self.world_size, tokens, len(items))
-        per_rank = ray.get([a.train_step.remote(s, info) for a, s in zip(self.actors, shares)])
+    def train_step(self, items: list[TrainItem]) -> dict:
+        """The GRPO update: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps."""
+        import ray
+
+        from avar_ray.grpo import batch_info
+
+        if any(it.old_logprobs is None for it in items):
+            raise ValueError("train_step: run score() first (the old log-probs are the learners' own)")
+        plan = self._plan(items, self.rl.mini_batches)
+        minis = range(self.rl.mini_batches)
+        infos = []
+        for m in minis:
+            rows = [i for r in range(self.world_size) for micro in plan[r][m] for i in micro]
+            infos.append(batch_info(self.world_size, sum(len(items[i].response_ids) for i in rows), len(rows)))
+        chunks = [[_chunk_counts([[len(items[i].response_ids) for i in plan[r][m][k]] for r in range(self.world_size)])
+                   for k in range(len(plan[0][m]))] for m in minis]
+        per_rank = ray.get([a.train.remote([[[items[i] for i in micro] for micro in plan[r][m]] for m in minis],
+                                           chunks, infos) for r, a in enumerate(self.actors)])
         n_tok = max(sum(r["tokens"] for r in per_rank), 1)
-        # Each rank's loss is its token sum / global tokens * dp_size: summed over ranks / dp_size.
-        return {
+        n_upd = max(sum(r["update_tokens"] for r in per_rank), 1)
+        out = {
+            # Each rank's loss is its token sum / global tokens * dp_size: summed over ranks / dp_size.
             "actor/pg_loss": sum(r["pg_loss"] for r in per_rank) / self.world_size,
             "actor/kl_loss": sum(r["kl_loss"] for r in per_rank) / self.world_size,
             "actor/entropy": sum(r["entropy_sum"] for r in per_rank) / n_tok,
-            "actor/pg_clipfrac": sum(r["clipfrac_sum"] for r in per_rank) / n_tok,
-            "actor/ppo_kl": sum(r["ppo_kl_sum"] for r in per_rank) / n_tok,
+            "actor/pg_clipfrac": sum(r["clipfrac_sum"] for r in per_rank) / n_upd,  # over every update
+            "actor/ppo_kl": sum(r["ppo_kl_sum"] for r in per_rank) / n_upd,
             "actor/grad_norm": per_rank[0]["grad_norm"],
-            "actor/logprob_diff_max": max(r["lp_diff_max"] for r in per_rank),
-            "actor/logprob_diff_mean": sum(r["lp_diff_sum"] for r in per_rank) / n_tok,
-            "time/old_logprob": max(r["old_logprob_s"] for r in per_rank),
+            "actor/updates": per_rank[0]["updates"],
         }
+        if self.rl.tis_cap is not None:
+            out["actor/tis_weight_mean"] = sum(r["tis_sum"] for r in per_rank) / n_upd
+            out["actor/tis_capped_frac"] = sum(r["tis_capped"] for r in per_rank) / n_upd
+        return out
 
     def publish_weights(self, version: int, bucket_mb: float) -> WeightHandle:
         import ray
@@ -324,8 +458,11 @@ class LearnerGroup:
         return ray.get([a.publish_weights.remote(version, bucket_mb) for a in self.actors])[0]
 
     def logprobs(self, items: list[TrainItem]) -> list[list[float]]:
+        """Current-policy log-probs (rank 0 alone: ZeRO-1/2 only; ZeRO-3 needs every rank)."""
         import ray
 
+        if self.rl.zero_stage == 3:
+            return ray.get([a.logprobs.remote(items) for a in self.actors])[0]
         return ray.get(self.actors[0].logprobs.remote(items))
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from avar_ray.data.schema import Sample
 
@@ -43,17 +44,30 @@ class Scored:
 
 @dataclass
 class TrainItem:
-    """What a learner needs for one rollout: the conversation, the response and its advantage."""
+    """What a learner needs for one rollout: the conversation, the response, vLLM's view of
+    both (prompt ids, sampled-token log-probs), the advantage and, once the learners' no-grad
+    pass has run, the old log-probs (the behaviour policy of the PPO ratio)."""
 
     sample: Sample
     response_ids: list[int]
     advantage: float
     rollout_logprobs: list[float]
+    prompt_ids: list[int] = field(default_factory=list)  # vLLM's; [] = not checked
+    old_logprobs: Optional[list[float]] = None  # None: the learners' own pass has not run
+
+
+@dataclass
+class ScoredPass:
+    """What the learners' no-grad pass gives back for one rollout."""
+
+    old_logprobs: list[float]
+    vas: float  # response-span VAS (SPEC.md §5's r_visual before the gate); nan if not asked for
+    error: str = ""  # non-empty: the prompt ids differed from vLLM's, or the forward raised
 
 
 def conversation(sample: Sample, system_prompt: str | None = None) -> tuple[list[dict], list]:
-    """Chat messages and decoded images of a sample: the one prompt the rollout worker, the
-    reward scorer and the learners all see (so their token ids agree)."""
+    """Chat messages and decoded images of a sample: the one prompt the rollout worker and
+    the learners both see (so their token ids agree)."""
     from avar_ray.data.schema import build_messages, pil_images
 
     return build_messages(sample, system_prompt=system_prompt), pil_images(sample)

@@ -85,11 +85,13 @@ def _recover_with_retries(recover: Callable[[], None], deaths: tuple, max_attemp
 
 
 class ActorSet:
-    """Restartable actors that hold the policy weights (rollout workers, the reward scorer).
+    """Restartable actors (rollout workers, the reward actor).
 
-    Each actor class has ``ready()`` and ``update_weights(handle)``. The set remembers the
-    newest ``WeightHandle``, so an actor that Ray restarted (from the start-up checkpoint) gets
-    the current policy before it redoes its share."""
+    Each actor class has ``ready()``; those holding the policy (rollout workers) also
+    ``update_weights(handle)``. The set remembers the newest ``WeightHandle`` (or a callable
+    that returns it), so an actor that
+    Ray restarted (from the start-up checkpoint) gets the current policy before it redoes its
+    share."""
 
     def __init__(self, cls: type, args: Sequence[tuple], actor_options: dict, max_attempts: int, what: str):
         import ray
@@ -108,10 +110,12 @@ class ActorSet:
         self.restarts += 1
         actor = self.actors[index]
         self.info[index] = ray.get(actor.ready.remote())
-        if self.handle is not None:
-            ray.get(actor.update_weights.remote(self.handle))
+        # a handle, or a callable giving one (the broadcast sync publishes on demand)
+        handle = self.handle() if callable(self.handle) else self.handle
+        if handle is not None:
+            ray.get(actor.update_weights.remote(handle))
         log.warning("%s %d restarted (pid %s), now at policy version %d", self.what, index, self.info[index]["pid"],
-                    self.handle.version if self.handle is not None else 0)
+                    handle.version if handle is not None else 0)
 
     def call(self, calls: Sequence[tuple[int, str, tuple]]) -> list:
         """``(actor index, method, args)`` for several actors at once, redone after a death."""

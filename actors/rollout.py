@@ -36,6 +36,7 @@ class EngineSpec:
     seed: int = 0
     system_prompt: str | None = None
     model: Optional[ModelConfig] = None  # image resolution (model.min_pixels / max_pixels)
+    tensor_parallel_size: int = 1  # rl.rollout_tensor_parallel_size (GPU only; untested here)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class RolloutWorker:
                              enforce_eager=spec.enforce_eager, seed=spec.seed,
                              gpu_memory_utilization=spec.gpu_memory_utilization, worker_extension_cls=EXTENSION,
                              # temperature applied, as the learner's log-probs (logits / T)
-                             logprobs_mode="processed_logprobs")
+                             logprobs_mode="processed_logprobs", tensor_parallel_size=spec.tensor_parallel_size)
         self.start_s = time.perf_counter() - start
 
     def ready(self) -> dict:
@@ -78,19 +79,6 @@ class RolloutWorker:
         self._guard(lambda: self.llm.collective_rpc("avar_finish_weight_update"))
         self._reset_caches()
         self.version = handle.version
-        return time.perf_counter() - start
-
-    def update_weights_per_tensor(self, refs: list, version: int) -> float:
-        """Baseline for bench/rl_step.py: one object and one RPC per parameter."""
-        import ray
-
-        start = time.perf_counter()
-        self.llm.collective_rpc("avar_begin_weight_update")
-        for ref in refs:
-            self.llm.collective_rpc("avar_receive_weight_buckets", args=([ray.get(ref)],))
-        self.llm.collective_rpc("avar_finish_weight_update")
-        self._reset_caches()
-        self.version = version
         return time.perf_counter() - start
 
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
@@ -120,15 +108,30 @@ class RolloutWorker:
             params.append(self.codec.sampling_params(n=sampling.n, temperature=sampling.temperature,
                                                      top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
                                                      logprobs=0, seed=req.seed))
-        outputs = self._guard(lambda: self.llm.generate(inputs, params, use_tqdm=False))
         rollouts = []
-        for req, out in zip(requests, outputs):
+        for req, out in self._generate_isolating(requests, inputs, params):
             for completion in out.outputs:
                 ids = list(completion.token_ids)
                 logprobs = [float(completion.logprobs[i][tok].logprob) for i, tok in enumerate(ids)]
                 rollouts.append(Rollout(req.index, req.sample.id, ids, self.codec.decode(ids), logprobs,
                                         str(completion.finish_reason), self.version, list(out.prompt_token_ids)))
         return rollouts
+
+    def _generate_isolating(self, requests, inputs, params) -> list:
+        """(request, output) pairs. If the batched call raises (a request vLLM refuses: too
+        long, a bad image), each request is retried alone, and the ones that still fail are
+        logged with their sample id and left out: the step goes on without them."""
+        try:
+            return list(zip(requests, self._guard(lambda: self.llm.generate(inputs, params, use_tqdm=False))))
+        except Exception as exc:  # noqa: BLE001 - isolated below; a dead engine already exited in _guard
+            if len(requests) == 1:
+                log.warning("rollout worker %d: request for sample %s failed: %s", self.worker_index,
+                            requests[0].sample.id, exc)
+                return []
+        done = []
+        for req, item, param in zip(requests, inputs, params):
+            done.extend(self._generate_isolating([req], [item], [param]))
+        return done
 
     def _guard(self, fn):
         """A dead engine cannot recover inside this process: exit so that Ray restarts the actor

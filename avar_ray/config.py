@@ -142,7 +142,6 @@ class RewardConfig:
     visual_norm: Literal["none", "squash", "group_z"] = "none"
     visual_layers: Optional[list[int]] = None
     eps: float = 1e-6
-    batch_size: int = 8  # rollouts per scorer forward (attention statistics of the response)
     visual_gate: bool = True  # r_visual only for correct answers (SPEC.md §5); false: for every rollout (ablation)
     accuracy_weight: float = 1.0  # w_acc in w_acc * r_acc + ...; -1 (lambdas 0) flips every GRPO advantage (a control)
 
@@ -155,7 +154,7 @@ class PlacementConfig:
     learners: int = 1
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0
-    reward_cpus: float = 1.0
+    reward_cpus: float = 1.0  # the reward actor holds no model (text rewards + the combination)
     reward_gpus: float = 0.0
     learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # learner placement group
     max_restarts: int = 3  # Ray restarts of a dead rollout worker / reward actor before the run fails
@@ -175,8 +174,16 @@ class RLConfig:
     clip_ratio: float = 0.2
     kl_coef: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # most rollouts per learner micro-batch
+    max_tokens_per_micro_batch: int = 0  # token budget per micro-batch (prompt + response); 0: rows only
     ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per PPO epoch (the step's rollouts cut in this many)
+    tis_cap: Optional[float] = None  # truncated IS weight min(pi_old / pi_vllm, cap) per token; None: off
+    gradient_checkpointing: bool = False  # learner: recompute decoder activations in the backward
+    freeze_vision: bool = False  # vision tower frozen in RL; only trainable weights are synced
+    dynamic_sampling: bool = False  # DAPO: drop groups of equal rewards, refill from the sampler
+    dynamic_sampling_max_refills: int = 2  # extra draws per step when dropping groups
+    max_image_pixels: int = 4096 * 4096  # per image; larger ones are filtered at load (counted)
     save_every: int = 5
     weight_sync_backend: Literal["object_store", "nccl"] = "object_store"  # nccl: broadcast to rollout workers (gloo without GPUs)
     weight_sync_bucket_mb: float = 64.0
@@ -422,11 +429,16 @@ def validate(cfg: RunConfig) -> None:
         (cfg.sft.micro_batch_size >= 1 and cfg.sft.grad_accum >= 1, "sft.micro_batch_size, sft.grad_accum: must be >= 1"),
         (0.0 <= cfg.sft.warmup_ratio < 1.0, "sft.warmup_ratio: must be in [0, 1)"),
         (cfg.sft.alpha >= 0 and cfg.sft.beta >= 0, "sft.alpha, sft.beta: must be >= 0"),
-        ((cfg.rl.prompts_per_step * cfg.rl.n_samples) % cfg.rl.placement.learners == 0,
-         "rl.prompts_per_step * rl.n_samples: must be divisible by rl.placement.learners (equal shares)"),
-        (min(cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.micro_batch_size, cfg.rl.ppo_epochs,
-             cfg.rl.max_new_tokens, cfg.rl.reward.batch_size, cfg.rl.max_images) >= 1,
-         "rl.steps/prompts_per_step/micro_batch_size/ppo_epochs/max_new_tokens/max_images/reward.batch_size: must be >= 1"),
+        (cfg.rl.prompts_per_step * cfg.rl.n_samples >= cfg.rl.placement.learners * cfg.rl.mini_batches,
+         "rl.prompts_per_step * rl.n_samples: must be >= rl.placement.learners * rl.mini_batches (a rollout "
+         "per rank and mini-batch)"),
+        (min(cfg.rl.steps, cfg.rl.prompts_per_step, cfg.rl.micro_batch_size, cfg.rl.ppo_epochs, cfg.rl.mini_batches,
+             cfg.rl.max_new_tokens, cfg.rl.max_images, cfg.rl.max_image_pixels) >= 1,
+         "rl.steps/prompts_per_step/micro_batch_size/ppo_epochs/mini_batches/max_new_tokens/max_images/max_image_pixels: "
+         "must be >= 1"),
+        (cfg.rl.tis_cap is None or cfg.rl.tis_cap > 0, "rl.tis_cap: must be positive (or null: off)"),
+        (cfg.rl.max_tokens_per_micro_batch >= 0 and cfg.rl.dynamic_sampling_max_refills >= 0,
+         "rl.max_tokens_per_micro_batch, rl.dynamic_sampling_max_refills: must be >= 0"),
         (cfg.rl.weight_sync_bucket_mb > 0, "rl.weight_sync_bucket_mb: must be positive"),
         (cfg.rl.rollout_tensor_parallel_size >= 1, "rl.rollout_tensor_parallel_size: must be >= 1"),
         (cfg.rl.rollout_tensor_parallel_size == 1 or cfg.rl.placement.rollout_gpus > 0,

@@ -1,15 +1,24 @@
-"""GRPO maths, all of it from ``verl.trainer.ppo.core_algos`` (ARCHITECTURE.md: don't rewrite
-it): group-normalised outcome advantages, the clipped policy loss, the KL estimators and the
-loss aggregation. This module only adapts our shapes to verl's.
+"""GRPO maths, pure (torch/numpy, verl's ``core_algos``; no Ray, no model): imported by the
+learner actors and the RL driver alike, so that imports flow one way (actors never import
+``avar_ray.rl``).
+
+From ``verl.trainer.ppo.core_algos`` (ARCHITECTURE.md: don't rewrite it): group-normalised
+outcome advantages, the clipped policy loss (with verl's ``rollout_is_weights`` for the
+truncated importance-sampling correction), the KL estimators and the loss aggregation. Ours:
+the TIS weights, DAPO's informative-group filter, and how a step's rollouts are split over
+learner ranks, mini-batches and token-budget micro-batches.
 
 Loss scaling across learners and micro-batches: every micro-batch loss is
 ``sum(token losses) / global_tokens * dp_size`` (verl's ``agg_loss`` with ``batch_num_tokens``
-and ``dp_size``); summed over a rank's micro-batches and averaged over ranks by DeepSpeed's
-gradient all-reduce this is the token mean over the whole step batch, whatever the split.
+and ``dp_size``, the global count being that of the mini-batch); summed over a rank's
+micro-batches and averaged over ranks by DeepSpeed's gradient all-reduce this is the token
+mean over the whole mini-batch, whatever the split.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +41,14 @@ def grpo_advantages(scores: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6
     return advantages.squeeze(-1).numpy()
 
 
+def informative_groups(scores: np.ndarray, group_ids: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+    """The group ids whose rewards are not all equal (DAPO's dynamic sampling keeps only these:
+    a group of equal rewards has zero advantages, no GRPO signal)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    group_ids = np.asarray(group_ids).reshape(-1)
+    return np.array([g for g in dict.fromkeys(group_ids.tolist()) if np.ptp(scores[group_ids == g]) > tol])
+
+
 @lru_cache(maxsize=8)
 def _actor_config(clip_ratio: float, rollout_n: int, loss_agg_mode: str):
     from verl.workers.config import ActorConfig
@@ -46,10 +63,21 @@ def batch_info(dp_size: int, global_tokens: int, global_sequences: int) -> dict:
     return {"dp_size": dp_size, "batch_num_tokens": global_tokens, "global_batch_size": global_sequences}
 
 
+def tis_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor, cap: Optional[float]) -> Optional[torch.Tensor]:
+    """Truncated importance-sampling weights ``min(pi_old / pi_rollout, cap)`` per token (the
+    correction for vLLM's sampler differing from the learner's policy); None when ``cap`` is
+    None (off). Detached: a weight, not a path for gradients."""
+    if cap is None:
+        return None
+    return torch.exp(old_logprob.detach() - rollout_logprob.detach()).clamp(max=float(cap))
+
+
 def policy_loss(old_logprob: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_ratio: float, rollout_n: int, info: dict, loss_agg_mode: str = "token-mean"):
+                clip_ratio: float, rollout_n: int, info: dict, loss_agg_mode: str = "token-mean",
+                is_weights: Optional[torch.Tensor] = None):
     """verl's clipped ("vanilla") PPO/GRPO policy loss on ``[B, R]`` tensors; ``advantages`` may
-    be ``[B]`` (one per rollout: broadcast over its tokens). Returns ``(loss, metrics)``."""
+    be ``[B]`` (one per rollout: broadcast over its tokens); ``is_weights`` (``[B, R]``) scale
+    each token's loss (TIS). Returns ``(loss, metrics)``."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
     if advantages.dim() == 1:
@@ -57,7 +85,8 @@ def policy_loss(old_logprob: torch.Tensor, logprob: torch.Tensor, advantages: to
     config = _actor_config(float(clip_ratio), int(rollout_n), loss_agg_mode)
     config.global_batch_info.clear()
     config.global_batch_info.update(info)
-    return get_policy_loss_fn("vanilla")(old_logprob, logprob, advantages, mask.float(), loss_agg_mode, config)
+    return get_policy_loss_fn("vanilla")(old_logprob, logprob, advantages, mask.float(), loss_agg_mode, config,
+                                         rollout_is_weights=is_weights)
 
 
 def kl_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, mask: torch.Tensor, kind: str, info: dict,
@@ -69,6 +98,49 @@ def kl_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, mask: torch.Tensor
     return agg_loss(kl, mask.float(), loss_agg_mode, **info)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    mask = mask.float()
-    return float((values * mask).sum() / mask.sum().clamp(min=1))
+# ----------------------------------------------------------------------------- batch splits
+def balanced_split(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of ``lengths`` in ``parts`` groups of near-equal token sums (longest first, each
+    to the lightest group; ties keep order), each group's indices ascending. Every group is
+    non-empty when there are at least ``parts`` items."""
+    loads = [0] * parts
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        g = min(range(parts), key=lambda g: (loads[g], len(groups[g])))
+        groups[g].append(i)
+        loads[g] += lengths[i]
+    return [sorted(g) for g in groups]
+
+
+def micro_batch_count(lengths: Sequence[int], max_rows: int, max_tokens: int) -> int:
+    """Micro-batches one rank needs for ``lengths`` (tokens per row): at most ``max_rows`` rows
+    and, when ``max_tokens > 0``, about ``max_tokens`` tokens each (a longer row goes alone)."""
+    if not lengths:
+        return 0
+    count = math.ceil(len(lengths) / max_rows)
+    if max_tokens > 0:
+        count = max(count, math.ceil(sum(lengths) / max_tokens))
+    return min(count, len(lengths))
+
+
+def plan_step(lengths: Sequence[int], ranks: int, mini_batches: int, max_rows: int,
+              max_tokens: int) -> list[list[list[list[int]]]]:
+    """The step's rollouts (tokens per row, prompt + response) as ``plan[rank][mini][micro] ->
+    row indices``: length-balanced over ranks, each rank's share cut into ``mini_batches``
+    (one optimizer step each), each mini-batch into micro-batches under the token budget. Every
+    rank gets the same number of micro-batches per mini-batch (ZeRO-3 gathers are collectives:
+    all ranks must run the same forwards)."""
+    shares = balanced_split(lengths, ranks)
+    minis = [[[share[i] for i in part] for part in balanced_split([lengths[i] for i in share], mini_batches)]
+             for share in shares]
+    plan: list = [[] for _ in range(ranks)]
+    for m in range(mini_batches):
+        parts = [minis[r][m] for r in range(ranks)]
+        count = max(micro_batch_count([lengths[i] for i in p], max_rows, max_tokens) for p in parts)
+        count = min([count] + [len(p) for p in parts])
+        if count < 1:
+            raise ValueError(f"{len(lengths)} rollouts cannot fill {ranks} learner ranks x {mini_batches} "
+                             "mini-batches (rl.mini_batches, rl.placement.learners)")
+        for r, part in enumerate(parts):
+            plan[r].append([[part[i] for i in micro] for micro in balanced_split([lengths[i] for i in part], count)])
+    return plan

@@ -13,22 +13,23 @@ from .accuracy import (
     score_text,
     verify_math,
 )
-from .combine import VISUAL_NORMS, RewardParts, VisualNorm, combine_rewards, normalise_visual
+from .combine import CORRECT_THRESHOLD, VISUAL_NORMS, VisualNorm, combine_rewards, is_correct, normalise_visual
 from .extract import extract_answer, extract_choice
 from .format import END_TOKENS, format_reward
-from .visual import visual_ratio, visual_reward
+from .visual import visual_ratio
 
 __all__ = [
     "ANSWER_TYPES",
     "END_TOKENS",
     "VISUAL_NORMS",
-    "RewardParts",
+    "CORRECT_THRESHOLD",
     "VisualNorm",
     "accuracy_reward",
     "combine_rewards",
     "extract_answer",
     "extract_choice",
     "format_reward",
+    "is_correct",
     "normalise_visual",
     "numbers_match",
     "parse_number",
@@ -37,5 +38,4 @@ __all__ = [
     "score_text",
     "verify_math",
     "visual_ratio",
-    "visual_reward",
 ]

@@ -6,13 +6,22 @@ offers two bounded alternatives for comparison.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 
 VisualNorm = Literal["none", "squash", "group_z"]
 VISUAL_NORMS = ("none", "squash", "group_z")
+
+# One threshold for "correct", in RL (the r_visual gate, group_z) and eval alike. r_acc is 0 or 1
+# today; were partial credit introduced, half-right would count as correct.
+CORRECT_THRESHOLD = 0.5
+
+
+def is_correct(r_acc):
+    """r_acc >= CORRECT_THRESHOLD (a bool, or a bool array for an array)."""
+    out = np.asarray(r_acc, dtype=np.float64) >= CORRECT_THRESHOLD
+    return bool(out) if out.ndim == 0 else out
 
 
 def normalise_visual(
@@ -54,7 +63,7 @@ def normalise_visual(
     gid = np.asarray(group_ids).reshape(-1)
     if gid.shape != r.shape:
         raise ValueError(f"group_ids shape {gid.shape} != r_visual shape {r.shape}")
-    ok = (r > 0) if correct is None else (np.asarray(correct, dtype=np.float64).reshape(-1) >= 0.5)
+    ok = (r > 0) if correct is None else is_correct(np.asarray(correct, dtype=np.float64).reshape(-1))
     out = np.zeros_like(r)
     for g in np.unique(gid):
         sel = (gid == g) & ok
@@ -82,7 +91,7 @@ def combine_rewards(
     rollout. ``accuracy_weight`` -1 with lambda_v = lambda_f = 0 flips every group-normalised
     GRPO advantage exactly (the control of tests/test_learning.py).
 
-    For "group_z" the correct set is taken from ``r_acc`` (>= 0.5), not from r_visual > 0.
+    For "group_z" the correct set is taken from ``r_acc`` (``is_correct``), not from r_visual > 0.
     """
     acc = np.asarray(r_acc, dtype=np.float64).reshape(-1)
     fmt = np.asarray(r_format, dtype=np.float64).reshape(-1)
@@ -93,21 +102,3 @@ def combine_rewards(
         )
     nv = normalise_visual(vis, visual_norm, group_ids=group_ids, correct=acc)
     return accuracy_weight * acc + lambda_v * nv + lambda_f * fmt
-
-
-@dataclass(frozen=True)
-class RewardParts:
-    """The pieces of one rollout's reward, for logging.
-
-    ``visual`` is the gated r_visual fed to the combination (before normalisation);
-    ``visual_raw`` the ungated ratio (the response VAS, logged for wrong answers too).
-    """
-
-    acc: float
-    format: float
-    visual: float
-    visual_raw: float
-    total: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}

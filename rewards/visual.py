@@ -2,6 +2,8 @@
 
     r_visual = 0 if wrong, else mean_t mean_l [ mass_V(Abar[l,t]) / (mass_S(Abar[l,t]) + eps) ]
 
+(the gate, ``rewards.combine.is_correct``, is applied by the reward actor)
+
 Inputs are attention *masses* per layer, head and response token (sum over the key set of the
 post-softmax weights), shape [L, H, T], as the chunked logsumexp path of SPEC §1 produces them;
 no full attention map is needed. Head-averaging the mass equals the mass of the head-averaged
@@ -47,20 +49,3 @@ def visual_ratio(
         return 0.0
     ratio = v.mean(axis=1) / (s.mean(axis=1) + eps)  # [L', T]
     return float(ratio.mean())
-
-
-def visual_reward(
-    mass_v: ArrayLike,
-    mass_s: ArrayLike,
-    correct: bool | float,
-    eps: float = 1e-6,
-    layers: Sequence[int] | None = None,
-) -> float:
-    """r_visual: ``visual_ratio`` if the answer is correct, else 0.0.
-
-    ``correct`` may be r_acc itself; it counts as correct when >= 0.5 (r_acc is 0/1, so this
-    only matters if partial credit is ever introduced: then half-right still earns the bonus).
-    """
-    if float(correct) < 0.5:
-        return 0.0
-    return visual_ratio(mass_v, mass_s, eps=eps, layers=layers)

@@ -1,4 +1,4 @@
-"""GRPO maths (avar_ray/rl/grpo.py) against verl's ``core_algos`` on the same tensors, and
+"""GRPO maths (avar_ray/grpo.py) against verl's ``core_algos`` on the same tensors, and
 against the formulas written out by hand (SPEC.md §5) so that a change in either shows.
 
 Pure torch/numpy: no Ray, no model.
@@ -11,7 +11,8 @@ import torch
 
 from verl.trainer.ppo import core_algos
 
-from avar_ray.rl.grpo import batch_info, grpo_advantages, kl_loss, masked_mean, policy_loss
+from avar_ray.grpo import (balanced_split, batch_info, grpo_advantages, informative_groups, kl_loss, plan_step,
+                           policy_loss, tis_weights)
 
 # Three groups of four rollouts: mixed rewards, all-identical rewards, and a group of one.
 SCORES = np.array([1.0, 0.0, 0.5, 1.3, 0.7, 0.7, 0.7, 0.7, 2.0], dtype=np.float32)
@@ -145,8 +146,38 @@ def test_kl_loss_equals_verl(kind):
     assert float(kl_loss(new, new, mask, kind, info)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_masked_mean():
-    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert masked_mean(values, mask) == pytest.approx(2.0)
-    assert masked_mean(values, torch.zeros_like(mask)) == 0.0
+def test_tis_weights_truncate_and_scale_the_token_losses():
+    old, new, adv, mask = _rollout_tensors(seed=2)
+    rollout = old + (torch.rand(old.shape, generator=torch.Generator().manual_seed(5)) - 0.5)  # vLLM differs
+    assert tis_weights(old, rollout, None) is None
+    w = tis_weights(old, rollout, 1.5)
+    torch.testing.assert_close(w, torch.exp(old - rollout).clamp(max=1.5))
+    assert float(w.max()) == pytest.approx(1.5) and float(w.min()) < 1.0
+    info = batch_info(1, int(mask.sum()), len(LENGTHS))
+    plain, _ = policy_loss(old, new, adv, mask, 0.2, 4, info)
+    weighted, _ = policy_loss(old, new, adv, mask, 0.2, 4, info, is_weights=w)
+    ratio = torch.exp(new - old)
+    a = adv.unsqueeze(1).expand_as(new)
+    per_token = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 0.8, 1.2)) * w
+    torch.testing.assert_close(weighted, (per_token * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-7)
+    assert abs(float(weighted - plain)) > 1e-4
+
+
+def test_informative_groups_drop_equal_rewards():
+    assert informative_groups(SCORES, GROUPS).tolist() == [0]  # group 1 all equal, group 2 a single rollout
+    assert informative_groups(np.zeros(4), np.array([0, 0, 1, 1])).tolist() == []
+
+
+def test_balanced_split_and_step_plan():
+    lengths = [100, 10, 90, 20, 50, 50, 30, 70]
+    parts = balanced_split(lengths, 2)
+    assert sorted(i for p in parts for i in p) == list(range(8))
+    assert abs(sum(lengths[i] for i in parts[0]) - sum(lengths[i] for i in parts[1])) <= 10
+    plan = plan_step(lengths, ranks=2, mini_batches=2, max_rows=4, max_tokens=60)
+    assert sorted(i for rank in plan for mini in rank for micro in mini for i in micro) == list(range(8))
+    for m in range(2):  # every rank runs as many micro-batches (ZeRO-3 collectives)
+        assert len(plan[0][m]) == len(plan[1][m]) >= 2
+    # without a token budget: rows only, one micro-batch per mini-batch here
+    assert [len(mini) for mini in plan_step(lengths, 2, 2, 4, 0)[0]] == [1, 1]
+    with pytest.raises(ValueError, match="mini_batches"):
+        plan_step([5, 5], ranks=2, mini_batches=2, max_rows=4, max_tokens=0)

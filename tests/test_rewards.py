@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from rewards import (
-    RewardParts,
     accuracy_reward,
     combine_rewards,
     extract_answer,
@@ -22,7 +21,7 @@ from rewards import (
     score_numeric,
     score_text,
     visual_ratio,
-    visual_reward,
+    is_correct,
 )
 
 # --- extraction --------------------------------------------------------------------------
@@ -265,17 +264,17 @@ def _direct_ratio(v: np.ndarray, s: np.ndarray, eps: float, layers=None) -> floa
     return total / T
 
 
-def test_visual_reward_matches_direct_numpy():
+def test_visual_ratio_matches_direct_numpy():
     rng = np.random.default_rng(0)
     L, H, T = 4, 3, 5
     v = rng.uniform(0.0, 0.5, size=(L, H, T))
     s = rng.uniform(0.01, 0.5, size=(L, H, T))
     eps = 1e-6
     want = _direct_ratio(v, s, eps)
-    assert visual_reward(v, s, True, eps=eps) == pytest.approx(want, rel=1e-12)
+    assert visual_ratio(v, s, eps=eps) == pytest.approx(want, rel=1e-12)
     # torch input (bf16 not used: precision), same value
     vt, st = torch.tensor(v, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
-    got_t = visual_reward(vt, st, 1.0)
+    got_t = visual_ratio(vt, st)
     assert got_t == pytest.approx(want, rel=1e-5)
     # a mean of per-(layer, token) ratios differs from a ratio of means
     assert want != pytest.approx(v.mean() / (s.mean() + eps), rel=1e-6)
@@ -285,16 +284,15 @@ def test_visual_reward_matches_direct_numpy():
     assert want_sub != pytest.approx(want, rel=1e-6)
 
 
-def test_visual_reward_gating_and_edges():
+def test_visual_ratio_edges_and_the_correct_threshold():
     rng = np.random.default_rng(1)
     v = rng.uniform(size=(2, 2, 3))
     s = rng.uniform(0.1, 1.0, size=(2, 2, 3))
     raw = visual_ratio(v, s)
     assert raw > 0
-    assert visual_reward(v, s, False) == 0.0
-    assert visual_reward(v, s, 0.0) == 0.0
-    assert visual_reward(v, s, True) == raw
-    assert visual_reward(np.zeros((2, 2, 0)), np.zeros((2, 2, 0)), True) == 0.0
+    assert is_correct(1.0) and is_correct(0.5) and not is_correct(0.0) and not is_correct(0.49)
+    assert is_correct(np.array([0.0, 1.0])).tolist() == [False, True]
+    assert visual_ratio(np.zeros((2, 2, 0)), np.zeros((2, 2, 0))) == 0.0
     assert visual_ratio(np.ones((1, 1, 1)), np.zeros((1, 1, 1)), eps=1e-6) == pytest.approx(1e6)
     with pytest.raises(ValueError):
         visual_ratio(np.ones((2, 2, 3)), np.ones((2, 3, 3)))
@@ -344,10 +342,3 @@ def test_combine_rewards_each_norm():
     assert np.allclose(gz2, [1 - 0.3, 1 + 0.3], atol=1e-5)
     with pytest.raises(ValueError):
         combine_rewards(acc, fmt[:3], vis)
-
-
-def test_reward_parts_to_dict():
-    p = RewardParts(acc=1.0, format=1.0, visual=12.0, visual_raw=12.0, total=4.7)
-    d = p.to_dict()
-    assert d == {"acc": 1.0, "format": 1.0, "visual": 12.0, "visual_raw": 12.0, "total": 4.7}
-    assert all(type(x) is float for x in d.values())

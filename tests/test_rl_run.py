@@ -85,36 +85,37 @@ def test_prune_keeps_the_newest_checkpoints(tmp_path):
         latest_step(tmp_path)
 
 
-def test_reward_scorer_combines_parts_and_isolates_a_failing_rollout(tiny_model_dir, procedural_parquet):
-    """The reward actor's scoring, in-process (no Ray): SPEC.md §5's sum for a correct,
-    well-formed answer; the gate for a wrong one; a rollout whose forward raises (image
-    placeholder tokens sampled into the response) gets 0 and an error while the rest are scored."""
+def test_reward_actor_combines_parts_gates_and_isolates_failures(procedural_parquet):
+    """The reward actor's scoring, in-process (no Ray, no model): SPEC.md §5's sum for a correct,
+    well-formed answer; the gate for a wrong one (its VAS is not even asked for); a rollout the
+    learners failed on gets 0 and an error while the rest are scored."""
     from actors.records import Rollout
-    from actors.reward import RewardScorer, ScorerSpec
+    from actors.reward import RewardScorer, needs_visual
+    from avar_ray.config import RewardConfig
     from avar_ray.data.readers import read_samples
 
     samples, _ = read_samples(procedural_parquet)
     s0, s1 = samples[0], samples[1]
-    scorer = RewardScorer(ScorerSpec(str(tiny_model_dir), lambda_v=0.3, lambda_f=0.1))
-    tok = scorer.processor.tokenizer
+    scorer = RewardScorer(RewardConfig(lambda_v=0.3, lambda_f=0.1))
 
-    def rollout(index, sample, text, ids=None):
-        ids = ids if ids is not None else tok(text, add_special_tokens=False)["input_ids"]
-        return Rollout(index, sample.id, ids, text, [0.0] * len(ids), "stop", 0)
+    def rollout(index, sample, text):
+        return Rollout(index, sample.id, [1, 2], text, [0.0, 0.0], "stop", 0)
 
     wrong = next(c for c in "ABCDEFGH" if c != s0.answer) if s0.answer_type == "choice" else str(int(s0.answer) + 1)
-    pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    broken = tok("<think>x</think>", add_special_tokens=False)["input_ids"] + [pad, pad]
     rollouts = [rollout(0, s0, f"<think>I look at the image.</think><answer>{s0.answer}</answer>"),
                 rollout(0, s0, f"<think>hmm</think><answer>{wrong}</answer>"),
-                rollout(1, s1, "x", broken), rollout(1, s1, "no tags here")]
-    right, wrong_, bad, untagged = scorer.score(rollouts, {s0.id: s0, s1.id: s1})
-    assert (right.accuracy, right.format) == (1.0, 1.0) and right.vas > 0 and right.visual == right.vas
-    assert right.total == pytest.approx(1.0 + 0.3 * right.vas + 0.1)
-    assert (wrong_.accuracy, wrong_.format, wrong_.visual) == (0.0, 1.0, 0.0) and wrong_.vas > 0  # gated
+                rollout(1, s1, "x"), rollout(1, s1, "no tags here")]
+    text = scorer.text(rollouts, {s0.id: s0, s1.id: s1})
+    assert [t[:2] for t in text] == [(1.0, 1.0), (0.0, 1.0), (0.0, 0.0), (0.0, 0.0)]
+    assert needs_visual(text, gate=True) == [True, False, False, False]
+    assert needs_visual(text, gate=False) == [True] * 4
+    vas = [4.0, math.nan, 2.0, 3.0]
+    right, wrong_, bad, untagged = scorer.combine(rollouts, text, vas, ["", "", "learner: prompt differs", ""])
+    assert right.visual == right.vas == 4.0 and right.total == pytest.approx(1.0 + 0.3 * 4.0 + 0.1)
+    assert (wrong_.accuracy, wrong_.format, wrong_.visual) == (0.0, 1.0, 0.0) and math.isnan(wrong_.vas)
     assert wrong_.total == pytest.approx(0.1)
-    assert bad.total == 0.0 and "image tokens" in bad.error
-    assert untagged.error == "" and untagged.total == 0.0 and math.isfinite(untagged.vas)
+    assert bad.total == 0.0 and "prompt differs" in bad.error
+    assert untagged.error == "" and untagged.total == 0.0 and untagged.visual == 0.0  # gated: wrong
     assert scorer.errors_total == 1
 
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from avar_ray.data.schema import Sample
-from rewards import accuracy_reward, extract_answer, format_reward
+from rewards import accuracy_reward, extract_answer, format_reward, is_correct
 
 # Per-span metrics averaged into the summaries.
 SPAN_METRICS = ("vas", "alpha_img", "eps_img", "alpha_sys")
@@ -16,7 +16,7 @@ SPAN_METRICS = ("vas", "alpha_img", "eps_img", "alpha_sys")
 
 def score_response(sample: Sample, response: str) -> dict[str, Any]:
     accuracy = accuracy_reward(response, sample.answer, sample.answer_type, sample.choices or None, sample.precision)
-    return {"prediction": extract_answer(response), "correct": accuracy >= 1.0, "accuracy": float(accuracy),
+    return {"prediction": extract_answer(response), "correct": is_correct(accuracy), "accuracy": float(accuracy),
             "format": float(format_reward(response))}
 
 

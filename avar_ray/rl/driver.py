@@ -1,10 +1,11 @@
 """The RL driver: ``run_rl(cfg)`` runs GRPO with the visual-attention reward (SPEC.md §5).
 
 Each step: draw prompts (seeded; the position is checkpointed) -> n rollouts per prompt on
-the vLLM workers -> one reward per rollout from the reward actor (accuracy, format, r_visual
-from the scorer's attention statistics) -> group advantages (verl) -> the learners' DeepSpeed
-update -> weight sync to the rollout workers and the reward scorer -> metrics -> a checkpoint
-every ``rl.save_every`` steps and at the last one. Outputs under ``rl.out``: ``metrics.jsonl``,
+the vLLM workers -> the text rewards (reward actor) -> the learners' no-grad pass (old
+log-probs; r_visual from the attention statistics of the rollouts the gate lets through) ->
+the combined reward (reward actor) -> [dynamic sampling: drop equal-reward groups, draw more]
+-> group advantages (``avar_ray.grpo``) -> the learners' DeepSpeed update -> weight sync to
+the rollout workers -> metrics -> a checkpoint every ``rl.save_every`` steps and at the last one. Outputs under ``rl.out``: ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/step_N/`` (DeepSpeed + ``hf/``) and ``rl_report.json``.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from actors.records import PromptRequest, TrainItem
 from avar_ray.rl import checkpoint
-from avar_ray.rl.grpo import grpo_advantages
+from avar_ray.grpo import grpo_advantages, informative_groups
 from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics, rollout_metrics
 from avar_ray.rl.prompts import PromptSampler, load_prompts, request_seed
 
@@ -100,6 +101,7 @@ class Run:
         self.ckpt_dir = out / "checkpoints"
         self.version = 0  # the policy version the rollout workers hold (0: the starting checkpoint)
         self.final_model = ""
+        self.drawn: list = []  # the prompts drawn in the current step (refills included)
 
     def state(self, step: int) -> dict:
         return {"step": step, "policy_version": self.version, "sampler": self.sampler.state.to_dict(),
@@ -115,29 +117,81 @@ class Run:
         self.version = int(state["policy_version"])
         self.system.sync_weights(self.version)  # the workers started from model.path
 
-    def step(self, step: int) -> dict:
+    def _collect(self, step: int, clock: "PhaseClock") -> tuple[list, list, list, list, dict]:
+        """Rollouts, rewards and the learners' pass for the step's prompts: ``(batch, rollouts,
+        scored, passes, counts)``. With ``rl.dynamic_sampling`` groups whose rewards are all
+        equal are dropped and more prompts drawn, up to ``rl.dynamic_sampling_max_refills``
+        times (DAPO); ``prompt_index`` is then renumbered over the kept groups."""
+        from actors.reward import needs_visual
         from avar_ray.rl.system import sampling_spec
 
         rl, system = self.cfg.rl, self.system
+        batch, rollouts, scored, passes = [], [], [], []
+        counts = {"dynamic/dropped_groups": 0, "dynamic/refills": 0, "rollout/failed_prompts": 0,
+                  "learner/prompt_mismatch": 0, "learner/visual_stats_rollouts": 0}
+        learner_metrics: dict = {}
+        draws = 1 + (rl.dynamic_sampling_max_refills if rl.dynamic_sampling else 0)
+        for draw in range(draws):
+            need = rl.prompts_per_step - len(batch)
+            if need <= 0:
+                break
+            counts["dynamic/refills"] += int(draw > 0)
+            with clock.phase("sample"):
+                drawn = [self.prompts.samples[i] for i in self.sampler.next_indices(need)]
+                # seeds keyed by the position in the step's draws: a redone step samples the same
+                offset = len(self.drawn)
+                self.drawn.extend(drawn)
+                requests = [PromptRequest(i, s, request_seed(rl.seed, step, offset + i)) for i, s in enumerate(drawn)]
+            with clock.phase("rollout"):
+                got = system.rollout.generate(requests, sampling_spec(self.cfg))
+            counts["rollout/failed_prompts"] += need - len({r.prompt_index for r in got})
+            with clock.phase("reward"):
+                samples = {s.id: s for s in drawn}
+                text = system.reward.text(got, samples)
+                items = [TrainItem(drawn[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
+                want = needs_visual(text, rl.reward.visual_gate)
+                got_passes, learner_metrics = system.learners.score(items, want) if items else ([], {})
+                got_scored = system.reward.combine(got, text, [p.vas for p in got_passes],
+                                                   [p.error for p in got_passes])
+            for key in ("learner/prompt_mismatch", "learner/visual_stats_rollouts"):
+                counts[key] += learner_metrics.get(key, 0)
+            groups = sorted({r.prompt_index for r in got})
+            if rl.dynamic_sampling:
+                keep = set(informative_groups(np.array([s.total for s in got_scored]),
+                                              np.array([r.prompt_index for r in got])).tolist())
+                counts["dynamic/dropped_groups"] += len(groups) - len(keep)
+                groups = [g for g in groups if g in keep][:need]
+            renumber = {g: len(batch) + k for k, g in enumerate(groups)}
+            batch.extend(drawn[g] for g in groups)
+            for r, sc, ps in zip(got, got_scored, got_passes):
+                if r.prompt_index in renumber:
+                    r.prompt_index = renumber[r.prompt_index]
+                    rollouts.append(r)
+                    scored.append(sc)
+                    passes.append(ps)
+        for key in ("actor/logprob_diff_max", "actor/logprob_diff_mean", "time/old_logprob_forward"):
+            if key in learner_metrics:
+                counts[key] = learner_metrics[key]
+        return batch, rollouts, scored, passes, counts
+
+    def step(self, step: int) -> dict:
+        rl, system = self.cfg.rl, self.system
         clock = PhaseClock(step, self.hook)
-        with clock.phase("sample"):
-            batch = [self.prompts.samples[i] for i in self.sampler.next_indices(rl.prompts_per_step)]
-            requests = [PromptRequest(i, s, request_seed(rl.seed, step, i)) for i, s in enumerate(batch)]
-        with clock.phase("rollout"):
-            rollouts = system.rollout.generate(requests, sampling_spec(self.cfg))
-        expected = rl.prompts_per_step * rl.n_samples
-        if len(rollouts) != expected:
-            raise RuntimeError(f"step {step}: {len(rollouts)} rollouts came back, expected {expected}")
-        with clock.phase("reward"):
-            scored = system.reward.score(rollouts, {s.id: s for s in batch})
+        self.drawn = []
+        batch, rollouts, scored, passes, counts = self._collect(step, clock)
         with clock.phase("advantage"):
             advantages = grpo_advantages(np.array([s.total for s in scored]),
                                          np.array([r.prompt_index for r in rollouts]),
-                                         norm_by_std=rl.norm_adv_by_std)
-            items = [TrainItem(batch[r.prompt_index], r.response_ids, float(a), r.logprobs)
-                     for r, a in zip(rollouts, advantages)]
+                                         norm_by_std=rl.norm_adv_by_std) if rollouts else np.zeros(0)
+            items = [TrainItem(batch[r.prompt_index], r.response_ids, float(a), r.logprobs, r.prompt_ids,
+                               p.old_logprobs) for r, a, p in zip(rollouts, advantages, passes)]
+        learner = {}
         with clock.phase("update"):
-            learner = system.learners.train_step(items)
+            if len(items) >= rl.placement.learners * rl.mini_batches:
+                learner = system.learners.train_step(items)
+            else:  # nothing (or too little) with a GRPO signal: no update this step
+                print(f"rl: step {step}: {len(items)} rollouts left to train on; update skipped", flush=True)
+        counts["actor/update_skipped"] = int(not learner)
         self.version = step
         with clock.phase("weight_sync"):
             sync = system.sync_weights(self.version)
@@ -148,10 +202,11 @@ class Run:
                 self.final_model = str(exported or "")
         timing = clock.total()
         tokens = sum(len(r.response_ids) for r in rollouts)
-        return {**rollout_metrics(rollouts, scored, advantages), **learner, **sync, **system.restarts(), **timing,
-                "policy_version": self.version, "rollout/tokens_per_s": tokens / max(timing["time/rollout"], 1e-9),
+        return {**rollout_metrics(rollouts, scored, advantages), **counts, **learner, **sync, **system.restarts(),
+                **timing, "policy_version": self.version,
+                "rollout/tokens_per_s": tokens / max(timing["time/rollout"], 1e-9),
                 "data/epoch": self.sampler.state.epoch, "data/position": self.sampler.state.position,
-                "data/prompt_ids": [s.id for s in batch]}
+                "data/prompt_ids": [s.id for s in self.drawn], "data/filtered": self.prompts.filtered}
 
 
 def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> RLReport:
@@ -171,7 +226,7 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     start = _start_step(out / "checkpoints", resume or rl.resume)
     if start >= rl.steps:
         raise ValueError(f"rl.steps: the checkpoint is at step {start}; nothing left to do of {rl.steps} steps")
-    prompts = load_prompts(cfg.data.train, rl.max_images)
+    prompts = load_prompts(cfg)
     print(f"rl: {prompts.summary()}; steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts x "
           f"{rl.n_samples} rollouts per step", flush=True)
     if not ray.is_initialized():

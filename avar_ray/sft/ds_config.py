@@ -54,18 +54,6 @@ def lr_scheduler(sft, total: int):
 
 
 def deepspeed_config(sft, bf16: bool) -> dict:
-    zero = {"stage": sft.zero_stage}
-    if sft.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # the HF export needs full weights
-    return {
-        "train_micro_batch_size_per_gpu": sft.micro_batch_size,
-        "gradient_accumulation_steps": sft.grad_accum,
-        "gradient_clipping": sft.grad_clip,
-        "zero_optimization": zero,
-        # torch_adam: DeepSpeed's own CPU Adam would JIT-compile first (~53 s on 2 cores).
-        "optimizer": {"type": "AdamW", "params": {"lr": sft.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                   "weight_decay": sft.weight_decay, "torch_adam": True}},
-        "bf16": {"enabled": bool(bf16)},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    from avar_ray.deepspeed_config import deepspeed_config as build
+
+    return build(sft.zero_stage, sft.micro_batch_size, sft.grad_accum, sft.grad_clip, sft.lr, sft.weight_decay, bf16)
