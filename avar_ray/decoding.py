@@ -32,11 +32,13 @@ def _tokenizer(tok):
     return getattr(tok, "tokenizer", tok)  # accept a processor
 
 
-def ban_logits(logits: torch.Tensor, banned_ids: Sequence[int]) -> torch.Tensor:
-    """The rule itself: -inf on the banned ids of the last dimension (in place; returned)."""
-    if len(banned_ids):
-        logits[..., list(banned_ids)] = BANNED_LOGIT
-    return logits
+def ban_logits(logits: torch.Tensor, banned_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The rule itself: ``logits`` with -inf on the banned ids of the last dimension (a new
+    tensor: safe inside autograd and activation checkpointing)."""
+    if len(banned_ids) == 0:
+        return logits
+    index = torch.as_tensor(banned_ids, dtype=torch.long, device=logits.device)
+    return logits.index_fill(-1, index, BANNED_LOGIT)
 
 
 def template_token_ids(tokenizer) -> frozenset[int]:
