@@ -1,22 +1,30 @@
 """The policy's side of GRPO on an HF model: rollouts back into model inputs, and the
 log-probability (and entropy) of every sampled response token.
 
-Shared by the learners (old/new log-probs) and the tests that hold the learner against vLLM.
+Memory: the log-probs come from the decoder's hidden states at the response positions only,
+through the LM head in chunks of ``chunk`` tokens; no ``[B, T, V]`` logits are ever built
+(at V = 151,936 those are the learner's largest tensors). Under autograd each chunk is
+checkpointed, so the backward recomputes its ``[chunk, V]`` logits instead of keeping them.
+The entropy is a metric: computed without grad.
+
 The sampler and the learner must define the same distribution: both divide the logits by the
 sampling temperature and both forbid the chat-template and vision tokens (see
 ``avar_ray.spans.RESPONSE_BANNED_TOKENS``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Optional, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from actors.records import conversation
 from avar_ray.data.schema import Sample
 from avar_ray.decoding import ban_logits
 from avar_ray.modeling import Encoded, encode_batch
 from avar_ray.spans import banned_token_ids  # noqa: F401  (re-exported: the rollout worker and learner use it)
+LOGPROB_CHUNK = 1024  # response tokens per LM-head chunk
 
 
 def encode_rollouts(processor, samples: Sequence[Sample], response_ids: Sequence[Sequence[int]],
@@ -39,40 +47,79 @@ def response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int
     return positions, mask
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                   temperature: float = 1.0, banned_ids: Sequence[int] = (),
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of the token at each ``positions[b, r]`` under the logits one step earlier.
+def _chunk(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+           banned: Optional[torch.Tensor], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = lm_head(hidden).float() / temperature  # [chunk, V]: the only vocabulary-wide tensor
+    if banned is not None:
+        logits = ban_logits(logits, banned)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = logp.new_zeros(0)
+    if with_entropy:
+        with torch.no_grad():  # a metric: no graph through the [chunk, V] softmax
+            full = torch.log_softmax(logits.detach(), dim=-1)
+            p = full.exp()
+            entropy = -(p * torch.where(p > 0, full, torch.zeros_like(full))).sum(-1)
+    return logp, entropy
 
-    Returns ``(logprobs [B, R], entropy [B, R] or None)``, zero where ``mask`` is False.
-    """
-    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
-    prev = (positions - 1).clamp(min=0).to(logits.device)
-    picked = logits[rows, prev].float() / temperature  # [B, R, V]
-    picked = ban_logits(picked, banned_ids)
-    logp = torch.log_softmax(picked, dim=-1)
-    targets = input_ids.to(logits.device)[rows, positions.to(logits.device)]
-    out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = mask.to(logits.device)
-    out = torch.where(mask, out, torch.zeros_like(out))
+
+def hidden_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                    mask: torch.Tensor, temperature: float = 1.0, banned_ids: Sequence[int] = (),
+                    with_entropy: bool = False, chunks: int = 0):
+    """Log-prob ``[B, R]`` of the token at each ``positions[b, r]`` given the hidden state one
+    position earlier (zero where ``mask`` is False), and the entropy ``[B, R]`` (no grad) or None.
+
+    ``chunks``: how many LM-head calls (0: one per ``LOGPROB_CHUNK`` tokens). ZeRO-3 gathers the
+    head's weight at every call, a collective: the learner ranks pass the same count."""
+    device = hidden.device
+    mask = mask.to(device)
+    rows = torch.arange(hidden.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
+    cols = positions.to(device)[mask]
+    h = hidden[rows, (cols - 1).clamp(min=0)]  # [N, H]: response positions only
+    targets = input_ids.to(device)[rows, cols]
+    banned = torch.tensor(list(banned_ids), device=device, dtype=torch.long) if banned_ids else None
+    chunks = chunks or max(1, -(-h.shape[0] // LOGPROB_CHUNK))
+    grad = torch.is_grad_enabled() and h.requires_grad
+    pieces, ents = [], []
+    for hs, ts in zip(torch.tensor_split(h, chunks), torch.tensor_split(targets, chunks)):
+        if grad:  # keep [chunk, V] logits out of the autograd graph: recomputed in the backward
+            lp, ent = checkpoint(_chunk, lm_head, hs, ts, temperature, banned, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk(lm_head, hs, ts, temperature, banned, with_entropy)
+        pieces.append(lp)
+        ents.append(ent.detach())
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, torch.cat(pieces))
     entropy = None
     if with_entropy:
-        p = logp.exp()
-        ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
-        entropy = torch.where(mask, ent, torch.zeros_like(ent))
+        entropy = torch.zeros(mask.shape, device=device).masked_scatter(mask, torch.cat(ents))
     return out, entropy
 
 
+@contextmanager
+def hidden_only(module):
+    """Inside the block the model's LM head is the identity: a forward returns the decoder's
+    last hidden states where the logits were (through a DeepSpeed engine too, whose forward
+    sets up its backward hooks), and ``hidden_logprobs`` applies the real head in chunks."""
+    head = module.lm_head
+    module.lm_head = torch.nn.Identity()
+    try:
+        yield head
+    finally:
+        module.lm_head = head
+
+
 def forward_logprobs(model, encoded: Encoded, response_lengths: Sequence[int], temperature: float = 1.0,
-                     banned_ids: Sequence[int] = (), with_entropy: bool = False):
-    """One forward of ``model`` on ``encoded``; the response tokens' log-probs (see above)
-    plus the ``[B, R]`` mask."""
-    device = next(model.parameters()).device
+                     banned_ids: Sequence[int] = (), with_entropy: bool = False, chunks: int = 0, **kwargs):
+    """One forward of ``model`` (an HF ...ForConditionalGeneration, or a DeepSpeed engine around
+    one) on ``encoded``; the response tokens' log-probs and entropy (see above) plus the
+    ``[B, R]`` mask. ``kwargs`` reach the attention (e.g. ``avar_context``)."""
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
     encoded = encoded.to(device)
-    outputs = model(**encoded.inputs, use_cache=False)
+    with hidden_only(module) as head:
+        hidden = model(**encoded.inputs, use_cache=False, **kwargs).logits
     positions, mask = response_index(encoded.prompt_lengths, response_lengths)
-    logprobs, entropy = token_logprobs(outputs.logits, encoded.inputs["input_ids"], positions, mask,
-                                       temperature, banned_ids, with_entropy)
+    logprobs, entropy = hidden_logprobs(head, hidden, encoded.inputs["input_ids"], positions, mask,
+                                        temperature, banned_ids, with_entropy, chunks)
     return logprobs, entropy, mask.to(device)
 
 
