@@ -80,13 +80,15 @@ def sft_runs(tmp_path_factory, tiny_model_dir, oracle_synth_dir, ray_local):
 
     root = tmp_path_factory.mktemp("sft")
     runs = {}
-    for name, extra in (("plain", ["sft.alpha=0", "sft.beta=0"]), ("agto", ["sft.alpha=0.15", "sft.beta=0.15"])):
+    # the AGTO run also logs to MLflow (a local file store) from the rank-0 Ray Train worker
+    for name, extra in (("plain", ["sft.alpha=0", "sft.beta=0"]),
+                        ("agto", ["sft.alpha=0.15", "sft.beta=0.15", "tracking.backends=[jsonl,tensorboard,mlflow]"])):
         report = run_sft(sft_config(tiny_model_dir, oracle_synth_dir, root / name, *extra))
         runs[name] = SimpleNamespace(report=report, metrics=read_metrics(root / name), out=root / name)
     return runs
 
 
-def test_runs_cover_the_epoch_and_write_metrics(sft_runs):
+def test_runs_cover_the_epoch_and_write_metrics(sft_runs, monkeypatch):
     for run in sft_runs.values():
         assert run.report.rows == 32 and run.report.too_long == 0
         assert run.report.start_step == 0 and run.report.final_step == run.report.total_steps == STEPS
@@ -96,6 +98,14 @@ def test_runs_cover_the_epoch_and_write_metrics(sft_runs):
         assert (run.out / "checkpoints" / "step_4").is_dir() and (run.out / "checkpoints" / "step_8").is_dir()
     plain, agto = sft_runs["plain"].metrics, sft_runs["agto"].metrics
     assert plain[0]["lm_loss"] == pytest.approx(agto[0]["lm_loss"], rel=1e-5)  # same weights, same first batch
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only on request
+    out = sft_runs["agto"].out
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    history = MlflowClient((out / "mlruns").as_uri()).get_metric_history(run_id, "vas")
+    assert sorted((m.step, m.value) for m in history) == [(m["step"], pytest.approx(m["vas"])) for m in agto]
+    assert not (sft_runs["plain"].out / "mlruns").exists()
     assert plain[0]["loss"] == pytest.approx(plain[0]["lm_loss"])
     assert agto[0]["loss"] == pytest.approx(agto[0]["lm_loss"] + 0.15 * (agto[0]["l_enh"] + agto[0]["l_sup"]), rel=1e-5)
 

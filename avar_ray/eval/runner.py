@@ -200,6 +200,7 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
             if scaled:
                 for rows in run_on_ray(str(model_dir), *todo, cfg, intervention):
                     store.append(rows)
+                    timings.setdefault("first_batch_s", time.perf_counter() - t0)  # actor start-up included
                 timings["pools_s"] = time.perf_counter() - t0
             else:
                 _run_here(str(model_dir), processor, *todo, cfg, intervention, llm, store, timings)
