@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from avar_ray.config import ModelConfig
+from avar_ray.decoding import ResponseCodec
 from avar_ray.engines import start_llm
 from avar_ray.synth.teachers import ChatRequest, TeacherError
 
@@ -25,12 +26,15 @@ class VLLMTeacher:
         # share: a teacher engine has its accelerator to itself.
         self.llm = start_llm(ModelConfig(model, dtype, max_model_len), max_images=max_images,
                              enforce_eager=enforce_eager, seed=0, gpu_memory_utilization=0.9)
+        # the same banned-token rule and tag-keeping decoder as the student's samplers
+        self.codec = ResponseCodec(self.llm.get_tokenizer())
 
-    @staticmethod
-    def _params(request: ChatRequest):
-        from vllm import SamplingParams
+    def _params(self, request: ChatRequest):
+        return self.codec.sampling_params(max_tokens=request.max_tokens, temperature=request.temperature,
+                                          seed=request.seed)
 
-        return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed)
+    def _text(self, output) -> str:
+        return self.codec.decode(output.outputs[0].token_ids)
 
     def complete(self, requests: list[ChatRequest]) -> list[str | TeacherError]:
         if not requests:
@@ -38,14 +42,14 @@ class VLLMTeacher:
         try:
             outputs = self.llm.chat([r.messages for r in requests], [self._params(r) for r in requests],
                                     use_tqdm=False)
-            return [o.outputs[0].text for o in outputs]
+            return [self._text(o) for o in outputs]
         except Exception as exc:  # one bad request (too long, bad image) fails the whole call
             log.warning("vllm teacher: batch of %d failed (%s); retrying one by one", len(requests), exc)
         results: list[str | TeacherError] = []
         for r in requests:
             try:
                 out = self.llm.chat([r.messages], [self._params(r)], use_tqdm=False)
-                results.append(out[0].outputs[0].text)
+                results.append(self._text(out[0]))
             except Exception as exc:
                 results.append(TeacherError("teacher error", f"vllm: {type(exc).__name__}: {str(exc)[:200]}"))
         return results
