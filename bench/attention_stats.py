@@ -103,7 +103,7 @@ def _build(variant: str, length: int, query: str, seed: int):
                 return torch.stack([m[0] for m in masses], 1), torch.stack([m[1] for m in masses], 1)
             ctx = AttentionContext(visual, system, qmask, method="chunked" if variant == "chunked" else "fused",
                                    chunk_size=256, num_layers=TEXT["num_hidden_layers"],
-                                   intervention=Intervention() if variant == "intervened" else None)
+                                   intervention=Intervention.configured() if variant == "intervened" else None)
             model(**inputs, use_cache=False, avar_context=ctx)
             stats = ctx.stats()
             return stats.mass_v, stats.mass_s

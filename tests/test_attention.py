@@ -277,14 +277,16 @@ def test_agto_layer_subset_and_empty(models, cases):
 # ----------------------------------------------------------------------------- intervention
 def test_a_sys_one_rejected():
     with pytest.raises(ValueError, match="a_sys"):
-        Intervention(a_sys=1.0)
+        Intervention(a_img=0.15, a_sys=1.0)
     with pytest.raises(ValueError, match="a_img"):
-        Intervention(a_img=-1.0)
+        Intervention(a_img=-1.0, a_sys=0.4)
     from avar_ray.config import InterventionConfig
 
-    assert Intervention.from_config(InterventionConfig()) is None
-    iv = Intervention.from_config(InterventionConfig(enabled=True, layers=[1]))
-    assert (iv.a_img, iv.a_sys, iv.layers) == (0.15, 0.4, (1,))
+    schema = InterventionConfig()
+    assert Intervention.from_config(schema) is None
+    iv = Intervention.from_config(InterventionConfig(enabled=True, a_img=0.3, layers=[1]))
+    assert (iv.a_img, iv.a_sys, iv.layers) == (0.3, schema.a_sys, (1,))
+    assert Intervention.configured() == Intervention(a_img=schema.a_img, a_sys=schema.a_sys)
 
 
 @pytest.mark.parametrize("layers", [None, (1, 3)])
@@ -352,7 +354,7 @@ def test_context_validation(models, cases):
     with pytest.raises(ValueError, match="method"):
         AttentionContext.from_spans(enc.spans, query="user", method="eager")
     with pytest.raises(ValueError, match="response"):
-        generate(avar, enc, Intervention())  # the batch holds a response already
+        generate(avar, enc, Intervention.configured())  # the batch holds a response already
 
 
 def test_agto_with_gradient_checkpointing(models, tiny_model_dir):
@@ -381,7 +383,7 @@ def test_bfloat16_model_statistics_in_float32(models, cases, tiny_model_dir):
     _, avar, _, _ = models
     enc, _ = cases["b3_left"]
     bf16 = load_model(str(tiny_model_dir), dtype="bfloat16").eval()
-    iv = Intervention(layers=(0, 2))
+    iv = Intervention(a_img=0.15, a_sys=0.4, layers=(0, 2))
     _, ref = attention_statistics(avar, enc, query="response", intervention=iv)
     out, fused = attention_statistics(bf16, enc, query="response", intervention=iv, method="fused", grad=True)
     _, chunked = attention_statistics(bf16, enc, query="response", intervention=iv, method="chunked")

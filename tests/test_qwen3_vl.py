@@ -14,6 +14,7 @@ from PIL import Image
 
 from avar_ray.attention import (AttentionContext, NoSystemPromptError, attention_statistics, compute_vas,
                                 require_system_span)
+from avar_ray.eval.attention_pass import span_metrics
 from avar_ray.modeling import encode_batch, load_model, load_processor
 
 RTOL = 1e-4
@@ -115,6 +116,9 @@ def test_vas_without_system_prompt_says_so(models):
     assert enc.spans.system.sum(-1).tolist()[0] == 0
     with pytest.raises(NoSystemPromptError, match=r"VAS needs a system prompt: set model.system_prompt .*rows \[0\]"):
         compute_vas(avar, enc, query="response")
+    with pytest.raises(NoSystemPromptError, match="VAS needs a system prompt"):  # eval's statistics pass
+        span_metrics(avar, enc)
+    assert not issubclass(NoSystemPromptError, ValueError)  # eval's per-row ValueError handler must not eat it
     require_system_span(enc.spans.system[1:])  # the row with a system prompt is fine
     res = compute_vas(avar, encode_batch(processor, [_conv("Be brief.", 1, "What colour?")], [[_image(4, 64)]],
                                          response_texts=["red"]), query="response")

@@ -4,7 +4,7 @@ friends, the training-free intervention and the AGTO losses.
     from avar_ray.attention import attention_statistics, Intervention, vas_from_stats, agto_losses
 
     outputs, stats = attention_statistics(model, encoded, query="response",
-                                          intervention=Intervention(a_img=0.15, a_sys=0.4))
+                                          intervention=Intervention(a_img=0.2, a_sys=0.4))
     vas = vas_from_stats(stats)            # VASResult: vas, alpha_img, eps_img, alpha_sys, per_layer
     losses = agto_losses(stats)            # with grad=True: losses.enh / losses.sup backpropagate
 

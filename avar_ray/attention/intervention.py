@@ -20,13 +20,16 @@ from typing import Optional, Sequence
 
 import torch
 
+from avar_ray.config import InterventionConfig
+
 
 @dataclass(frozen=True)
 class Intervention:
-    """Re-weighting strengths and the text layers they apply to (None = all layers)."""
+    """Re-weighting strengths and the text layers they apply to (None = all layers). No
+    defaults here: they live in ``config.InterventionConfig`` (``from_config``, ``configured``)."""
 
-    a_img: float = 0.15
-    a_sys: float = 0.4
+    a_img: float
+    a_sys: float
     layers: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
@@ -43,8 +46,13 @@ class Intervention:
     @classmethod
     def from_config(cls, cfg) -> Optional["Intervention"]:
         """From ``avar_ray.config.InterventionConfig``; None when it is not enabled."""
-        if not cfg.enabled:
-            return None
+        return cls.configured(cfg) if cfg.enabled else None
+
+    @classmethod
+    def configured(cls, cfg=None) -> "Intervention":
+        """The re-weighting of an ``InterventionConfig`` whether enabled or not (None: the
+        schema's defaults), e.g. for a request that turns it on."""
+        cfg = InterventionConfig() if cfg is None else cfg
         return cls(a_img=cfg.a_img, a_sys=cfg.a_sys, layers=None if cfg.layers is None else tuple(cfg.layers))
 
     @property

@@ -141,7 +141,7 @@ def _intervention(value: Any) -> Optional[Intervention]:
     unknown = sorted(set(value) - {"a_img", "a_sys", "layers"})
     if unknown:
         raise RequestError(400, f"intervention.{unknown[0]}", "unknown field (known: a_img, a_sys, layers)")
-    defaults = Intervention()
+    defaults = Intervention.configured()  # the config schema's a_img / a_sys
     a_img = _number(value.get("a_img", defaults.a_img), "intervention.a_img")
     a_sys = _number(value.get("a_sys", defaults.a_sys), "intervention.a_sys")
     if not a_img > -1:
