@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from avar_ray.attention.context import AttentionStats
+from avar_ray.config import AttentionConfig
 
 
 @dataclass
@@ -34,7 +35,7 @@ def _masked_mean(values: torch.Tensor, valid: torch.Tensor, anchor: torch.Tensor
     return values[valid].mean()
 
 
-def agto_losses(stats: AttentionStats, eps: float = 1e-6, layers: Optional[Sequence[int]] = None) -> AGTOLosses:
+def agto_losses(stats: AttentionStats, eps: float = AttentionConfig.eps, layers: Optional[Sequence[int]] = None) -> AGTOLosses:
     """L_enh and L_sup from ``stats`` (of query span R or U+V); see the module docstring."""
     if layers is not None:
         stats = stats.select_layers(layers)
