@@ -88,3 +88,18 @@ def test_vllm_greedy_equals_transformers(hf, vllm_engine):
     got = [list(o.outputs[0].token_ids) for o in vllm_engine.generate(requests, params, use_tqdm=False)]
     assert got == want
     assert len({tuple(g) for g in got}) == len(got), "different images/questions give different outputs"
+
+
+def test_cli_family_qwen3_vl(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from avar_ray.cli import main
+
+    assert main(["tiny-model", "--family", "qwen3_vl", "--out", str(tmp_path / "q3")]) == 0
+    assert "tiny Qwen3-VL written" in capsys.readouterr().out
+    config = AutoConfig.from_pretrained(tmp_path / "q3")
+    assert config.model_type == "qwen3_vl" and config.architectures == ["Qwen3VLForConditionalGeneration"]
+    info = json.loads((tmp_path / "q3" / "avar_tiny_model.json").read_text())
+    assert info["family"] == "qwen3_vl"
+    with pytest.raises(SystemExit):
+        main(["tiny-model", "--family", "qwen4", "--out", str(tmp_path / "x")])
