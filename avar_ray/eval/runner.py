@@ -113,7 +113,11 @@ def _figures(results: dict, records: list[dict], benchmarks: list[Benchmark], pl
 def _settings(model_dir, bench_files, cfg: RunConfig, intervention: Optional[Intervention]) -> dict:
     """What the per-sample results depend on: a resume under other values is refused."""
     e = cfg.eval
-    return {"model": str(Path(model_dir).resolve()), "files": [str(Path(f).resolve()) for f in bench_files],
+    # a model retrained into the same directory is another model: its weight files changed
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).iterdir()
+                     if p.suffix in (".safetensors", ".bin", ".pt"))
+    return {"model": str(Path(model_dir).resolve()), "weights": weights,
+            "files": [str(Path(f).resolve()) for f in bench_files],
             "model_config": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "path"},
             "generation": {k: getattr(e, k) for k in ("max_new_tokens", "temperature", "seed")},
             "attention_layers": cfg.attention.layers, "heatmaps": e.heatmaps,
