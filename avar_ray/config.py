@@ -268,11 +268,11 @@ class WarmBaseConfig:
 
     seed: int = 0
     n_train: int = 3000  # procedural training samples (short oracle chains)
-    steps: int = 300  # AdamW steps
+    steps: int = 150  # AdamW steps
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 20
-    check_n: int = 200  # held-out procedural samples the cached base is checked on
+    check_n: int = 120  # held-out procedural samples the cached base is checked on
     cache_dir: str = "~/.cache/avar-ray/warm_base"  # one folder per hash of the other settings
 
 
