@@ -109,8 +109,9 @@ def vas_from_stats(stats: AttentionStats, eps: float = 0.0) -> VASResult:
                      low.sum((1, 2)), low.any(2).sum(1), heads)
 
 
-def compute_vas(model, encoded, query: str = "user", layers: Optional[Sequence[int]] = None, chunk_size: int = 256,
-                intervention: Optional[Intervention] = None, method: str = "fused", eps: float = 0.0) -> VASResult:
+def compute_vas(model, encoded, query: str = "user", layers: Optional[Sequence[int]] = None,
+                chunk_size: Optional[int] = None, intervention: Optional[Intervention] = None,
+                method: Optional[str] = None, eps: float = 0.0) -> VASResult:
     """VAS & friends of a batch (an ``avar_ray.modeling.Encoded``): one no-grad statistics pass.
     ``query``: "user" (U, the paper's analysis) or "response" (R; the batch must hold responses)."""
     require_system_span(encoded.spans.system)  # V/S is undefined without S: say so, not inf

@@ -31,7 +31,7 @@ def restrict(stats: AttentionStats, query_mask: torch.Tensor) -> AttentionStats:
 
 
 def span_metrics(model, encoded: Encoded, intervention: Optional[Intervention] = None,
-                 layers: Optional[Sequence[int]] = None, chunk_size: int = 256) -> dict[str, VASResult]:
+                 layers: Optional[Sequence[int]] = None, chunk_size: Optional[int] = None) -> dict[str, VASResult]:
     """``{"user": VASResult, "response": VASResult}`` of an encoded prompt + response batch.
     With ``intervention`` the metrics describe the re-weighted attention (and model)."""
     require_avar(model)
