@@ -1,7 +1,7 @@
 """How a caller asks the ``avar`` attention for statistics and/or the intervention, for one
 forward pass (or one ``generate`` call), and what it gets back.
 
-    ctx = AttentionContext.from_spans(encoded.spans, query="response", intervention=Intervention())
+    ctx = AttentionContext.from_spans(encoded.spans, query="response", intervention=Intervention.configured())
     out = model(**encoded.inputs, avar_context=ctx)     # the kwarg reaches every attention call
     stats = ctx.stats()                                  # AttentionStats, [B, L, H, T] masses
 
