@@ -392,3 +392,19 @@ def test_bfloat16_model_statistics_in_float32(models, cases, tiny_model_dir):
     assert rel_err(fused.mass_v.detach(), ref.mass_v) < 0.1 and rel_err(fused.mass_s.detach(), ref.mass_s) < 0.1
     agto_losses(fused).enh.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bf16.parameters())
+
+
+def test_chunk_size_selects_the_method():
+    """``attention.chunk_size``: null = fused (the default), N = chunked with N query rows."""
+    from avar_ray.config import ConfigError, load_config
+
+    v = torch.zeros(1, 6, dtype=torch.bool)
+    s = torch.zeros(1, 6, dtype=torch.bool)
+    assert load_config(None).attention.chunk_size is None
+    assert AttentionContext(v, s, chunk_size=load_config(None).attention.chunk_size).method == "fused"
+    ctx = AttentionContext(v, s, chunk_size=load_config(None, ["attention.chunk_size=8"]).attention.chunk_size)
+    assert (ctx.method, ctx.chunk_size) == ("chunked", 8)
+    assert AttentionContext(v, s, method="chunked").chunk_size > 0
+    assert AttentionContext(v, s, method="fused", chunk_size=8).method == "fused"  # an explicit method wins
+    with pytest.raises(ConfigError, match="attention.chunk_size"):
+        load_config(None, ["attention.chunk_size=0"])
