@@ -31,8 +31,9 @@ def start_llm(model: ModelConfig, *, max_images: int, enforce_eager: bool, seed:
               path: Optional[str] = None, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
               **engine_kwargs):
     """A ``vllm.LLM`` for ``path`` (default ``model.path``) with the model section's dtype,
-    context and resolution; ``dtype`` / ``max_model_len`` override them (a synthesis teacher is
-    another model). ``engine_kwargs`` go to ``LLM`` unchanged (e.g. ``worker_extension_cls``)."""
+    context and resolution (``path``, ``dtype``, ``max_model_len`` override the section's, e.g.
+    an eval of another checkpoint). ``engine_kwargs`` go to ``LLM`` unchanged (e.g.
+    ``worker_extension_cls``, ``logprobs_mode``)."""
     from vllm import LLM
 
     max_model_len = max_model_len or model.max_model_len
