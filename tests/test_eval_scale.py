@@ -48,8 +48,9 @@ def records(out: Path) -> list[dict]:
 
 
 def progress_lines(out: Path) -> list[str]:
+    """The committed lines (a line cut by the kill has no newline yet)."""
     path = out / PROGRESS
-    return path.read_text().splitlines() if path.exists() else []
+    return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
 def assert_same_eval(out: Path, results: dict, ref_out: Path, ref: dict) -> None:
