@@ -3,10 +3,11 @@
     from avar_ray.synth import run_synthesis
     report = run_synthesis(cfg)          # cfg.synth: input, out, caption/reasoning/anchor teachers
 
-Modules: ``pipeline`` (driver), ``stages`` (Ray Data stages), ``steps`` (per-row step logic),
-``teachers`` / ``vllm_teacher`` / ``openai_client`` (model teachers), ``anchors`` (rule-based
-anchors), ``verify`` (targets and answer checks), ``shards`` (atomic output and resume),
-``prompts`` (versioned prompt files).
+Modules: ``pipeline`` (driver), ``stages`` (Ray Data stages; which teacher a step gets),
+``steps`` (per-row step logic), ``teachers`` (the request/answer types every teacher shares),
+``vllm_teacher`` / ``openai_client`` (the model teachers), ``anchors`` (rule-based anchors),
+``verify`` (targets and answer checks), ``shards`` (atomic output and resume), ``prompts``
+(versioned prompt files).
 """
 from avar_ray.synth.pipeline import SynthReport, run_synthesis
 from avar_ray.synth.shards import TRAIN_SCHEMA, committed_shards

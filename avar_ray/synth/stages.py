@@ -13,10 +13,32 @@ from typing import Optional
 import pyarrow as pa
 
 from avar_ray.data.schema import from_row
-from avar_ray.synth.openai_client import Secret
+from avar_ray.synth.openai_client import OpenAITeacher, Secret, public_url
 from avar_ray.synth.prompts import Prompt
 from avar_ray.synth.steps import DROPPED, KEPT, QUARANTINED, ROW_SCHEMA, STEPS, run_step
+from avar_ray.synth.teachers import Teacher
 from avar_ray.synth.verify import verify
+
+
+def teacher_name(cfg) -> str:
+    """Provenance name of a TeacherConfig (without building the teacher)."""
+    if cfg.kind == "oracle":
+        return "oracle"
+    if cfg.kind == "vllm":
+        return f"vllm:{cfg.model}"
+    return f"openai:{cfg.model}@{public_url(cfg.base_url)}"
+
+
+def make_teacher(cfg, api_key=None) -> Teacher:
+    """A model teacher from a TeacherConfig of kind ``vllm`` or ``openai``."""
+    if cfg.kind == "vllm":
+        from avar_ray.synth.vllm_teacher import VLLMTeacher  # vLLM only where a stage needs it
+
+        return VLLMTeacher(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                           enforce_eager=cfg.enforce_eager, max_images=cfg.max_images)
+    if cfg.kind == "openai":
+        return OpenAITeacher(cfg.base_url, cfg.model, api_key, cfg.concurrency, cfg.max_retries, cfg.timeout_s)
+    raise ValueError(f"no model teacher of kind {cfg.kind!r}")
 
 
 def teacher_identity(tcfg) -> tuple:
@@ -56,8 +78,6 @@ class StepRunner:
 
     def __init__(self, steps: tuple[str, ...], teachers: dict, prompts: dict[str, Optional[Prompt]],
                  positions: list[float], seed: int, api_key: Optional[Secret] = None) -> None:
-        from avar_ray.synth.teachers import make_teacher
-
         self.steps, self.teachers, self.prompts = steps, teachers, prompts
         self.positions, self.seed = positions, seed
         first = teachers[steps[0]]

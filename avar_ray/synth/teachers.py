@@ -61,27 +61,3 @@ def user_message(text: str, images: list[bytes] = ()) -> list[dict]:
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
 
-
-def teacher_name(cfg) -> str:
-    """Provenance name of a TeacherConfig (without building the teacher)."""
-    from avar_ray.synth.openai_client import public_url
-
-    if cfg.kind == "oracle":
-        return "oracle"
-    if cfg.kind == "vllm":
-        return f"vllm:{cfg.model}"
-    return f"openai:{cfg.model}@{public_url(cfg.base_url)}"
-
-
-def make_teacher(cfg, api_key=None) -> Teacher:
-    """A model teacher from a TeacherConfig of kind ``vllm`` or ``openai``."""
-    if cfg.kind == "vllm":
-        from avar_ray.synth.vllm_teacher import VLLMTeacher
-
-        return VLLMTeacher(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                           enforce_eager=cfg.enforce_eager, max_images=cfg.max_images)
-    if cfg.kind == "openai":
-        from avar_ray.synth.openai_client import OpenAITeacher
-
-        return OpenAITeacher(cfg.base_url, cfg.model, api_key, cfg.concurrency, cfg.max_retries, cfg.timeout_s)
-    raise ValueError(f"no model teacher of kind {cfg.kind!r}")
