@@ -14,16 +14,12 @@ from typing import Protocol
 
 from PIL import Image
 
+from avar_ray.data.fields import RowError
 from avar_ray.data.schema import decode_image
 
 
-class TeacherError(Exception):
+class TeacherError(RowError):
     """A row a teacher could not answer; ``reason`` is the counted category."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
