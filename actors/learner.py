@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from actors.policy import banned_token_ids, encode_rollouts, forward_logprobs, pad_rows
-from actors.records import ScoredPass, TrainItem
+from actors.records import ScoredPass, TrainItem, resolve_samples
 from actors.weight_sync import (MIB, WeightHandle, broadcast_bucket, broadcast_table, bucket_names, make_weight_group,
                                 publish_object_store, trainable_only)
 from avar_ray.ray_utils import free_port
@@ -153,7 +153,8 @@ class Learner:
                 "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
 
     def _encode(self, items: list[TrainItem]):
-        return encode_rollouts(self.processor, [it.sample for it in items], [it.response_ids for it in items],
+        return encode_rollouts(self.processor, resolve_samples([it.sample for it in items]),
+                               [it.response_ids for it in items],
                                self.model_cfg.system_prompt)
 
     def _logprobs(self, model, encoded, items, chunks: int, with_entropy: bool = False, **kwargs):
@@ -173,7 +174,9 @@ class Learner:
         seconds = {"forward": 0.0}
         for micro, n_chunks in zip(micro_batches, chunks):
             items = [it for _, it, _ in micro]
-            encoded = self._encode(items).to(self.engine.device)
+            samples = resolve_samples([it.sample for it in items])
+            encoded = encode_rollouts(self.processor, samples, [it.response_ids for it in items],
+                                      self.model_cfg.system_prompt).to(self.engine.device)
             ctx = None
             if any(want for _, _, want in micro):
                 num_layers = self.engine.module.config.get_text_config().num_hidden_layers
@@ -186,11 +189,11 @@ class Learner:
             seconds["forward"] += time.perf_counter() - t
             stats = ctx.stats() if ctx is not None else None
             ids = encoded.inputs["input_ids"].cpu()
-            for b, (index, item, want) in enumerate(micro):
+            for b, ((index, item, want), sample) in enumerate(zip(micro, samples)):
                 error = ""
                 prompt = ids[b, :encoded.prompt_lengths[b]].tolist()
                 if item.prompt_ids and prompt != list(item.prompt_ids):
-                    error = (f"sample {item.sample.id}: the learner's prompt ({len(prompt)} tokens) differs from "
+                    error = (f"sample {sample.id}: the learner's prompt ({len(prompt)} tokens) differs from "
                              f"vLLM's ({len(item.prompt_ids)} tokens)")
                     log.warning("learner %d: %s", self.rank, error)
                 vas = math.nan

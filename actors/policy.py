@@ -24,7 +24,7 @@ from avar_ray.data.schema import Sample
 from avar_ray.decoding import ban_logits
 from avar_ray.modeling import Encoded, encode_batch
 from avar_ray.spans import banned_token_ids  # noqa: F401  (re-exported: the rollout worker and learner use it)
-LOGPROB_CHUNK = 1024  # response tokens per LM-head chunk
+LOGPROB_CHUNK = 128  # response tokens per LM-head chunk (a [128, V] float32 tensor: 78 MB at V = 151,936)
 
 
 def encode_rollouts(processor, samples: Sequence[Sample], response_ids: Sequence[Sequence[int]],
@@ -49,7 +49,8 @@ def response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int
 
 def _chunk(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
            banned: Optional[torch.Tensor], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = lm_head(hidden).float() / temperature  # [chunk, V]: the only vocabulary-wide tensor
+    logits = lm_head(hidden).float()  # [chunk, V]: the only vocabulary-wide tensor
+    logits.div_(temperature)  # in place: the head's backward needs its input and weight, not its output
     if banned is not None:
         logits = ban_logits(logits, banned)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

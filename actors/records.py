@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from avar_ray.data.schema import Sample
 
 
 @dataclass
 class PromptRequest:
-    """One prompt of a step: ``index`` is its position in the step's batch (the GRPO group id)."""
+    """One prompt of a step: ``index`` is its position in the step's batch (the GRPO group id).
+    ``sample`` may be a Ray object ref of the Sample (the driver puts each prompt once per step;
+    the actors fetch it from the object store, ``resolve_samples``)."""
 
     index: int
-    sample: Sample
+    sample: Any
     seed: int  # per-request sampling seed: the same rollouts whichever worker serves the prompt
 
 
@@ -48,7 +50,7 @@ class TrainItem:
     both (prompt ids, sampled-token log-probs), the advantage and, once the learners' no-grad
     pass has run, the old log-probs (the behaviour policy of the PPO ratio)."""
 
-    sample: Sample
+    sample: Any  # a Sample or a Ray object ref of one (see PromptRequest)
     response_ids: list[int]
     advantage: float
     rollout_logprobs: list[float]
@@ -71,3 +73,12 @@ def conversation(sample: Sample, system_prompt: str | None = None) -> tuple[list
     from avar_ray.data.schema import build_messages, pil_images
 
     return build_messages(sample, system_prompt=system_prompt), pil_images(sample)
+
+
+def resolve_samples(samples: list) -> list[Sample]:
+    """Samples from a list of Samples and/or Ray object refs of Samples (each ref fetched once)."""
+    import ray
+
+    refs = list({x.binary(): x for x in samples if isinstance(x, ray.ObjectRef)}.values())
+    fetched = dict(zip((r.binary() for r in refs), ray.get(refs))) if refs else {}
+    return [fetched[x.binary()] if isinstance(x, ray.ObjectRef) else x for x in samples]

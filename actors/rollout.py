@@ -9,9 +9,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
-from actors.records import PromptRequest, Rollout, conversation
+from actors.records import PromptRequest, Rollout, conversation, resolve_samples
 from actors.recovery import ActorSet
 from actors.weight_sync import WeightHandle, fetch_buckets
 from avar_ray.config import ModelConfig
@@ -21,22 +20,6 @@ from avar_ray.engines import start_llm
 log = logging.getLogger(__name__)
 
 EXTENSION = "actors.weight_sync.VLLMWeightExtension"
-
-
-@dataclass
-class EngineSpec:
-    """How to start one vLLM engine (picklable: a restarted actor starts the same one)."""
-
-    model_path: str
-    dtype: str = "float32"
-    max_model_len: int = 2048
-    max_images: int = 1
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.6
-    seed: int = 0
-    system_prompt: str | None = None
-    model: Optional[ModelConfig] = None  # image resolution (model.min_pixels / max_pixels)
-    tensor_parallel_size: int = 1  # rl.rollout_tensor_parallel_size (GPU only; untested here)
 
 
 @dataclass
@@ -50,21 +33,20 @@ class SamplingSpec:
 class RolloutWorker:
     """One vLLM engine. Weights are replaced in place (``update_weights``), never by restarting."""
 
-    def __init__(self, spec: EngineSpec, worker_index: int = 0):
+    def __init__(self, rl, model: ModelConfig, worker_index: int = 0):
+        """``rl`` and ``model``: the config sections (picklable: a restarted actor starts the same engine)."""
         from avar_ray.modeling import load_processor
 
         start = time.perf_counter()
-        self.spec = spec
+        self.model = model
         self.worker_index = worker_index
         self.version = 0  # the checkpoint it started from
-        self.processor = load_processor(spec.model_path, spec.model)
+        self.processor = load_processor(model.path, model)
         self.codec = ResponseCodec(self.processor)
-        self.llm = start_llm(spec.model or ModelConfig(), path=spec.model_path, dtype=spec.dtype,
-                             max_model_len=spec.max_model_len, max_images=spec.max_images,
-                             enforce_eager=spec.enforce_eager, seed=spec.seed,
-                             gpu_memory_utilization=spec.gpu_memory_utilization, worker_extension_cls=EXTENSION,
+        self.llm = start_llm(model, max_images=rl.max_images, enforce_eager=rl.enforce_eager, seed=rl.seed,
+                             gpu_memory_utilization=rl.gpu_memory_utilization, worker_extension_cls=EXTENSION,
                              # temperature applied, as the learner's log-probs (logits / T)
-                             logprobs_mode="processed_logprobs", tensor_parallel_size=spec.tensor_parallel_size)
+                             logprobs_mode="processed_logprobs", tensor_parallel_size=rl.rollout_tensor_parallel_size)
         self.start_s = time.perf_counter() - start
 
     def ready(self) -> dict:
@@ -98,8 +80,9 @@ class RolloutWorker:
 
     def generate(self, requests: list[PromptRequest], sampling: SamplingSpec) -> list[Rollout]:
         inputs, params = [], []
-        for req in requests:
-            messages, images = conversation(req.sample, self.spec.system_prompt)
+        samples = resolve_samples([req.sample for req in requests])
+        for req, sample in zip(requests, samples):
+            messages, images = conversation(sample, self.model.system_prompt)
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             item = {"prompt": text}
             if images:
@@ -109,11 +92,12 @@ class RolloutWorker:
                                                      top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
                                                      logprobs=0, seed=req.seed))
         rollouts = []
+        ids_of = {id(req): sample.id for req, sample in zip(requests, samples)}
         for req, out in self._generate_isolating(requests, inputs, params):
             for completion in out.outputs:
                 ids = list(completion.token_ids)
                 logprobs = [float(completion.logprobs[i][tok].logprob) for i, tok in enumerate(ids)]
-                rollouts.append(Rollout(req.index, req.sample.id, ids, self.codec.decode(ids), logprobs,
+                rollouts.append(Rollout(req.index, ids_of[id(req)], ids, self.codec.decode(ids), logprobs,
                                         str(completion.finish_reason), self.version, list(out.prompt_token_ids)))
         return rollouts
 
@@ -125,8 +109,8 @@ class RolloutWorker:
             return list(zip(requests, self._guard(lambda: self.llm.generate(inputs, params, use_tqdm=False))))
         except Exception as exc:  # noqa: BLE001 - isolated below; a dead engine already exited in _guard
             if len(requests) == 1:
-                log.warning("rollout worker %d: request for sample %s failed: %s", self.worker_index,
-                            requests[0].sample.id, exc)
+                log.warning("rollout worker %d: request %d (seed %d) failed: %s", self.worker_index,
+                            requests[0].index, requests[0].seed, exc)
                 return []
         done = []
         for req, item, param in zip(requests, inputs, params):
@@ -159,10 +143,9 @@ def split_even(items: list, parts: int) -> list[list]:
 class RolloutPool(ActorSet):
     """The rollout workers of a run, driven from the driver process."""
 
-    def __init__(self, spec: EngineSpec, num_workers: int, actor_options: dict, max_attempts: int = 3):
-        self.spec = spec
-        super().__init__(RolloutWorker, [(spec, i) for i in range(num_workers)], actor_options, max_attempts,
-                         "rollout worker")
+    def __init__(self, rl, model: ModelConfig, actor_options: dict, max_attempts: int = 3):
+        super().__init__(RolloutWorker, [(rl, model, i) for i in range(rl.placement.rollout_workers)], actor_options,
+                         max_attempts, "rollout worker")
 
     def generate(self, requests: list[PromptRequest], sampling: SamplingSpec) -> list[Rollout]:
         """All rollouts of ``requests`` (n per prompt), in prompt order; a worker that dies

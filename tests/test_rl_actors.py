@@ -66,10 +66,11 @@ def samples(procedural_parquet):
 @pytest.fixture(scope="module")
 def rollout_worker(ray_local, tiny_model_dir):
     """Created without waiting: its engine starts while the learner group sets up."""
-    from actors.rollout import EngineSpec, RolloutWorker
+    from actors.rollout import RolloutWorker
+    from avar_ray.config import ModelConfig, RLConfig
 
     actor = ray_local.remote(RolloutWorker).options(num_cpus=1).remote(
-        EngineSpec(str(tiny_model_dir), max_model_len=1024), 0)
+        RLConfig(), ModelConfig(path=str(tiny_model_dir), max_model_len=1024), 0)
     yield actor
     ray_local.kill(actor, no_restart=True)
 
@@ -284,12 +285,13 @@ def test_many_seeded_rollouts_in_one_call(ray_local, rollout_worker, procedural_
 @slow
 def test_nccl_broadcast_on_gpu(ray_local, tiny_model_dir, procedural_parquet):  # pragma: no cover - GPU only
     from actors.records import PromptRequest
-    from actors.rollout import EngineSpec, RolloutWorker, SamplingSpec
+    from actors.rollout import RolloutWorker, SamplingSpec
     from actors.weight_sync import BroadcastWeightSync
+    from avar_ray.config import ModelConfig, RLConfig
     from avar_ray.data.readers import read_samples
 
     worker = ray_local.remote(RolloutWorker).options(num_cpus=1, num_gpus=0.5).remote(
-        EngineSpec(str(tiny_model_dir), max_model_len=1024, gpu_memory_utilization=0.3), 0)
+        RLConfig(gpu_memory_utilization=0.3), ModelConfig(path=str(tiny_model_dir), max_model_len=1024), 0)
     group = make_learners(tiny_model_dir, zero_stage=2, placement={"learners": 1, "learner_gpus": 0.5})
     try:
         handle, _ = BroadcastWeightSync(group, [worker], backend="nccl").sync(1, 0.5)

@@ -189,3 +189,18 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_refills(real_run):
     assert len(rec["data/prompt_ids"]) == kept + rec["dynamic/dropped_groups"] > PROMPTS  # every draw accounted for
     if kept == 0:  # (the usual case: a random model is never right)
         assert rec["dynamic/refills"] == 2 and rec["actor/update_skipped"] == 1
+
+
+@slow
+def test_a_request_vllm_refuses_fails_alone(real_run, data_with_a_long_prompt):
+    """Sent past the load filter, the over-long prompt fails inside vLLM: its request alone."""
+    from actors.records import PromptRequest
+    from avar_ray.data.readers import read_samples
+    from avar_ray.rl.system import sampling_spec
+
+    path, long_id = data_with_a_long_prompt
+    long = next(s for s in read_samples(path)[0] if s.id == long_id)
+    good = real_run["prompts"].samples[0]
+    rollouts = real_run["system"].rollout.generate([PromptRequest(0, good, 1), PromptRequest(1, long, 2)],
+                                                   sampling_spec(real_run["cfg"]))
+    assert len(rollouts) == N and {r.prompt_index for r in rollouts} == {0}

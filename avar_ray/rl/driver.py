@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -119,15 +119,17 @@ class Run:
 
     def _collect(self, step: int, clock: "PhaseClock") -> tuple[list, list, list, list, dict]:
         """Rollouts, rewards and the learners' pass for the step's prompts: ``(batch, rollouts,
-        scored, passes, counts)``. With ``rl.dynamic_sampling`` groups whose rewards are all
+        scored, passes, counts)``, ``batch`` holding ``(sample, object ref)`` per kept prompt. With ``rl.dynamic_sampling`` groups whose rewards are all
         equal are dropped and more prompts drawn, up to ``rl.dynamic_sampling_max_refills``
         times (DAPO); ``prompt_index`` is then renumbered over the kept groups."""
+        import ray
+
         from actors.reward import needs_visual
         from avar_ray.rl.system import sampling_spec
 
         rl, system = self.cfg.rl, self.system
         batch, rollouts, scored, passes = [], [], [], []
-        counts = {"dynamic/dropped_groups": 0, "dynamic/refills": 0, "rollout/failed_prompts": 0,
+        counts = {"dynamic/dropped_groups": 0, "dynamic/refills": 0, "rollout/failed_prompts": 0, "data/image_bytes": 0,
                   "learner/prompt_mismatch": 0, "learner/visual_stats_rollouts": 0}
         learner_metrics: dict = {}
         draws = 1 + (rl.dynamic_sampling_max_refills if rl.dynamic_sampling else 0)
@@ -141,14 +143,17 @@ class Run:
                 # seeds keyed by the position in the step's draws: a redone step samples the same
                 offset = len(self.drawn)
                 self.drawn.extend(drawn)
-                requests = [PromptRequest(i, s, request_seed(rl.seed, step, offset + i)) for i, s in enumerate(drawn)]
+                # Data plane: each prompt (its image bytes) enters the object store once per step;
+                # the rollout workers and learners get refs, the reward actor the text fields only.
+                refs = [ray.put(s) for s in drawn]
+                counts["data/image_bytes"] += sum(len(b) for s in drawn for b in s.images)
+                requests = [PromptRequest(i, ref, request_seed(rl.seed, step, offset + i)) for i, ref in enumerate(refs)]
             with clock.phase("rollout"):
                 got = system.rollout.generate(requests, sampling_spec(self.cfg))
             counts["rollout/failed_prompts"] += need - len({r.prompt_index for r in got})
             with clock.phase("reward"):
-                samples = {s.id: s for s in drawn}
-                text = system.reward.text(got, samples)
-                items = [TrainItem(drawn[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
+                text = system.reward.text(got, {s.id: replace(s, images=[]) for s in drawn})
+                items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
                 want = needs_visual(text, rl.reward.visual_gate)
                 got_passes, learner_metrics = system.learners.score(items, want) if items else ([], {})
                 got_scored = system.reward.combine(got, text, [p.vas for p in got_passes],
@@ -162,7 +167,7 @@ class Run:
                 counts["dynamic/dropped_groups"] += len(groups) - len(keep)
                 groups = [g for g in groups if g in keep][:need]
             renumber = {g: len(batch) + k for k, g in enumerate(groups)}
-            batch.extend(drawn[g] for g in groups)
+            batch.extend((drawn[g], refs[g]) for g in groups)
             for r, sc, ps in zip(got, got_scored, got_passes):
                 if r.prompt_index in renumber:
                     r.prompt_index = renumber[r.prompt_index]
@@ -183,7 +188,7 @@ class Run:
             advantages = grpo_advantages(np.array([s.total for s in scored]),
                                          np.array([r.prompt_index for r in rollouts]),
                                          norm_by_std=rl.norm_adv_by_std) if rollouts else np.zeros(0)
-            items = [TrainItem(batch[r.prompt_index], r.response_ids, float(a), r.logprobs, r.prompt_ids,
+            items = [TrainItem(batch[r.prompt_index][1], r.response_ids, float(a), r.logprobs, r.prompt_ids,
                                p.old_logprobs) for r, a, p in zip(rollouts, advantages, passes)]
         learner = {}
         with clock.phase("update"):

@@ -16,16 +16,8 @@ from pathlib import Path
 from actors.learner import LearnerGroup
 from actors.placement import check_resources, reward_options, rollout_options
 from actors.reward import RewardService
-from actors.rollout import EngineSpec, RolloutPool, SamplingSpec
+from actors.rollout import RolloutPool, SamplingSpec
 from actors.weight_sync import WeightSync
-
-
-def engine_spec(cfg, model_path: str) -> EngineSpec:
-    rl = cfg.rl
-    return EngineSpec(model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                      max_images=rl.max_images, enforce_eager=rl.enforce_eager,
-                      gpu_memory_utilization=rl.gpu_memory_utilization, seed=rl.seed, system_prompt=cfg.model.system_prompt,
-                      model=cfg.model, tensor_parallel_size=rl.rollout_tensor_parallel_size)
 
 
 def sampling_spec(cfg) -> SamplingSpec:
@@ -41,15 +33,14 @@ class RLSystem:
 
         tp = cfg.rl.rollout_tensor_parallel_size
         check_resources(cfg.rl.placement, ray.available_resources(), tp)
-        path = str(Path(model_path).resolve())
+        model = replace(cfg.model, path=str(Path(model_path).resolve()))
         placement = cfg.rl.placement
         attempts = placement.max_restarts + 1
         start = time.perf_counter()
         builders = {
-            "rollout": lambda: RolloutPool(engine_spec(cfg, path), placement.rollout_workers,
-                                           rollout_options(placement, tp), attempts),
+            "rollout": lambda: RolloutPool(cfg.rl, model, rollout_options(placement, tp), attempts),
             "reward": lambda: RewardService(cfg.rl.reward, reward_options(placement), attempts),
-            "learners": lambda: LearnerGroup(cfg.rl, replace(cfg.model, path=path)),
+            "learners": lambda: LearnerGroup(cfg.rl, model),
         }
         with ThreadPoolExecutor(len(builders)) as pool:
             futures = {name: pool.submit(build) for name, build in builders.items()}
