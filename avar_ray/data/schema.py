@@ -191,19 +191,14 @@ def format_question(sample: Sample) -> str:
     return f"{sample.question}\n{options}"
 
 
-def build_messages(
-    sample: Sample,
-    system_prompt: str | None = None,
-    instruction: str = DEFAULT_INSTRUCTION,
-) -> list[dict[str, Any]]:
-    """HF chat messages in Qwen2.5-VL form. No system turn when system_prompt is None, so that
-    the chat template inserts its default system prompt (which counts as span S)."""
+def build_messages(sample: Sample, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """HF chat messages in Qwen2.5-VL form, the one prompt of SFT, RL, eval and ``avar vas``.
+    No system turn when system_prompt is None, so that the chat template inserts its default
+    system prompt (which counts as span S)."""
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
-    text = format_question(sample)
-    if instruction:
-        text = f"{text}\n{instruction}"
+    text = f"{format_question(sample)}\n{DEFAULT_INSTRUCTION}"
     content: list[dict[str, Any]] = [{"type": "image"} for _ in sample.images]
     content.append({"type": "text", "text": text})
     messages.append({"role": "user", "content": content})
