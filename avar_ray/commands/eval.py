@@ -10,6 +10,7 @@ intervention's key bias (vLLM cannot). Runs in this process: no Ray needed. On a
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from avar_ray.attention import Intervention
 
@@ -25,14 +26,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_new_tokens=32")
 
 
-def parse_intervention(text: str, layers=None) -> Intervention:
-    """``"A_IMG,A_SYS"`` -> Intervention; a clear error naming the option otherwise."""
+def parse_intervention(text: str, base) -> Intervention:
+    """``"A_IMG,A_SYS"`` over the ``InterventionConfig`` ``base`` (its layers) -> Intervention;
+    a clear error naming the option otherwise."""
     parts = [p.strip() for p in text.split(",")]
     try:
         if len(parts) != 2:
             raise ValueError("expected two numbers")
-        a_img, a_sys = float(parts[0]), float(parts[1])
-        return Intervention(a_img=a_img, a_sys=a_sys, layers=None if layers is None else tuple(layers))
+        return Intervention.configured(replace(base, a_img=float(parts[0]), a_sys=float(parts[1])))
     except ValueError as exc:
         raise SystemExit(f"--intervene {text!r}: {exc} (format: A_IMG,A_SYS, e.g. 0.15,0.4; "
                          "a_img > -1, 0 <= a_sys < 1)") from None
@@ -45,7 +46,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     if args.intervene:
-        intervention = parse_intervention(args.intervene, cfg.intervention.layers)
+        intervention = parse_intervention(args.intervene, cfg.intervention)
     else:
         intervention = Intervention.from_config(cfg.intervention)
     bench = args.bench or cfg.data.eval
