@@ -3,10 +3,13 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
+    from avar_ray.config import DataConfig
+
+    data = DataConfig()  # the defaults of the `data` section, not a copy of them
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n", type=int, default=64, help="number of samples")
-    parser.add_argument("--seed", type=int, default=0, help="seed (same seed, same rows)")
-    parser.add_argument("--image-size", type=int, default=112, help="image side in pixels (>= 56)")
+    parser.add_argument("--n", type=int, default=data.n_train, help="number of samples (default: data.n_train)")
+    parser.add_argument("--seed", type=int, default=data.seed, help="seed (same seed, same rows)")
+    parser.add_argument("--image-size", type=int, default=data.image_size, help="image side in pixels (>= 56)")
     parser.add_argument("--split", default="train", help="file name: OUT/SPLIT.parquet")
 
 
