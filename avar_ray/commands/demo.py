@@ -158,6 +158,7 @@ def run(args) -> int:
 
         rl_cfg = copy.deepcopy(cfg)
         rl_cfg.model.path = sft_model  # RL starts from the cold-start model, as in the paper
+        rl_cfg.rl.resume = args.keep  # --keep: a run killed mid-stage goes on from its newest checkpoint
         report = run_rl(rl_cfg)
         print(report.summary())
         return {"model": str(report.final_model), "steps": report.steps, "metrics": str(report.metrics_path)}
