@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from avar_ray.config import load_config
+from avar_ray.config import TeacherConfig, load_config
 from avar_ray.data.procedural import generate_samples
 from avar_ray.data.schema import PARQUET_SCHEMA, format_question, from_row, to_row
 from avar_ray.synth.anchors import has_anchor, insert_anchors, split_sentences
@@ -148,13 +148,15 @@ def test_openai_client_retries_5xx_fails_fast_on_4xx_and_times_out():
 
     req = lambda text: ChatRequest(user_message(text), 8, 0.0, 1)  # noqa: E731
     with FakeOpenAI(responder, api_key=key, failures=failures) as server:
-        teacher = OpenAITeacher(server.base_url, "m", Secret(key), concurrency=2, max_retries=1, timeout_s=0.5)
+        endpoint = TeacherConfig(kind="openai", model="m", base_url=server.base_url)
+        teacher = OpenAITeacher(dataclasses.replace(endpoint, concurrency=2, max_retries=1, timeout_s=0.5), Secret(key))
         ok, flaky, broken, slow = teacher.complete([req("fine"), req("flaky"), req("broken"), req("slow")])
         assert ok == "echo: fine" and flaky == "echo: flaky"
         assert isinstance(broken, TeacherError) and "HTTP 500" in broken.detail and "2 attempts" in broken.detail
         assert isinstance(slow, TeacherError) and "timeout" in broken.detail + slow.detail
         assert server.statuses.count(503) == 1 and server.statuses.count(500) == 2
-        wrong_key = OpenAITeacher(server.base_url, "m", Secret("sk-wrong"), 1, max_retries=3, timeout_s=5)
+        wrong_key = OpenAITeacher(dataclasses.replace(endpoint, concurrency=1, max_retries=3, timeout_s=5),
+                                  Secret("sk-wrong"))
         (denied,) = wrong_key.complete([req("fine")])
         assert isinstance(denied, TeacherError) and "HTTP 401" in denied.detail
         assert server.statuses.count(401) == 1  # a 4xx is not retried

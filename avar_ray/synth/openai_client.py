@@ -14,11 +14,11 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from avar_ray.synth.teachers import ChatRequest, TeacherError
+from avar_ray.config import TeacherConfig
+from avar_ray.synth.teachers import ChatRequest, TeacherError, teacher_name
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 BACKOFF_BASE_S = 0.5
@@ -50,15 +50,6 @@ def api_key_from_env(var: str, what: str) -> Optional[Secret]:
     return Secret(value)
 
 
-def public_url(url: str) -> str:
-    """The URL without user:password, for provenance and messages."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def backoff_delay(attempt: int, retry_after: Optional[str] = None, rng: random.Random | None = None) -> float:
     """Seconds to wait before retry ``attempt`` (1-based): Retry-After when given, else
     exponential with full jitter, capped."""
@@ -72,19 +63,19 @@ def backoff_delay(attempt: int, retry_after: Optional[str] = None, rng: random.R
 
 
 class OpenAITeacher:
-    def __init__(self, base_url: str, model: str, api_key: Optional[Secret], concurrency: int,
-                 max_retries: int, timeout_s: float) -> None:
-        if not base_url:
+    def __init__(self, cfg: TeacherConfig, api_key: Optional[Secret]) -> None:
+        if not cfg.base_url:
             raise ValueError("openai teacher: base_url is empty")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.name = f"openai:{model}@{public_url(base_url)}"
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.model = cfg.model
+        self.name = teacher_name(cfg)
         self._key = api_key
-        self.max_retries = max_retries
-        self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="openai-teacher")
+        self.max_retries = cfg.max_retries
+        self.timeout_s = cfg.timeout_s
+        concurrency = max(1, cfg.concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai-teacher")
         self._session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(1, concurrency))
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=concurrency)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 

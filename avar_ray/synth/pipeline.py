@@ -24,8 +24,9 @@ from avar_ray.data.schema import to_row
 from avar_ray.synth.openai_client import api_key_from_env
 from avar_ray.synth.prompts import load_prompt
 from avar_ray.synth.shards import TRAIN_SCHEMA, ShardStore, write_json_atomic
-from avar_ray.synth.stages import StepRunner, plan_stages, step_teachers, teacher_name, verify_batch
+from avar_ray.synth.stages import StepRunner, plan_stages, step_teachers, verify_batch
 from avar_ray.synth.steps import DROPPED, KEPT, QUARANTINED, ROW_SCHEMA, new_row
+from avar_ray.synth.teachers import teacher_name
 
 log = logging.getLogger("avar_ray.synth")
 

@@ -13,20 +13,11 @@ from typing import Optional
 import pyarrow as pa
 
 from avar_ray.data.schema import from_row
-from avar_ray.synth.openai_client import OpenAITeacher, Secret, public_url
+from avar_ray.synth.openai_client import OpenAITeacher, Secret
 from avar_ray.synth.prompts import Prompt
 from avar_ray.synth.steps import DROPPED, KEPT, QUARANTINED, ROW_SCHEMA, STEPS, run_step
 from avar_ray.synth.teachers import Teacher
 from avar_ray.synth.verify import verify
-
-
-def teacher_name(cfg) -> str:
-    """Provenance name of a TeacherConfig (without building the teacher)."""
-    if cfg.kind == "oracle":
-        return "oracle"
-    if cfg.kind == "vllm":
-        return f"vllm:{cfg.model}"
-    return f"openai:{cfg.model}@{public_url(cfg.base_url)}"
 
 
 def make_teacher(cfg, api_key=None) -> Teacher:
@@ -34,10 +25,9 @@ def make_teacher(cfg, api_key=None) -> Teacher:
     if cfg.kind == "vllm":
         from avar_ray.synth.vllm_teacher import VLLMTeacher  # vLLM only where a stage needs it
 
-        return VLLMTeacher(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                           enforce_eager=cfg.enforce_eager, max_images=cfg.max_images)
+        return VLLMTeacher(cfg)
     if cfg.kind == "openai":
-        return OpenAITeacher(cfg.base_url, cfg.model, api_key, cfg.concurrency, cfg.max_retries, cfg.timeout_s)
+        return OpenAITeacher(cfg, api_key)
     raise ValueError(f"no model teacher of kind {cfg.kind!r}")
 
 

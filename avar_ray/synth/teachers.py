@@ -11,6 +11,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 
@@ -57,3 +58,21 @@ def user_message(text: str, images: list[bytes] = ()) -> list[dict]:
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
 
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password, for provenance and messages."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def teacher_name(cfg) -> str:
+    """Provenance name of a TeacherConfig: kind and model, never a secret."""
+    if cfg.kind == "oracle":
+        return "oracle"
+    if cfg.kind == "vllm":
+        return f"vllm:{cfg.model}"
+    return f"openai:{cfg.model}@{public_url(cfg.base_url)}"

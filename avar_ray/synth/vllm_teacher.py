@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import logging
 
-from avar_ray.config import ModelConfig
+from avar_ray.config import ModelConfig, TeacherConfig
 from avar_ray.decoding import ResponseCodec
 from avar_ray.engines import start_llm
-from avar_ray.synth.teachers import ChatRequest, TeacherError
+from avar_ray.synth.teachers import ChatRequest, TeacherError, teacher_name
 
 log = logging.getLogger("avar_ray.synth")
 
 
 class VLLMTeacher:
-    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 4096,
-                 enforce_eager: bool = False, max_images: int = 1) -> None:
-        if not model:
+    def __init__(self, cfg: TeacherConfig) -> None:
+        if not cfg.model:
             raise ValueError("vllm teacher: model (a local model directory) is empty")
-        self.name = f"vllm:{model}"
+        self.name = teacher_name(cfg)
         # The teacher's own resolution (its preprocessor config), and vLLM's default memory
         # share: a teacher engine has its accelerator to itself.
-        self.llm = start_llm(ModelConfig(model, dtype, max_model_len), max_images=max_images,
-                             enforce_eager=enforce_eager, seed=0, gpu_memory_utilization=0.9)
+        self.llm = start_llm(ModelConfig(cfg.model, cfg.dtype, cfg.max_model_len), max_images=cfg.max_images,
+                             enforce_eager=cfg.enforce_eager, seed=0, gpu_memory_utilization=0.9)
         # the same banned-token rule and tag-keeping decoder as the student's samplers
         self.codec = ResponseCodec(self.llm.get_tokenizer())
 
