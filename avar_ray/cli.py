@@ -24,33 +24,22 @@ COMMANDS = {
 }
 
 
-def available_commands() -> dict:
-    """Commands whose module exists in this checkout (stages land one by one)."""
-    found = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            found[name] = (module, help_text)
-    return found
-
-
-def build_parser(commands: dict) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avar", description="AVAR on Ray: attention-guided multimodal reasoning")
     parser.add_argument("--version", action="version", version=f"avar-ray {__import__('avar_ray').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in commands.items():
+    for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = available_commands()
-    parser = build_parser(commands)
-    if not argv or argv[0] not in commands:
-        parser.parse_args(argv or ["--help"])  # prints help / errors and exits
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv or ["--help"])  # prints help / errors and exits
         return 2
-    module = importlib.import_module(commands[argv[0]][0])
-    sub = argparse.ArgumentParser(prog=f"avar {argv[0]}", description=commands[argv[0]][1])
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    sub = argparse.ArgumentParser(prog=f"avar {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     return int(module.run(args) or 0)

@@ -239,3 +239,13 @@ def test_no_spec_class_repeats_config_defaults():
            for cls in _dataclasses(tree) if cls.name.endswith("Spec")
            for field, default, line in _field_defaults(cls) if (field, default) in schema]
     assert not bad, "Spec classes that repeat config.py defaults:\n" + "\n".join(bad)
+
+
+def test_every_avar_command_has_its_module():
+    from avar_ray.cli import COMMANDS as AVAR_COMMANDS
+
+    mods = _modules()
+    for name, (module, _) in AVAR_COMMANDS.items():
+        assert module in mods, f"avar {name}: no module {module}"
+        defined = {n.name for n in mods[module][1].body if isinstance(n, ast.FunctionDef)}
+        assert {"add_arguments", "run"} <= defined, f"avar {name}: {module} lacks add_arguments/run"
