@@ -77,6 +77,12 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+def _located(path: str | Path, image_root: str | Path | None) -> tuple[Path, Path]:
+    """The data file (it must exist) and the directory its relative image paths resolve against."""
+    path = _existing(path)
+    return path, Path(image_root) if image_root is not None else path.parent
+
+
 # ---------------------------------------------------------------- JSON / JSONL
 
 
@@ -148,16 +154,14 @@ def _mathvista_sample(row: dict[str, Any], key: str, base_dir: Path, source: str
 
 
 def read_mathvista(
-    path: str | Path, image_root: str | Path | None = None, source: str | None = None
+    path: str | Path, image_root: str | Path | None = None
 ) -> tuple[list[Sample], ReadReport]:
     """MathVista layout (JSON dict keyed by pid, JSON list, or JSONL). Image paths resolve
     against image_root, else the file's directory."""
-    path = _existing(path)
-    base = Path(image_root) if image_root is not None else path.parent
+    path, base = _located(path, image_root)
     report = ReadReport()
-    src = source or "mathvista"
     samples = _collect(path, _json_rows(path),
-                       lambda row, key: _mathvista_sample(row, key, base, src), report)
+                       lambda row, key: _mathvista_sample(row, key, base, "mathvista"), report)
     return samples, report
 
 
@@ -208,38 +212,33 @@ def _plain_sample(row: dict[str, Any], key: str, base_dir: Path, source: str) ->
 
 
 def read_jsonl(
-    path: str | Path, image_root: str | Path | None = None, source: str | None = None
+    path: str | Path, image_root: str | Path | None = None
 ) -> tuple[list[Sample], ReadReport]:
     """JSONL rows in our row format, or with an image / image_path field (paths resolve
     against image_root, else the file's directory)."""
-    path = _existing(path)
-    base = Path(image_root) if image_root is not None else path.parent
-    src = source or path.stem
+    path, base = _located(path, image_root)
     report = ReadReport()
     samples = _collect(path, _json_rows(path),
-                       lambda row, key: _plain_sample(row, key, base, src), report)
+                       lambda row, key: _plain_sample(row, key, base, path.stem), report)
     return samples, report
 
 
 def read_table(
-    path: str | Path, image_root: str | Path | None = None, source: str | None = None
+    path: str | Path, image_root: str | Path | None = None
 ) -> tuple[list[Sample], ReadReport]:
     """Parquet in our row format (to_row), with an image / image_path column, or MathVista's
     HF release (pid, question_type, decoded_image)."""
-    path = _existing(path)
+    path, base = _located(path, image_root)
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"{path}: not a readable Parquet table: {exc}") from exc
-    base = Path(image_root) if image_root is not None else path.parent
     report = ReadReport()
     rows = ((str(i), r) for i, r in enumerate(table.to_pylist()))
     if {"pid", "question_type"} <= set(table.column_names):
-        src = source or "mathvista"
-        parse: RowParser = lambda row, key: _mathvista_sample(row, key, base, src)  # noqa: E731
+        parse: RowParser = lambda row, key: _mathvista_sample(row, key, base, "mathvista")  # noqa: E731
     else:
-        src = source or path.stem
-        parse = lambda row, key: _plain_sample(row, key, base, src)  # noqa: E731
+        parse = lambda row, key: _plain_sample(row, key, base, path.stem)  # noqa: E731
     samples = _collect(path, rows, parse, report)
     return samples, report
 
@@ -309,12 +308,11 @@ def _tsv_sample(row: dict[str, str], key: str, refs: dict[str, str], base_dir: P
 
 
 def read_vlmeval_tsv(
-    path: str | Path, image_root: str | Path | None = None, source: str | None = None
+    path: str | Path, image_root: str | Path | None = None
 ) -> tuple[list[Sample], ReadReport]:
     """VLMEvalKit TSV (index, image base64, question, answer, options A, B, ...); image_root
     resolves an image_path column (default: the file's directory)."""
-    path = _existing(path)
-    base = Path(image_root) if image_root is not None else path.parent
+    path, base = _located(path, image_root)
     try:
         # dtype=str and no NA parsing: an option whose text is "None" or "NA" stays an option.
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
@@ -328,10 +326,9 @@ def read_vlmeval_tsv(
     keys = [str(r["index"]) if "index" in r and not F.is_empty(r["index"]) else str(i)
             for i, r in enumerate(rows)]
     refs = {k: r["image"] for k, r in zip(keys, rows) if len(str(r.get("image", ""))) > 64}
-    src = source or path.stem
     report = ReadReport()
     samples = _collect(path, zip(keys, rows),
-                       lambda row, key: _tsv_sample(row, key, refs, base, src), report)
+                       lambda row, key: _tsv_sample(row, key, refs, base, path.stem), report)
     return samples, report
 
 
