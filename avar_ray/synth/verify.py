@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from avar_ray.data.schema import Sample
-from rewards import accuracy_reward, extract_answer, format_reward
+from rewards import accuracy_reward, extract_answer, format_reward, is_correct
 
 # "The answer is X." / "Final answer: X" as the last such statement of a chain.
 _FINAL_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
@@ -57,5 +57,5 @@ def verify(sample: Sample, chain: str) -> Verdict:
         return Verdict(None, NO_ANSWER)
     if format_reward(target) != 1.0:
         return Verdict(None, BAD_FORMAT)
-    ok = accuracy_reward(target, sample.answer, sample.answer_type, sample.choices or None, sample.precision)
-    return Verdict(target, "") if ok == 1.0 else Verdict(None, WRONG_ANSWER)
+    r_acc = accuracy_reward(target, sample.answer, sample.answer_type, sample.choices or None, sample.precision)
+    return Verdict(target, "") if is_correct(r_acc) else Verdict(None, WRONG_ANSWER)  # RL's and eval's threshold
