@@ -255,8 +255,23 @@ def deepened(model_dir: Path, layers: int) -> Path:
 
 
 def image_bytes(obj) -> int:
-    """Pickled bytes of ``obj`` (what Ray ships for a call argument)."""
-    return len(pickle.dumps(obj, protocol=5))
+    """Image bytes inside the pickled ``obj`` (what Ray ships for a call argument): its pickle
+    minus the pickle of the same with every Sample's images removed."""
+    from actors.records import PromptRequest, TrainItem
+    from avar_ray.data.schema import Sample
+
+    def strip(x):
+        if isinstance(x, Sample):
+            return dataclasses.replace(x, images=[])
+        if isinstance(x, (PromptRequest, TrainItem)):
+            return dataclasses.replace(x, sample=strip(x.sample))
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return len(pickle.dumps(obj, protocol=5)) - len(pickle.dumps(strip(obj), protocol=5))
 
 
 def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dict:
@@ -311,8 +326,8 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
     with_samples = [dataclasses.replace(it, sample=by_id[samples[r.prompt_index].id]) for it, r in zip(items, rollouts)]
     old_requests = [PromptRequest(i, s, 0) for i, s in enumerate(samples)]
     volume = {"before": image_bytes(old_requests) + image_bytes(by_id) + image_bytes(with_samples),
-              "after": sum(image_bytes(s) for s in samples) + image_bytes(requests) + image_bytes(text_only)
-              + image_bytes(items) * 2,  # score and train calls
+              "after": sum(image_bytes(s) for s in samples)  # the ray.put of each prompt
+              + image_bytes(requests) + image_bytes(text_only) + 2 * image_bytes(items),  # refs: 0
               "unique_images": sum(len(b) for s in samples for b in s.images)}
     return {"t": t, "bytes": volume}
 
@@ -394,7 +409,7 @@ def main(argv=None) -> None:
           f"{chunked['peak_mb'] / full['peak_mb']:.3f}")
     print(f"    same log-probs: sums {full['logprob_sum']:.3f} vs {chunked['logprob_sum']:.3f}")
     vol = steps[-1]["bytes"]
-    print("(d) bytes the driver ships per step (pickled call arguments; images dominate)")
+    print("(d) image bytes the driver ships per step (in pickled call arguments and puts)")
     print(f"    unique image bytes of the step: {vol['unique_images']:,}")
     print(f"    before (samples in rollout, reward and learner calls): {vol['before']:,}")
     print(f"    after  (one ray.put per prompt + refs + text-only samples): {vol['after']:,}   after / before = "
