@@ -155,6 +155,15 @@ def test_find_cycles_reports_the_circle():
     assert find_cycles({"a": {"b": 1}, "b": {}}) == []
 
 
+def test_function_level_imports_count_and_type_checking_ones_do_not():
+    tree = ast.parse("from typing import TYPE_CHECKING\n"
+                     "if TYPE_CHECKING:\n    import a\nelse:\n    import b\n"
+                     "def f():\n    from c import d\n"
+                     "class K:\n    def g(self):\n        import e.f\n")
+    seen = [alias.name if isinstance(n, ast.Import) else n.module for n in _import_nodes(tree) for alias in n.names]
+    assert seen == ["typing", "b", "c", "e.f"]
+
+
 def test_no_import_cycle():
     graph = import_graph()
     assert len(graph) > 50, "the module walk found too few modules"
