@@ -43,6 +43,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/attention_stats.py
 	$(BIN)/python bench/rl_step.py
+	$(BIN)/python bench/weight_sync.py
+	# TRL side by side: TRL is a bench-only dependency (adds accelerate, datasets, multiprocess; changes nothing installed)
+	$(BIN)/pip install trl==1.16.0
+	$(BIN)/python bench/peer_trl.py
 
 config-doc: $(STAMP)
 	$(BIN)/avar config-doc --out docs/config_reference.md

@@ -1,0 +1,194 @@
+"""avar-ray's GRPO step next to TRL's ``GRPOTrainer`` on the same CPU work.
+
+    .venv/bin/python bench/peer_trl.py [--steps 5] [--warmup 1] [--prompts 2] [--n 4]
+                                       [--max-new-tokens 32] [--lr 1e-5] [--cpus 2]
+
+TRL is not a dependency of the package: ``make bench`` installs ``trl==1.16.0`` (with
+accelerate, datasets, multiprocess; nothing already installed changes). Both sides get:
+
+* the same tiny Qwen2.5-VL (built here, seed 0, float32) and the same procedural prompts
+  (image + question), in the same order: avar-ray's seeded sampler (``PromptSampler``) decides
+  the order, and TRL reads a dataset laid out in that order with shuffling off;
+* the same samples per prompt (``--n``), prompts per step, new tokens (both stop early only at
+  end of turn; both ban the template tokens of ``avar_ray.spans``), learning rate, temperature 1, no KL, one PPO epoch, token-mean loss
+  (TRL ``loss_type="dapo"``), group-normalised advantages;
+* the same CPUs: each side runs alone (one after the other, each in a subprocess) on the same
+  machine; TRL with ``torch.set_num_threads(--cpus)``, avar-ray's actors with Ray's one thread
+  per actor (its local Ray gets ``max(--cpus, 4)`` logical CPUs: they only gate placement, and a
+  rollout worker, a reward actor and a learner need 3 slots).
+
+Rewards: TRL gets avar-ray's accuracy and format functions (``rewards``); avar-ray also computes
+r_visual from its learners' statistics pass (part of its step, named in the phase table).
+Step time: the median over the steps after ``--warmup``; avar-ray's from its ``metrics.jsonl``
+(``time/step`` and the phases), TRL's from a callback around each optimizer step. The machine
+may be shared: read the ratio and the phases, not the absolute seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def prompt_order(n_rows: int, steps: int, prompts: int, seed: int) -> list[int]:
+    """Row indices in the order avar-ray's sampler draws them, step after step."""
+    from avar_ray.rl.prompts import PromptSampler
+
+    sampler = PromptSampler(size=n_rows, seed=seed)
+    return [i for _ in range(steps) for i in sampler.next_indices(prompts)]
+
+
+def run_avar(args, model: Path, data: Path, out: Path) -> dict:
+    overrides = [f"model.path={model}", f"data.train={data}", f"rl.out={out}", f"rl.steps={args.steps}",
+                 f"rl.prompts_per_step={args.prompts}", f"rl.n_samples={args.n}",
+                 f"rl.max_new_tokens={args.max_new_tokens}", f"rl.lr={args.lr}", "rl.kl_coef=0.0", "rl.ppo_epochs=1",
+                 "rl.temperature=1.0", "rl.save_every=0", f"ray.num_cpus={max(args.cpus, 4)}", f"rl.seed={args.seed}"]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "avar_ray", "rl", "-c", str(REPO / "configs" / "tiny_local.yaml"),
+                           *overrides], capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"avar rl failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    actors = [line for line in proc.stdout.splitlines() if line.startswith("rl: actors up in")]
+    return {"rows": rows, "wall_s": wall, "actors_line": actors[0] if actors else ""}
+
+
+TRL_CHILD = r'''
+import json, os, sys, time
+import torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["cpus"])
+from datasets import Dataset
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+from avar_ray.data.readers import read_samples
+from avar_ray.data.schema import build_messages, pil_images
+from avar_ray.spans import banned_token_ids
+from rewards import accuracy_reward, format_reward
+
+samples, _ = read_samples(args["data"])
+rows = []
+for i in args["order"]:
+    s = samples[i]
+    rows.append({"prompt": build_messages(s), "images": pil_images(s), "answer": s.answer,
+                 "answer_type": s.answer_type, "choices": list(s.choices), "precision": s.precision})
+
+def text(c):
+    return c[0]["content"] if isinstance(c, list) else c
+
+def r_acc(completions, answer, answer_type, choices, precision, **_):
+    return [accuracy_reward(text(c), a, t, ch or None, p) for c, a, t, ch, p in
+            zip(completions, answer, answer_type, choices, precision)]
+
+def r_fmt(completions, **_):
+    return [format_reward(text(c)) for c in completions]
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.times, self.t0 = [], None
+    def on_step_begin(self, *a, **k):
+        self.t0 = time.perf_counter()
+    def on_step_end(self, *a, **k):
+        self.times.append(time.perf_counter() - self.t0)
+
+model = AutoModelForImageTextToText.from_pretrained(args["model"], dtype=torch.float32)
+processor = AutoProcessor.from_pretrained(args["model"])
+# One optimizer step per step of P prompts x n samples, as avar-ray: one generation batch, then
+# micro-batches of one prompt's group (TRL 1.16 with transformers 5.19 fails Qwen2.5-VL's rope
+# index on left-padded prompts of different lengths in one training forward).
+config = GRPOConfig(output_dir=args["out"], per_device_train_batch_size=args["n"],
+                    gradient_accumulation_steps=args["prompts"],
+                    num_generations=args["n"], max_completion_length=args["max_new_tokens"],
+                    learning_rate=args["lr"], max_steps=args["steps"], num_iterations=1, beta=0.0,
+                    temperature=1.0, loss_type="dapo", scale_rewards="group", shuffle_dataset=False,
+                    use_cpu=True, bf16=False, logging_steps=1, report_to=[], save_strategy="no",
+                    seed=args["seed"], lr_scheduler_type="constant", warmup_steps=0,
+                    # avar-ray's sampler bans the same template tokens (a sampled <|image_pad|> breaks the next forward)
+                    generation_kwargs={"suppress_tokens": banned_token_ids(processor)})
+clock = StepClock()
+t0 = time.perf_counter()
+trainer = GRPOTrainer(model=model, reward_funcs=[r_acc, r_fmt], args=config,
+                      train_dataset=Dataset.from_list(rows), processing_class=processor, callbacks=[clock])
+start_s = time.perf_counter() - t0
+trainer.train()
+print("TRL_RESULT", json.dumps({"step_s": clock.times, "start_s": start_s}))
+'''
+
+
+def run_trl(args, model: Path, data: Path, out: Path, order: list[int]) -> dict:
+    payload = json.dumps({"model": str(model), "data": str(data), "out": str(out), "order": order,
+                          "steps": args.steps, "prompts": args.prompts, "n": args.n, "seed": args.seed,
+                          "max_new_tokens": args.max_new_tokens, "lr": args.lr, "cpus": args.cpus})
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", TRL_CHILD, payload], capture_output=True, text=True, cwd=REPO, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TRL_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"TRL run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return json.loads(lines[-1].removeprefix("TRL_RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "peer_trl.json"))
+    args = parser.parse_args()
+    if args.steps <= args.warmup:
+        raise SystemExit("--steps must exceed --warmup")
+
+    from avar_ray.data.procedural import write_procedural
+    from avar_ray.data.readers import read_samples
+    from avar_ray.rl.metrics import PHASES
+    from avar_ray.tiny_model import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_tiny_model(tmp / "tiny", seed=0)
+        data = write_procedural(tmp / "data", n=32, seed=0)
+        samples = read_samples(data)[0]
+        order = prompt_order(len(samples), args.steps, args.prompts, args.seed)
+        trl_ids = [samples[i].id for i in order]
+        avar = run_avar(args, model, data, tmp / "avar")
+        trl = run_trl(args, model, data, tmp / "trl", order)
+
+    drawn = [r.get("data/prompt_ids") for r in avar["rows"]]
+    same = [i for step in drawn for i in (step or [])] == trl_ids
+    avar_steps = [r["time/step"] for r in avar["rows"]][args.warmup:]
+    trl_steps = trl["step_s"][args.warmup:]
+    a, t = statistics.median(avar_steps), statistics.median(trl_steps)
+    print(f"\nGRPO step on the tiny model, {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
+          f"float32, lr {args.lr:g}, {args.cpus} CPUs; median of steps {args.warmup + 1}..{args.steps}")
+    print(f"  avar-ray  {a:7.2f} s/step   ({avar['actors_line'] or 'actors start: n/a'})")
+    print(f"  TRL       {t:7.2f} s/step   (trainer built in {trl['start_s']:.1f} s)")
+    print(f"  ratio avar-ray / TRL: {a / t:.2f}x  ({'avar-ray slower' if a > t else 'avar-ray faster'})")
+    print("avar-ray's step by phase (median s):")
+    phases = {p: statistics.median([r[f"time/{p}"] for r in avar["rows"]][args.warmup:]) for p in PHASES}
+    for p, s in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"  {p:12} {s:7.2f}  {100 * s / a:5.1f}%")
+    print(f"  other        {a - sum(phases.values()):7.2f}  (driver, scheduling)")
+    print(f"same prompts in the same order on both sides: {same}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "avar_step_s": avar_steps, "trl_step_s": trl_steps,
+                                          "ratio": a / t, "avar_phases_s": phases, "order": order, "same_prompts": same,
+                                          "avar_actors": avar["actors_line"], "trl_start_s": trl["start_s"]},
+                                         indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
