@@ -24,10 +24,12 @@ EXTENSION = "actors.weight_sync.VLLMWeightExtension"
 
 @dataclass
 class SamplingSpec:
+    """One generate call's sampling (``avar_ray.rl.system.sampling_spec`` fills it from ``rl``)."""
+
     n: int
     max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float
+    top_p: float
 
 
 class RolloutWorker:

@@ -218,7 +218,7 @@ def bench_rollout(worker, model_dir: str, samples, args) -> dict:
     from actors.rollout import SamplingSpec
 
     requests = [PromptRequest(i, s, seed=i) for i, s in enumerate(samples)]
-    sampling = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens)
+    sampling = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
 
     def vllm():
         return sum(len(r.response_ids) for r in ray.get(worker.generate.remote(requests, sampling)))
@@ -288,7 +288,8 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
     start = time.perf_counter()
     refs = [ray.put(s) for s in samples]
     requests = [PromptRequest(i, ref, seed=1000 * version + i) for i, ref in enumerate(refs)]
-    rollouts = ray.get(worker.generate.remote(requests, SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens)))
+    sampling = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
+    rollouts = ray.get(worker.generate.remote(requests, sampling))
     t["rollout"] = time.perf_counter() - start
     # before: a second policy copy scores every rollout
     start = time.perf_counter()

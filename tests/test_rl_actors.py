@@ -102,7 +102,7 @@ def synced(ray_local, rollout_worker, learners, samples):
     ray = ray_local
     by_id = {s.id: s for s in samples}
     requests = [PromptRequest(i, s, seed=100 + i) for i, s in enumerate(samples)]
-    sampling = SamplingSpec(n=N, max_new_tokens=MAX_NEW)
+    sampling = SamplingSpec(n=N, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0)
     before = ray.get(rollout_worker.generate.remote(requests, sampling))
     learner_before = learners.logprobs(train_items(before, by_id))
     scores = np.arange(len(before), dtype=np.float32) % 3  # unequal within each group: a real signal
@@ -273,10 +273,10 @@ def test_many_seeded_rollouts_in_one_call(ray_local, rollout_worker, procedural_
 
     rows = read_samples(procedural_parquet)[0][:8]
     requests = [PromptRequest(i, s, seed=i) for i, s in enumerate(rows)]
-    first = ray_local.get(rollout_worker.generate.remote(requests, SamplingSpec(n=8, max_new_tokens=4)))
+    first = ray_local.get(rollout_worker.generate.remote(requests, SamplingSpec(n=8, max_new_tokens=4, temperature=1.0, top_p=1.0)))
     assert len(first) == 64 and all(len(r.response_ids) > 0 for r in first)
     assert sum(len(r.prompt_ids) for r in first) > 4096
-    again = ray_local.get(rollout_worker.generate.remote(requests[::-1], SamplingSpec(n=8, max_new_tokens=4)))
+    again = ray_local.get(rollout_worker.generate.remote(requests[::-1], SamplingSpec(n=8, max_new_tokens=4, temperature=1.0, top_p=1.0)))
     # per-request seeds: the same rollouts whatever the batch around them
     assert sorted(r.response_ids for r in again) == sorted(r.response_ids for r in first)
 
@@ -297,7 +297,7 @@ def test_nccl_broadcast_on_gpu(ray_local, tiny_model_dir, procedural_parquet):  
         handle, _ = BroadcastWeightSync(group, [worker], backend="nccl").sync(1, 0.5)
         assert handle.backend == "nccl"
         samples = read_samples(procedural_parquet)[0][:1]
-        rollouts = ray_local.get(worker.generate.remote([PromptRequest(0, samples[0], 1)], SamplingSpec(N, MAX_NEW)))
+        rollouts = ray_local.get(worker.generate.remote([PromptRequest(0, samples[0], 1)], SamplingSpec(N, MAX_NEW, 1.0, 1.0)))
         assert {r.policy_version for r in rollouts} == {1}
         items = train_items(rollouts, {samples[0].id: samples[0]})
         assert max_diff(group.logprobs(items), [r.logprobs for r in rollouts]) < TOL
