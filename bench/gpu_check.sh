@@ -14,7 +14,8 @@
 # 3 attention    statistics pass (avar, fused) in bf16 vs float32 on a Qwen2.5-VL-3B-shaped model (2 text
 #                layers at real widths: hidden 2048, 16 heads, 2 KV heads, MLP 11008, vocab 151936), T=4096:
 #                max relative error of the V/S masses, and its cost against a plain SDPA forward.
-# 4 grpo-zero3   `avar rl` on the tiny model, 2 GRPO steps, ZeRO-3, learner and vLLM sharing the GPU.
+# 4 grpo-zero3   `avar rl` on the tiny model, 2 GRPO steps, ZeRO-3, learner and vLLM sharing the GPU
+#                (weight sync over nccl with >= 2 GPUs, else the object store).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -113,10 +114,13 @@ PY
 if timed timeout 240 $PY "$WORK/attn.py" "$DRY"; then row attention "$([[ $DRY == 1 ]] && echo dry || echo ok)" "$ELAPSED" "$(grep -m1 '^ATTN' "$WORK/out.log" | cut -c6-)"
 else row attention FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
 
-# ---- 4: two GRPO steps with ZeRO-3 on the GPU (learner and vLLM share it)
+# ---- 4: two GRPO steps with ZeRO-3 on the GPU (learner and vLLM share it). The weight sync is
+# nccl only with >= 2 GPUs: NCCL refuses a learner rank and an engine rank on the same device.
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+SYNC=$([[ $NGPU -ge 2 ]] && echo nccl || echo object_store)
 RL_ARGS=(rl.steps=2 rl.zero_stage=3 rl.prompts_per_step=2 rl.n_samples=4 rl.max_new_tokens=16 rl.save_every=0
          rl.placement.learner_gpus=0.4 rl.placement.rollout_gpus=0.4 rl.gpu_memory_utilization=0.3
-         rl.weight_sync_backend=nccl "rl.out=$WORK/rl")
+         "rl.weight_sync_backend=$SYNC" "rl.out=$WORK/rl")
 if [[ $DRY == 1 ]]; then
   if timed $PY -c "from avar_ray.config import load_config; import sys; load_config('configs/tiny_local.yaml', sys.argv[1:])" "${RL_ARGS[@]}"
   then row grpo-zero3 dry "$ELAPSED" "config with ZeRO-3 + GPU placement validates"
@@ -124,7 +128,7 @@ if [[ $DRY == 1 ]]; then
 else
   $AVAR tiny-model --out "$WORK/tiny" >/dev/null 2>&1 && $AVAR make-data --out "$WORK/data" --n 16 >/dev/null 2>&1
   if timed timeout 300 $AVAR rl -c configs/tiny_local.yaml "model.path=$WORK/tiny" "data.train=$WORK/data/train.parquet" "${RL_ARGS[@]}"
-  then row grpo-zero3 ok "$ELAPSED" "$(grep -m1 -i 'step 2' "$WORK/out.log" | cut -c1-90)"
+  then row grpo-zero3 ok "$ELAPSED" "sync $SYNC; $(grep -m1 -i 'step 2' "$WORK/out.log" | cut -c1-80)"
   else row grpo-zero3 FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log" | cut -c1-90)"; fi
 fi
 
