@@ -111,10 +111,33 @@ def test_intervals_wilson_equals_scipy_and_bootstrap_covers_the_mean(tmp_path):
     # per-sample records: the table carries the bootstrap intervals and the heads blind to S
     run = write_run(tmp_path, "r", 7.5, 0.5)
     rows = [{"attention": {"user": {"vas": v, "vas_robust": v / 10, "alpha_img": 0.1, "low_sys_heads": 2,
-                                    "low_sys_layers": 1, "heads": 16},
+                                    "low_sys_layers": 1, "heads": 16, "low_sys_queries": 0.25},
                            "response": {"vas": v, "alpha_img": 0.2}}} for v in (5.0, 10.0)]
     (run / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     summary = run_analyze([run], tmp_path / "out")
     ci = summary["runs"][0]["intervals"]
     assert ci["vas"][1] >= 5.0 and ci["vas"][2] <= 10.0 and ci["low_sys_heads"] == pytest.approx(2 / 16)
-    assert "| 12% (1 layers) |" in (tmp_path / "out" / "analysis.md").read_text()
+    assert "| 12% (1 layers); queries 25% |" in (tmp_path / "out" / "analysis.md").read_text()
+
+
+def test_vas_companions_count_what_explodes_the_mean_of_ratios():
+    """One query of one head with a near-zero system mass: the paper's VAS explodes, the ratio
+    of means stays near V/S of the rest, and the per-head / per-query counts say where."""
+    import torch
+
+    from avar_ray.attention.context import AttentionStats
+    from avar_ray.attention.vas import SYS_FLOOR, vas_from_stats
+
+    b, layers, heads, t = 1, 2, 4, 6
+    mass_v, mass_s = torch.full((b, layers, heads, t), 0.2), torch.full((b, layers, heads, t), 0.4)
+    q = torch.tensor([[False, False, True, True, True, True]])
+    mass_s[0, 1, 3, 2] = 1e-9  # one query of layer 1, head 3
+    mass_s[0, 0, 2, 2:] = SYS_FLOOR / 10  # every query of layer 0, head 2: a head blind to S
+    stats = AttentionStats(mass_v, mass_s, q, torch.tensor([16]), [0, 1], torch.tensor([5]))
+    row = vas_from_stats(stats).rows()[0]
+    assert row["vas"] > 1e6  # the mean of ratios explodes
+    kept = 2 * 4 * 4 - 1 - 4  # entries with a normal system mass
+    expected = (0.2 * 32) / (0.4 * kept + 1e-9 + 4 * SYS_FLOOR / 10)
+    assert row["vas_robust"] == pytest.approx(expected, rel=1e-9) and row["vas_robust"] < 1.0
+    assert (row["low_sys_heads"], row["low_sys_layers"], row["heads"]) == (1, 1, 8)
+    assert row["low_sys_queries"] == pytest.approx(5 / 32)

@@ -15,6 +15,8 @@ that stays readable (the headline remains the paper's VAS):
     vas_robust    = sum_{l,h,i} mass_V / sum_{l,h,i} mass_S     (a ratio of means)
     low_sys_heads = how many (layer, head) pairs have a mean system mass below SYS_FLOOR
     low_sys_layers = how many layers have at least one such head
+    low_sys_queries = the share of (layer, head, query) whose system mass is below SYS_FLOOR
+                     (single queries can blow the mean of ratios up while no head is blind)
 
 A sample with no query token gets NaN everywhere; one with no visual token gets VAS =
 alpha_img = 0 and eps_img = NaN.
@@ -63,6 +65,7 @@ class VASResult:
     low_sys_heads: torch.Tensor  # [B] (layer, head) pairs with mean system mass < SYS_FLOOR
     low_sys_layers: torch.Tensor  # [B] layers with at least one such head
     heads: int  # query heads per layer
+    low_sys_queries: torch.Tensor  # [B] share of (layer, head, query) with system mass < SYS_FLOOR
 
     def rows(self, ids: Optional[Sequence[str]] = None) -> list[dict]:
         """JSON-ready dicts, one per sample (NaN -> None)."""
@@ -80,7 +83,7 @@ class VASResult:
                        layers=list(self.layers), query_tokens=int(self.query_count[b]),
                        visual_tokens=int(self.visual_count[b]), vas_robust=num(self.vas_robust[b]),
                        low_sys_heads=int(self.low_sys_heads[b]), low_sys_layers=int(self.low_sys_layers[b]),
-                       heads=self.per_layer.shape[1] * self.heads)
+                       heads=self.per_layer.shape[1] * self.heads, low_sys_queries=num(self.low_sys_queries[b]))
             out.append(row)
         return out
 
@@ -101,12 +104,13 @@ def vas_from_stats(stats: AttentionStats, eps: float = 0.0) -> VASResult:
     alpha_img = per_layer_alpha.mean(1)
     eps_img = alpha_img / visual_count.double()  # NaN (0/0) or inf never: alpha_img = 0 when |V| = 0
     eps_img = torch.where(visual_count > 0, eps_img, torch.full_like(eps_img, math.nan))
-    head_sys = mass_s.sum(3) / n_q[:, None, None]  # [B, L, H] mean system mass per head
+    head_sys = (mass_s * q).sum(3) / n_q[:, None, None]  # [B, L, H] mean system mass per head over Q
     low = head_sys < SYS_FLOOR
-    vas_robust = mass_v.sum((1, 2, 3)) / mass_s.sum((1, 2, 3))
+    vas_robust = (mass_v * q).sum((1, 2, 3)) / (mass_s * q).sum((1, 2, 3))
     return VASResult(per_layer.mean(1), alpha_img, eps_img, alpha_sys, per_layer, per_layer_alpha,
                      stats.query_mask.sum(-1).cpu(), visual_count, list(stats.layers), vas_robust,
-                     low.sum((1, 2)), low.any(2).sum(1), heads)
+                     low.sum((1, 2)), low.any(2).sum(1), heads,
+                     ((mass_s < SYS_FLOOR) & q).sum((1, 2, 3)) / (mass_s.shape[1] * heads * n_q))
 
 
 def compute_vas(model, encoded, query: str = "user", layers: Optional[Sequence[int]] = None,

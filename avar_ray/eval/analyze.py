@@ -61,6 +61,7 @@ def intervals(run: dict) -> dict[str, Any]:
     if heads:
         out["low_sys_heads"] = sum(a for a, _ in heads) / sum(b for _, b in heads)  # share of (layer, head) pairs
         out["low_sys_layers"] = max(u.get("low_sys_layers", 0) for u in user if u.get("heads"))
+    out["low_sys_queries"] = bootstrap([u.get("low_sys_queries") for u in user])
     return out
 
 

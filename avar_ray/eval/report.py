@@ -106,10 +106,11 @@ def stage_rows(runs: Sequence[dict]) -> list[list[str]]:
         o, ci = run["overall"], run.get("intervals", {})
         d_acc = None if o["accuracy"] is None or first["accuracy"] is None else o["accuracy"] - first["accuracy"]
         robust = ci.get("vas_robust")
-        low = ci.get("low_sys_heads")
+        low, low_q = ci.get("low_sys_heads"), ci.get("low_sys_queries")
         rows.append([run["label"], with_ci(o["accuracy"], ci.get("accuracy"), percent=True), signed(d_acc, percent=True),
                      with_ci(o["vas"], ci.get("vas")), with_ci(robust[0] if robust else None, robust),
-                     "n/a" if low is None else f"{low * 100:.0f}% ({ci['low_sys_layers']} layers)",
+                     ("n/a" if low is None else f"{low * 100:.0f}% ({ci['low_sys_layers']} layers)")
+                     + ("" if not low_q else f"; queries {low_q[0] * 100:.2g}%"),
                      fmt(o["vas_response"]), with_ci(o["alpha_img"], ci.get("alpha_img"), 4),
                      with_ci(o.get("alpha_img_response"), ci.get("alpha_img_response"), 4), str(o["n"])])
     return rows
@@ -128,7 +129,8 @@ def analysis_report(runs: Sequence[dict], correlation: dict[str, Any], figures: 
     lines += ["", "Intervals: Wilson (accuracy), 95% percentile bootstrap over samples (attention means). "
               "VAS is the paper's mean of per-query V/S ratios (the headline); a head that puts almost no mass on "
               f"S makes it explode, so \"heads S<floor\" gives the share of (layer, head) pairs whose mean system "
-              f"mass is below {sys_floor:g} (and the most layers holding one, in a sample) and \"robust VAS\" the "
+              f"mass is below {sys_floor:g} (and the most layers holding one, in a sample; then the share of single "
+              "(layer, head, query) entries below it) and \"robust VAS\" the "
               "ratio of means, sum V / sum S, beside it.",
               "", "## VAS vs accuracy", "", f"Pearson correlation: {stat}.", ""]
     if "scatter" in figures:
