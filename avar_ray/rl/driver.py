@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from avar_ray.config import to_dict
 from actors.records import PromptRequest, TrainItem
 from avar_ray.rl import checkpoint
 from avar_ray.grpo import grpo_advantages, informative_groups
@@ -248,7 +249,7 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
         run = Run(cfg, system, prompts, PromptSampler(len(prompts.samples), rl.seed), out, on_phase)
         if start:
             run.restore(start)
-        writer = MetricsWriter(out, rl.steps, start, rl.tensorboard)
+        writer = MetricsWriter(out, rl.steps, start, rl.tensorboard, tracking=cfg.tracking, run_config=to_dict(cfg))
         for step in range(start + 1, rl.steps + 1):
             writer.log(step, run.step(step))
             report.steps = step
