@@ -16,6 +16,8 @@ defaults, warm_base.steps = 150; the same rl_run as below, outside pytest, on 2 
              first 3 steps 0.177 -> last 3 steps 0.156 (691 s with actor start-up)
     flipped  reward/accuracy per step 0.16 0.12 0.28 0.25 0.28 0.28 0.34 0.34 0.19 0.28:
              first 3 steps 0.188 -> last 3 steps 0.271 (158 s)
+    visual   (lambda_v 0.5, squash) 0.177 -> 0.156; alpha_img of the responses to the last 16
+             prompts after 10 steps 0.0656 against 0.0669 for learn (lambda_v 0): not above
 
 No margin separates them (the flipped run even rose more: per-step noise of 32 rollouts is
 about +-0.07 one sd, larger than any effect): this warm base answers at chance (23.3 % on 120 held-out tasks against
