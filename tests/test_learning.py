@@ -25,7 +25,7 @@ about +-0.07 one sd, larger than any effect): this warm base answers at chance (
 tests are therefore skipped until the warm base clears its baselines and MARGIN is set from new
 measured runs. More steps of the same recipe do not get there: warm_base.steps = 450 reached a
 lower loss (0.119 against 0.217) and 21.7 % on the same 120 tasks, still at chance; the recipe
-itself (what the tiny vision tower is trained on) has to change. The harness the harness (easy task, the three runs, the sign flip
+itself (what the tiny vision tower is trained on) has to change. The harness (easy task, the three runs, the sign flip
 through rl.reward.accuracy_weight, alpha_img of the responses) is ready for that.
 """
 from __future__ import annotations
