@@ -129,3 +129,11 @@ def encode_batch(processor, messages: Sequence[list[dict]], images: Sequence[Seq
             inputs[key] = torch.cat(tensors, dim=0)
     spans = find_spans(inputs["input_ids"], TemplateIds.from_tokenizer(tokenizer), inputs["attention_mask"])
     return Encoded(inputs, spans, [r[1] for r in rows], padding_side)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested (eval.device or serve.device) but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

@@ -97,8 +97,7 @@ class StatsStage(_Prepared):
     """One transformers model per actor: generation under the intervention, then the statistics."""
 
     def __init__(self, model_dir: str, model_cfg, eval_cfg, attn_cfg, intervention: Optional[Intervention]) -> None:
-        from avar_ray.eval.runner import resolve_device
-        from avar_ray.modeling import load_model
+        from avar_ray.modeling import load_model, resolve_device
 
         super().__init__(model_dir, model_cfg, eval_cfg)
         self.cfg, self.attn_cfg, self.intervention = eval_cfg, attn_cfg, intervention

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from avar_ray.attention import Intervention
@@ -36,18 +35,10 @@ from avar_ray.eval.pool import finish_batch, run_on_ray
 from avar_ray.eval.progress import ProgressStore, item_keys
 from avar_ray.eval.report import eval_report
 from avar_ray.eval.scoring import results_summary
-from avar_ray.modeling import image_resolution, load_model, load_processor
+from avar_ray.modeling import image_resolution, load_model, load_processor, resolve_device
 from avar_ray.tracking import Tracker
 
 log = logging.getLogger("avar_ray.eval")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("eval.device is 'cuda' but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def drop_failed(benchmarks: Sequence[Benchmark], rows: dict[str, dict]) -> None:

@@ -20,7 +20,7 @@ from avar_ray.data.schema import Sample
 from avar_ray.eval.attention_pass import attention_rows
 from avar_ray.eval.benchmarks import prepare_item
 from avar_ray.eval.generation import hf_generate
-from avar_ray.eval.runner import resolve_device
+from avar_ray.modeling import resolve_device
 from avar_ray.modeling import load_model, load_processor
 from avar_ray.serve.validation import AnswerRequest, RequestError
 from rewards import extract_answer
