@@ -465,10 +465,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
 def reference_markdown() -> str:
     """The config reference (docs/config_reference.md), generated from the dataclasses."""
     lines = ["# Config reference", "",
