@@ -31,8 +31,8 @@ import torch
 
 from actors.policy import banned_token_ids, encode_rollouts, forward_logprobs, pad_rows
 from actors.records import ScoredPass, TrainItem, resolve_samples
-from actors.weight_sync import (MIB, WeightHandle, broadcast_bucket, broadcast_table, bucket_names, make_weight_group,
-                                publish_object_store, trainable_only)
+from actors.weight_sync import (MIB, WeightHandle, broadcast_table, bucket_names, make_weight_group,
+                                publish_object_store, send_broadcast, trainable_only)
 from avar_ray.ray_utils import free_port
 
 log = logging.getLogger(__name__)
@@ -313,17 +313,12 @@ class Learner:
         """Every rank calls this (ZeRO-3 gathers are collectives); rank 0 broadcasts each bucket
         of ``handle``'s table as soon as its tensors are gathered. Returns seconds."""
         start = time.perf_counter()
-        bucket, pending = 0, []
-        for name, tensor in self._full_parameters(handle.bucket_bytes):
-            if self.rank != 0:
-                continue
-            expected = handle.names[bucket][len(pending)]
-            if name != expected:
-                raise RuntimeError(f"weight broadcast: parameter {name!r} where the table has {expected!r}")
-            pending.append(tensor)
-            if len(pending) == len(handle.names[bucket]):
-                broadcast_bucket(self._weight_group, pending, handle.shapes[bucket], self.engine.device)
-                bucket, pending = bucket + 1, []
+        named = self._full_parameters(handle.bucket_bytes)
+        if self.rank == 0:
+            send_broadcast(self._weight_group, named, handle, self.engine.device)
+        else:
+            for _ in named:  # the gathers are collectives: every rank walks them
+                pass
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ checkpoints
