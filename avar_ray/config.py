@@ -200,7 +200,6 @@ class RLConfig:
     gpu_memory_utilization: float = 0.6  # vLLM, GPU only
     export_hf: bool = True  # an HF checkpoint beside each DeepSpeed checkpoint
     keep_checkpoints: int = 2  # newest DeepSpeed checkpoints kept (0: all)
-    tensorboard: bool = True
     resume: bool = False  # continue from the newest checkpoint in `out` (also `avar rl --resume`)
     reward: RewardConfig = field(default_factory=RewardConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)

@@ -63,7 +63,7 @@ def rl_run(out: Path, model: Path, data: Path, *overrides: str) -> list[dict]:
     cfg = load_config(CONFIG, [
         f"model.path={model}", f"data.train={data}", f"rl.out={out}", f"rl.steps={STEPS}", "rl.prompts_per_step=8",
         "rl.n_samples=4", "rl.max_new_tokens=56", "rl.lr=1e-4", f"rl.save_every={STEPS}", "rl.seed=0",
-        "rl.reward.lambda_f=0", "rl.tensorboard=false", *overrides])
+        "rl.reward.lambda_f=0", "tracking.backends=[jsonl]", *overrides])
     report = run_rl(cfg)
     return read_metrics(Path(report.metrics_path)), report
 

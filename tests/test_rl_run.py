@@ -28,6 +28,7 @@ import pytest
 
 from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics
 from avar_ray.rl.prompts import PromptSampler, request_seed
+from avar_ray.config import TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_local.yaml")
@@ -35,6 +36,7 @@ PROMPTS_PER_STEP, N_SAMPLES = 2, 4
 # The learner recomputes the log-probs of every sampled token with the weights the rollout
 # workers were synced to: float32 on both sides.
 LOGPROB_TOL = 1e-3
+JSONL_ONLY = TrackingConfig(backends=["jsonl"])
 slow = pytest.mark.slow  # every test that starts Ray, vLLM or DeepSpeed
 
 
@@ -56,13 +58,13 @@ def test_sampler_is_a_function_of_seed_and_position():
 
 
 def test_metrics_file_keeps_records_up_to_the_resumed_step(tmp_path):
-    writer = MetricsWriter(tmp_path, total_steps=4, start_step=0, tensorboard=False)
+    writer = MetricsWriter(tmp_path, total_steps=4, start_step=0, tracking=JSONL_ONLY)
     for step in (1, 2, 3):
         writer.log(step, {"reward/total": 0.5 * step, "vas/response": math.nan})
     writer.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["vas/response"] is None  # NaN -> null (valid JSON)
-    writer = MetricsWriter(tmp_path, total_steps=4, start_step=2, tensorboard=False)  # resumed from step 2
+    writer = MetricsWriter(tmp_path, total_steps=4, start_step=2, tracking=JSONL_ONLY)  # resumed from step 2
     writer.log(3, {"reward/total": 9.0})
     writer.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")

@@ -122,11 +122,10 @@ def test_scrub_and_config_errors(tmp_path):
 def test_rl_metrics_writer_keeps_its_api(tmp_path):
     from avar_ray.rl.metrics import MetricsWriter
 
-    writer = MetricsWriter(tmp_path / "rl", total_steps=2, start_step=0, tensorboard=False,
-                           tracking=TrackingConfig(backends=["tensorboard"]))
+    writer = MetricsWriter(tmp_path / "rl", total_steps=2, start_step=0, tracking=TrackingConfig(backends=["jsonl"]))
     writer.log(1, {"reward/total": float("inf"), "time/step": 1.5})
     writer.close()
     assert writer.path == tmp_path / "rl" / "metrics.jsonl"
     (record,) = read_metrics(writer.path)
     assert record == {"step": 1, "reward/total": None, "time/step": 1.5}
-    assert not (tmp_path / "rl" / "tensorboard").exists()  # rl.tensorboard=false wins
+    assert not (tmp_path / "rl" / "tensorboard").exists()  # only the configured backends

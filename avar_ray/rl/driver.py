@@ -249,7 +249,7 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
         run = Run(cfg, system, prompts, PromptSampler(len(prompts.samples), rl.seed), out, on_phase)
         if start:
             run.restore(start)
-        writer = MetricsWriter(out, rl.steps, start, rl.tensorboard, tracking=cfg.tracking, run_config=to_dict(cfg))
+        writer = MetricsWriter(out, rl.steps, start, tracking=cfg.tracking, run_config=to_dict(cfg))
         for step in range(start + 1, rl.steps + 1):
             writer.log(step, run.step(step))
             report.steps = step

@@ -4,7 +4,6 @@ through the tracker (``avar_ray.tracking``: ``metrics.jsonl``, TensorBoard, W&B,
 progress line."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,15 +46,13 @@ def rollout_metrics(rollouts: Sequence[Rollout], scored: Sequence[Scored], advan
 
 class MetricsWriter(Tracker):
     """The RL step metrics through the one tracker (``metrics.jsonl`` always, plus the
-    backends of ``tracking``; ``tensorboard=False`` drops TensorBoard) and a tqdm bar. A
+    backends of ``tracking``) and a tqdm bar. A
     resumed run keeps the records up to its checkpoint's step and drops any written after it
     (they are redone)."""
 
-    def __init__(self, out: Path, total_steps: int, start_step: int, tensorboard: bool,
+    def __init__(self, out: Path, total_steps: int, start_step: int,
                  tracking: Optional[TrackingConfig] = None, run_config: Optional[dict] = None) -> None:
         tracking = tracking if tracking is not None else TrackingConfig()
-        if not tensorboard:
-            tracking = dataclasses.replace(tracking, backends=[b for b in tracking.backends if b != "tensorboard"])
         super().__init__(tracking, out, "rl", run_config, start_step, total_steps, progress_line, always=("jsonl",))
         self.path = Path(out) / METRICS
 
