@@ -4,8 +4,10 @@ Accuracy and VAS (both query spans) of one model on benchmark files (MathVista J
 VLMEvalKit TSV, JSONL, Parquet). Defaults come from the config: ``model.path``, ``data.eval``,
 ``eval.out``. Plain mode generates with vLLM; with ``--intervene`` (or
 ``intervention.enabled=true``) generation runs in transformers, which can apply the
-intervention's key bias (vLLM cannot). Runs in this process: no Ray needed. On a cluster,
-``ray job submit --entrypoint-num-gpus 1 -- avar eval ...`` puts it on a GPU node.
+intervention's key bias (vLLM cannot). With ``eval.num_engines: 0`` (the default) it runs in
+this process, no Ray needed; with ``eval.num_engines: N`` it runs on Ray Data over N vLLM engine
+actors and ``eval.stats_workers`` statistics actors. Finished samples are appended to
+``OUT/progress.jsonl``, so a killed eval resumes where it stopped.
 """
 from __future__ import annotations
 
