@@ -107,20 +107,10 @@ class UnpackingReceiver:
         return time.perf_counter() - start
 
 
-class Pool:
-    def __init__(self, actors):
-        self.actors, self.restarts, self.handle = actors, 0, None
-
-    def update_weights(self, handle) -> float:
-        import ray
-
-        self.handle = handle
-        return max(ray.get([a.update_weights.remote(handle) for a in self.actors]))
-
-
 def time_syncs(sender, receiver, backend: str, bucket_mb: float, repeats: int) -> tuple[float, float]:
     """(median seconds of a sync, GiB per sync) through ``WeightSync``."""
     from actors.weight_sync import WeightSync
+    from actors.weight_sync.endpoints import ReceiverPool as Pool
 
     sync = WeightSync(SimpleNamespace(actors=[sender]), Pool([receiver]), backend, bucket_mb)
     times = []

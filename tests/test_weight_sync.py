@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.weight_sync.endpoints import EngineReceiver, ModuleSender
+from actors.weight_sync.endpoints import EngineReceiver, ModuleSender, ReceiverPool as Pool
 
 slow = pytest.mark.slow
 
@@ -67,19 +67,6 @@ class Receiver(EngineReceiver):
                 responses.append(list(c.token_ids))
                 logprobs.append([float(c.logprobs[i][t].logprob) for i, t in enumerate(c.token_ids)])
         return prompts, responses, logprobs
-
-
-class Pool:
-    """The receivers as the engine sees a rollout pool (``actors``, ``restarts``, ``handle``)."""
-
-    def __init__(self, actors):
-        self.actors, self.restarts, self.handle = actors, 0, None
-
-    def update_weights(self, handle) -> float:
-        import ray
-
-        self.handle = handle
-        return max(ray.get([a.update_weights.remote(handle) for a in self.actors]))
 
 
 def max_diff(a, b) -> float:

@@ -113,3 +113,17 @@ class EngineReceiver:
 
     def last_stats(self) -> dict:
         return self.stats
+
+
+class ReceiverPool:
+    """Receiver actors as ``WeightSync`` sees a rollout pool (``actors``, ``restarts``,
+    ``handle``), without the sampling around them (bench, tests)."""
+
+    def __init__(self, actors):
+        self.actors, self.restarts, self.handle = actors, 0, None
+
+    def update_weights(self, handle) -> float:
+        import ray
+
+        self.handle = handle
+        return max(ray.get([a.update_weights.remote(handle) for a in self.actors]))
