@@ -17,6 +17,10 @@ token-budget micro-batches (``rl.max_tokens_per_micro_batch``), ``rl.gradient_ch
 and under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` and filled tensor by tensor
 (``load_partitioned``): no rank ever holds the whole model. Rank 0 gathers the (trainable)
 weights bucket-wise and publishes them for the weight sync.
+
+Data plane: each rank fetches, decodes and preprocesses a prompt (its images) once per step
+for both passes, from a per-step cache (``actors.learner_batches.PromptCache``) cleared when
+the step's update is done; micro-batches are assembled from the cached tensors.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ from typing import Optional
 
 import torch
 
-from actors.policy import banned_token_ids, encode_rollouts, forward_logprobs, pad_rows
-from actors.records import ScoredPass, TrainItem, resolve_samples
+from actors.learner_batches import PromptCache
+from actors.policy import banned_token_ids, forward_logprobs, pad_rows
+from actors.records import ScoredPass, TrainItem
 from actors.weight_sync import (MIB, WeightHandle, broadcast_table, bucket_names, make_weight_group,
                                 publish_object_store, send_broadcast, trainable_only)
 from avar_ray.ray_utils import free_port
@@ -132,6 +137,7 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo", auto_mpi_discovery=False)
         self.processor = load_processor(self.model_cfg.path, self.model_cfg)  # the resolution vLLM uses
         self.banned = banned_token_ids(self.processor)
+        self.prompts = PromptCache(self.processor, self.model_cfg.system_prompt)
         # The micro-batches are ours (token budget): DeepSpeed's accumulation boundary is set per call.
         config = deepspeed_config(rl.zero_stage, 1, 1, rl.grad_clip, rl.lr, rl.weight_decay,
                                   self.model_cfg.dtype == "bfloat16")
@@ -152,11 +158,6 @@ class Learner:
         return {"rank": self.rank, "pid": os.getpid(), "setup_s": time.perf_counter() - start,
                 "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
 
-    def _encode(self, items: list[TrainItem]):
-        return encode_rollouts(self.processor, resolve_samples([it.sample for it in items]),
-                               [it.response_ids for it in items],
-                               self.model_cfg.system_prompt)
-
     def _logprobs(self, model, encoded, items, chunks: int, with_entropy: bool = False, **kwargs):
         return forward_logprobs(model, encoded, [len(it.response_ids) for it in items], self.rl.temperature,
                                 self.banned, with_entropy, chunks, **kwargs)
@@ -171,12 +172,11 @@ class Learner:
 
         self.engine.eval()
         out: dict[int, ScoredPass] = {}
-        seconds = {"forward": 0.0}
+        seconds, encodes = {"forward": 0.0}, self.prompts.encodes
         for micro, n_chunks in zip(micro_batches, chunks):
             items = [it for _, it, _ in micro]
-            samples = resolve_samples([it.sample for it in items])
-            encoded = encode_rollouts(self.processor, samples, [it.response_ids for it in items],
-                                      self.model_cfg.system_prompt).to(self.engine.device)
+            encoded, prompts = self.prompts.encode(items)
+            encoded = encoded.to(self.engine.device)
             ctx = None
             if any(want for _, _, want in micro):
                 num_layers = self.engine.module.config.get_text_config().num_hidden_layers
@@ -188,12 +188,11 @@ class Learner:
             logprob, _, _ = self._logprobs(self.engine, encoded, items, n_chunks, **kwargs)
             seconds["forward"] += time.perf_counter() - t
             stats = ctx.stats() if ctx is not None else None
-            ids = encoded.inputs["input_ids"].cpu()
-            for b, ((index, item, want), sample) in enumerate(zip(micro, samples)):
+            for b, ((index, item, want), prompt) in enumerate(zip(micro, prompts)):
                 error = ""
-                prompt = ids[b, :encoded.prompt_lengths[b]].tolist()
-                if item.prompt_ids and prompt != list(item.prompt_ids):
-                    error = (f"sample {sample.id}: the learner's prompt ({len(prompt)} tokens) differs from "
+                ids = prompt.ids
+                if item.prompt_ids and ids != list(item.prompt_ids):
+                    error = (f"sample {prompt.sample_id}: the learner's prompt ({len(ids)} tokens) differs from "
                              f"vLLM's ({len(item.prompt_ids)} tokens)")
                     log.warning("learner %d: %s", self.rank, error)
                 vas = math.nan
@@ -201,7 +200,7 @@ class Learner:
                     mass_v, mass_s = stats.sample(b)
                     vas = visual_ratio(mass_v, mass_s, eps=self.rl.reward.eps)
                 out[index] = ScoredPass(logprob[b, :len(item.response_ids)].tolist(), vas, error)
-        return {"passes": out, "seconds": seconds}
+        return {"passes": out, "seconds": seconds, "prompt_encodes": self.prompts.encodes - encodes}
 
     # ------------------------------------------------------------------ training
     def train(self, minis: list[list[list[TrainItem]]], chunks: list[list[int]], infos: list[dict]) -> dict:
@@ -211,7 +210,6 @@ class Learner:
 
         rl, engine = self.rl, self.engine
         engine.train()
-        encoded = [[self._encode(m) for m in mini] for mini in minis]
         stats = {"pg_loss": 0.0, "kl_loss": 0.0, "entropy_sum": 0.0, "tokens": 0, "clipfrac_sum": 0.0,
                  "ppo_kl_sum": 0.0, "update_tokens": 0, "tis_sum": 0.0, "tis_capped": 0, "updates": 0}
         grad_norm = math.nan
@@ -219,7 +217,8 @@ class Learner:
             for m, mini in enumerate(minis):
                 for k, items in enumerate(mini):
                     engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
-                    logprob, entropy, mask = self._logprobs(engine, encoded[m][k], items, chunks[m][k],
+                    encoded = self.prompts.encode(items)[0]  # from the step's cached prompts
+                    logprob, entropy, mask = self._logprobs(engine, encoded, items, chunks[m][k],
                                                             with_entropy=epoch == 0)
                     width = logprob.shape[1]
                     old = pad_rows([it.old_logprobs for it in items], width).to(logprob.device)
@@ -231,7 +230,7 @@ class Learner:
                     loss = pg_loss
                     if self.reference is not None:
                         with torch.no_grad():
-                            ref = self._logprobs(self.reference, encoded[m][k], items, chunks[m][k])[0]
+                            ref = self._logprobs(self.reference, encoded, items, chunks[m][k])[0]
                         kl = kl_loss(logprob, ref, mask, rl.kl_type, infos[m], rl.loss_agg_mode)
                         loss = loss + rl.kl_coef * kl
                         stats["kl_loss"] += float(kl.detach()) if epoch == 0 else 0.0
@@ -254,13 +253,16 @@ class Learner:
         stats["pg_loss"] /= len(minis)
         stats["kl_loss"] /= len(minis)
         stats["grad_norm"] = grad_norm
+        # the step's last use of its prompts: the next step starts with an empty cache
+        cache = self.prompts.clear()
+        stats["prompt_encodes"], stats["prompt_encode_s"] = cache["encodes"], cache["seconds"]
         return stats
 
     @torch.no_grad()
     def logprobs(self, items: list[TrainItem]) -> list[list[float]]:
         """Current-policy log-probs of the given responses (tests, diagnostics; one rank)."""
         self.engine.eval()
-        lp, _, _ = self._logprobs(self.engine, self._encode(items), items, 0)
+        lp, _, _ = self._logprobs(self.engine, self.prompts.encode(items)[0], items, 0)
         return [lp[i, :len(it.response_ids)].tolist() for i, it in enumerate(items)]
 
     # ------------------------------------------------------------------ weights
@@ -412,6 +414,7 @@ class LearnerGroup:
             "actor/logprob_diff_mean": sum(diffs) / max(len(diffs), 1),
             "learner/prompt_mismatch": sum(1 for p in ordered if p.error),
             "learner/visual_stats_rollouts": sum(want_stats),
+            "learner/prompt_encodes": sum(r["prompt_encodes"] for r in results),
             "time/old_logprob_forward": max(r["seconds"]["forward"] for r in results),
         }
 
@@ -444,6 +447,10 @@ class LearnerGroup:
             "actor/ppo_kl": sum(r["ppo_kl_sum"] for r in per_rank) / n_upd,
             "actor/grad_norm": per_rank[0]["grad_norm"],
             "actor/updates": per_rank[0]["updates"],
+            # processor calls of the step (score and train passes), over the ranks: each rank
+            # encodes a prompt once however many of its rollouts it sees, in however many passes
+            "learner/prompt_encodes": sum(r["prompt_encodes"] for r in per_rank),
+            "learner/prompt_encode_s": max(r["prompt_encode_s"] for r in per_rank),
         }
         if self.rl.tis_cap is not None:
             out["actor/tis_weight_mean"] = sum(r["tis_sum"] for r in per_rank) / n_upd

@@ -7,6 +7,7 @@
 * ``ppo_epochs=2`` x ``mini_batches=2`` with a large learning rate: the PPO ratio moves off 1
   and clipping acts (clip fraction > 0); ``kl_coef > 0``: a non-zero KL loss; ``tis_cap`` on;
 * an over-long prompt in the data file is filtered at load and counted;
+* each learner rank runs the HF processor once per prompt and step (``learner/prompt_encodes``);
 * ``freeze_vision``: only language weights are synced, and only they move;
 * ``dynamic_sampling``: with every reward equal, groups are dropped and refilled (counted).
 
@@ -77,6 +78,9 @@ def test_the_real_job_steps(real_run):
     for rec in real_run["records"]:
         assert rec["rollout/count"] == PROMPTS * N and rec["reward/errors"] == 0
         assert rec["learner/prompt_mismatch"] == 0  # the learners' prompt ids are vLLM's
+        # data plane: each of the 2 ranks runs the processor once per prompt of the step, for
+        # both passes (per rollout and pass it would be 2 x PROMPTS x N)
+        assert 0 < rec["learner/prompt_encodes"] <= 2 * PROMPTS
         assert rec["learner/visual_stats_rollouts"] == PROMPTS * N  # gate off: statistics for every rollout
         assert rec["reward/visual"] > 0 and math.isfinite(rec["vas/response"])
         assert rec["actor/updates"] == 2 * 2  # ppo_epochs x mini_batches optimizer steps

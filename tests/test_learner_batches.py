@@ -1,0 +1,84 @@
+"""The learners' per-step prompt cache (``actors.learner_batches``; no Ray): each prompt goes
+through the HF processor once however many rollouts and passes use it, and the micro-batches
+assembled from the cache are the tensors the per-rollout encoding gave, so the log-probs are
+bit-identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, procedural_parquet):
+    from actors.policy import banned_token_ids
+    from actors.records import TrainItem
+    from avar_ray.data.readers import read_samples
+    from avar_ray.modeling import load_processor
+
+    from transformers import AutoConfig
+
+    processor = load_processor(str(tiny_model_dir))
+    samples = read_samples(procedural_parquet)[0][:3]
+    size = AutoConfig.from_pretrained(tiny_model_dir).get_text_config().vocab_size
+    vocab = [t for t in range(size) if t not in set(banned_token_ids(processor))]
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for s, n in zip(samples, (3, 2, 1)):  # n rollouts of each prompt, responses of unequal length
+        for _ in range(n):
+            length = int(torch.randint(3, 12, (1,), generator=gen))
+            ids = [vocab[int(i)] for i in torch.randint(0, len(vocab), (length,), generator=gen)]
+            items.append(TrainItem(s, ids, 0.0, [0.0] * length))
+    return processor, samples, items
+
+
+def _per_rollout(processor, items, system_prompt=None):
+    """The learner's encoding before the cache: every rollout's conversation through the processor."""
+    from actors.records import conversation
+    from avar_ray.modeling import encode_batch
+
+    messages, images = zip(*(conversation(it.sample, system_prompt) for it in items))
+    return encode_batch(processor, list(messages), list(images), response_ids=[it.response_ids for it in items],
+                        padding_side="right")
+
+
+@pytest.mark.parametrize("system_prompt", [None, "Look at the image first."])
+def test_cached_batches_equal_the_per_rollout_encoding(setup, system_prompt):
+    from actors.learner_batches import CountingProcessor, PromptCache
+
+    processor, samples, items = setup
+    counting = CountingProcessor(processor)
+    cache = PromptCache(counting, system_prompt)
+    order = [4, 0, 5, 2, 1, 3]  # a micro-batch mixing the prompts, as the length-balanced plan does
+    for batch in ([items[i] for i in order], items[:2], items[3:]):
+        ours, prompts = cache.encode(batch)
+        ref = _per_rollout(processor, batch, system_prompt)
+        assert sorted(ours.inputs) == sorted(ref.inputs)
+        for key, tensor in ref.inputs.items():
+            assert ours.inputs[key].dtype == tensor.dtype and torch.equal(ours.inputs[key], tensor), key
+        assert ours.prompt_lengths == ref.prompt_lengths
+        for name in ("system", "user", "visual", "response"):
+            assert torch.equal(getattr(ours.spans, name), getattr(ref.spans, name)), name
+        assert [p.sample_id for p in prompts] == [it.sample.id for it in batch]
+        assert all(p.ids == ref.inputs["input_ids"][b, :n].tolist()
+                   for b, (p, n) in enumerate(zip(prompts, ref.prompt_lengths)))
+    # 3 prompts, 6 rollouts, 3 batches: one processor call per prompt
+    seconds = cache.seconds
+    assert counting.calls == cache.encodes == len(samples) and seconds > 0
+    assert cache.clear() == {"encodes": 3, "seconds": seconds, "prompts": 3} and not cache.entries
+    cache.encode(items[:2])  # a new step: encoded again
+    assert counting.calls == len(samples) + 1 and cache.encodes == 1
+
+
+def test_logprobs_are_bit_identical(setup, tiny_model_dir):
+    from actors.learner_batches import PromptCache
+    from actors.policy import banned_token_ids, forward_logprobs
+    from avar_ray.modeling import load_model
+
+    processor, _, items = setup
+    model = load_model(str(tiny_model_dir), attn_implementation="avar").eval()
+    lengths = [len(it.response_ids) for it in items]
+    banned = banned_token_ids(processor)
+    with torch.no_grad():
+        before = forward_logprobs(model, _per_rollout(processor, items), lengths, 0.7, banned)[0]
+        after = forward_logprobs(model, PromptCache(processor).encode(items)[0], lengths, 0.7, banned)[0]
+    assert torch.equal(before, after) and before.abs().sum() > 0
