@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "runs/tiny_model"  # HF directory (transformers + vLLM loadable)
+    # The weights' dtype in every stage (vLLM, the RL learners, eval, serve, `avar vas`); bfloat16
+    # also turns on DeepSpeed's bf16 mixed precision in SFT and RL (where the accelerator has it).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int = 2048
     # Image resolution, the same in every stage (HF processor and vLLM): |V| and so VAS depend on it.
@@ -55,14 +57,18 @@ class InterventionConfig:
     enabled: bool = False
     a_img: float = 0.15
     a_sys: float = 0.4
-    layers: Optional[list[int]] = None  # None = all text layers
+    # Where the bias is applied: a treatment, not a measurement, so it has its own key (eval can
+    # measure VAS over attention.layers while intervening on a subset). None = all text layers.
+    layers: Optional[list[int]] = None
 
 
 @dataclass
 class AttentionConfig:
     """The attention-statistics pass of every stage (SFT's AGTO, the RL reward, eval, serve, `avar vas`)."""
 
-    layers: Optional[list[int]] = None  # text layers of eval/serve statistics; None = all
+    # Text layers every statistic averages over: VAS (eval, serve, `avar vas`) and AGTO's losses
+    # (SFT); None = all (SPEC.md §1, §4)
+    layers: Optional[list[int]] = None
     # None: the fused statistics (one SDPA call, the default); N: the chunked method instead,
     # N query rows x all keys at a time (bounded memory, about 3x slower; bench/attention_stats.py)
     chunk_size: Optional[int] = None
@@ -123,11 +129,9 @@ class SFTConfig:
     max_length: int = 1024  # tokens (prompt with images + target); longer rows are skipped and counted
     shuffle: bool = True  # shuffle the rows once (seeded) before splitting them over workers
     freeze_vision: bool = False
-    bf16: bool = False  # where the accelerator supports it
     alpha: float = 0.15  # L_enh weight (SPEC.md §4)
     beta: float = 0.15  # L_sup weight
     agto_query: Literal["response", "user_visual"] = "response"
-    agto_layers: Optional[list[int]] = None
     save_every: int = 0  # DeepSpeed checkpoint every k steps (0: only at the end)
     resume: bool = False
     seed: int = 0
@@ -349,12 +353,23 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported config type {tp!r}")  # pragma: no cover
 
 
+# Keys merged into others or dropped: a YAML that still has one gets told where it went.
+REMOVED_KEYS = {
+    "sft.bf16": "use model.dtype: bfloat16 (it turns on DeepSpeed's bf16 in SFT and RL)",
+    "sft.agto_layers": "use attention.layers (one layer selection for VAS and AGTO)",
+    "attention.query": "it was never read (query spans: sft.agto_query in SFT, the response in RL, both in eval)",
+    "rl.tensorboard": "use tracking.backends (e.g. [jsonl, tensorboard])",
+}
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in REMOVED_KEYS:
+            raise ConfigError(f"{path}: removed; {REMOVED_KEYS[path]}")
         if key not in names:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(value, hints[key], path)

@@ -3,18 +3,20 @@
 One place for what the statistics pass, SFT, the RL scorer/learner and eval all need:
 processor-expanded image placeholders, prompt + response token ids (the response as text
 through the chat template, or as exact sampled token ids from vLLM), left or right padding,
-and the S/U/V/R masks of every row.
+and the S/U/V/R masks of every row; and the one HF export of a trained DeepSpeed engine.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from avar_ray.config import ModelConfig
 from avar_ray.engines import pixel_kwargs
-from avar_ray.spans import Spans, TemplateIds, find_spans
+from avar_ray.spans import Spans, spans_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -127,8 +129,28 @@ def encode_batch(processor, messages: Sequence[list[dict]], images: Sequence[Seq
         tensors = [r[0][key] for r in rows if key in r[0]]
         if tensors:
             inputs[key] = torch.cat(tensors, dim=0)
-    spans = find_spans(inputs["input_ids"], TemplateIds.from_tokenizer(tokenizer), inputs["attention_mask"])
+    spans = spans_for(tokenizer, inputs["input_ids"], inputs["attention_mask"])
     return Encoded(inputs, spans, [r[1] for r in rows], padding_side)
+
+
+def export_hf(engine, processor, out: str | Path, zero_stage: int, rank: int,
+              notes: dict[str, dict] | None = None) -> Path | None:
+    """The trained model as an HF directory transformers and vLLM load (safetensors, config,
+    generation config, processor and tokenizer files: vLLM reads the chat template there), from
+    a DeepSpeed engine (SFT and the RL learners). ``notes``: JSON files written beside it.
+
+    Call on every rank: under ZeRO-3 the gather is a collective; rank 0 writes ``out``.
+    """
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None  # full weights on rank 0
+    if rank != 0:
+        return None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    processor.save_pretrained(out)
+    for name, data in (notes or {}).items():
+        (out / name).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

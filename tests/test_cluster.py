@@ -287,8 +287,8 @@ def test_paper_config_loads_with_the_papers_settings():
     # AGTO cold start (SPEC.md §4)
     assert (cfg.sft.alpha, cfg.sft.beta, cfg.sft.lr) == (0.15, 0.15, 5e-6)
     assert cfg.sft.num_workers * cfg.sft.micro_batch_size * cfg.sft.grad_accum == 512
-    assert cfg.sft.zero_stage == 3 and cfg.sft.bf16 and not cfg.sft.freeze_vision
-    assert cfg.sft.agto_query == "response" and cfg.sft.agto_layers is None
+    assert cfg.sft.zero_stage == 3 and not cfg.sft.freeze_vision  # bf16: model.dtype
+    assert cfg.sft.agto_query == "response" and cfg.attention.layers is None
     # GRPO with VARS (SPEC.md §5)
     assert (cfg.rl.lr, cfg.rl.prompts_per_step, cfg.rl.n_samples, cfg.rl.kl_coef) == (1e-6, 256, 8, 0.0)
     assert (cfg.rl.reward.lambda_v, cfg.rl.reward.lambda_f, cfg.rl.reward.visual_norm) == (0.3, 0.1, "none")

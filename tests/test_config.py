@@ -33,7 +33,7 @@ def test_dotted_overrides_and_types(tmp_path):
     ("rl.placement.gpus=1", r"rl\.placement\.gpus: unknown key"),
     ("rl.lr=fast", r"rl\.lr: expected float, got 'fast'"),
     ("sft.num_workers=2.5", r"sft\.num_workers: expected int"),
-    ("sft.bf16=yes please", r"sft\.bf16: expected bool"),
+    ("sft.freeze_vision=yes please", r"sft\.freeze_vision: expected bool"),
     ("rl.reward.visual_norm=softmax", r"rl\.reward\.visual_norm: expected one of 'none', 'squash', 'group_z'"),
     ("intervention.layers=[0, x]", r"intervention\.layers\[1\]: expected int"),
     ("rl.placement=3", r"rl\.placement: expected a mapping"),
@@ -53,6 +53,17 @@ def test_bad_yaml_file_names_the_key(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("key,new_key", [
+    ("sft.bf16", "model.dtype"), ("sft.agto_layers", "attention.layers"), ("rl.tensorboard", "tracking.backends"),
+])
+def test_removed_keys_name_their_replacement(tmp_path, key, new_key):
+    section, name = key.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {name}: null\n")
+    with pytest.raises(ConfigError, match=rf"{key}: removed; use {new_key}"):
+        load_config(path)
 
 
 def test_config_reference_doc_is_current():

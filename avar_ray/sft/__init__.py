@@ -5,8 +5,8 @@
 
 Modules: ``trainer`` (driver: data preparation, TorchTrainer), ``loop`` (the worker loop),
 ``data`` (training rows → model inputs with the loss masked to the assistant turn),
-``ds_config`` (DeepSpeed config, step arithmetic), ``export`` (HF directory). Metrics go through
-``avar_ray.tracking``.
+``ds_config`` (DeepSpeed config, step arithmetic). The HF export is ``avar_ray.modeling.export_hf``
+(shared with the RL learners); metrics go through ``avar_ray.tracking``.
 """
 from avar_ray.sft.trainer import SFTReport, run_sft
 

@@ -13,7 +13,6 @@ import torch
 
 from avar_ray.sft.data import encode_rows
 from avar_ray.sft.ds_config import deepspeed_config, lr_scheduler, steps_per_epoch
-from avar_ray.sft.export import export_hf
 from avar_ray.tracking import Tracker
 
 # Summed over the micro-batches of a step and over ranks, then divided by the count.
@@ -41,8 +40,7 @@ def _skip_shm_kernel_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _micro_step(engine, processor, rows, sft, chunk_size: int, eps: float, num_layers: int,
-                system_prompt: str | None) -> dict:
+def _micro_step(engine, processor, rows, sft, attention, num_layers: int, system_prompt: str | None) -> dict:
     """Forward + backward of one micro-batch; returns its metric sums."""
     from avar_ray.attention import AttentionContext, agto_losses, vas_from_stats
 
@@ -51,11 +49,11 @@ def _micro_step(engine, processor, rows, sft, chunk_size: int, eps: float, num_l
     dtype = next(engine.module.parameters()).dtype
     if "pixel_values" in encoded.inputs:
         encoded.inputs["pixel_values"] = encoded.inputs["pixel_values"].to(dtype)
-    ctx = AttentionContext.from_spans(encoded.spans, query=sft.agto_query, layers=sft.agto_layers,
-                                      chunk_size=chunk_size, num_layers=num_layers)
+    ctx = AttentionContext.from_spans(encoded.spans, query=sft.agto_query, layers=attention.layers,
+                                      chunk_size=attention.chunk_size, num_layers=num_layers)
     out = engine(**encoded.inputs, labels=labels.to(engine.device), avar_context=ctx, use_cache=False)
     stats = ctx.stats()
-    agto = agto_losses(stats, eps=eps)
+    agto = agto_losses(stats, eps=attention.eps)
     lm = out.loss
     loss = lm + sft.alpha * agto.enh + sft.beta * agto.sup if (sft.alpha or sft.beta) else lm
     engine.backward(loss)
@@ -89,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from deepspeed.accelerator import get_accelerator
 
-    from avar_ray.modeling import load_model, load_processor
+    from avar_ray.modeling import export_hf, load_model, load_processor
 
     sft, model_path, total = config["sft"], config["model_path"], config["total_steps"]
     out = Path(config["out"])
@@ -99,8 +97,8 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend=config["backend"])  # reuses Ray Train's process group
     torch.manual_seed(sft.seed)
 
-    bf16 = sft.bf16 and get_accelerator().is_bf16_supported()
-    model = load_model(model_path, dtype="float32")
+    bf16 = config["model"].dtype == "bfloat16" and get_accelerator().is_bf16_supported()
+    model = load_model(model_path, dtype="float32")  # the master weights; DeepSpeed casts a bf16 copy
     model.config.use_cache = False
     if sft.freeze_vision:
         for p in vision_parameters(model):
@@ -136,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
             if skip:
                 skip -= 1
                 continue
-            m = _micro_step(engine, processor, batch.to_pylist(), sft, config["chunk_size"], config["eps"], num_layers,
+            m = _micro_step(engine, processor, batch.to_pylist(), sft, config["attention"], num_layers,
                             config["model"].system_prompt)
             lr = float(engine.get_lr()[0])  # the LR of this update (the scheduler steps inside engine.step)
             engine.step()  # an optimizer step only at the accumulation boundary
@@ -160,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
         save(step)
     info = {"steps": step, "source_model": model_path, "alpha": sft.alpha, "beta": sft.beta,
             "agto_query": sft.agto_query, "zero_stage": sft.zero_stage, "bf16": bf16}
-    export_hf(engine, processor, out / "final", sft.zero_stage, rank, info)
+    export_hf(engine, processor, out / "final", sft.zero_stage, rank, {"avar_sft.json": info})
     if tracker is not None:
         tracker.close()
     ray.train.report({"step": step, **{k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}})
