@@ -342,16 +342,11 @@ class Learner:
         return client_state[CLIENT_STATE_KEY]
 
     def export_hf(self, directory: str) -> None:
-        """An HF checkpoint (transformers- and vLLM-loadable) of the current policy."""
-        state = None
-        if self.rl.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank
-        if self.rank != 0:
-            return
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(out, state_dict=state)
-        self.processor.save_pretrained(out)
+        """An HF checkpoint (transformers- and vLLM-loadable) of the current policy: every rank
+        calls it (the ZeRO-3 gather is a collective), rank 0 writes (``modeling.export_hf``)."""
+        from avar_ray.modeling import export_hf
+
+        export_hf(self.engine, self.processor, directory, self.rl.zero_stage, self.rank)
 
 
 def _chunk_counts(plan_lengths: list[list[int]]) -> int:
