@@ -22,7 +22,13 @@ gives it N text layers) and procedural prompts.
       the response-only chunked head (``actors.policy.hidden_logprobs``). Each in a fresh
       process; peak = growth of the process's max RSS. Target: chunked <= 1/3 of full.
   (d) image bytes the driver sends per step: before (samples pickled into the rollout, reward
-      and learner calls) vs after (each prompt ``ray.put`` once; the reward actor gets text).
+      and learner calls) vs after (each prompt ``ray.put`` once; the reward actor gets text);
+      and the old log-probs' round trip (learners -> driver -> learners), in pickled bytes.
+  (e) the learners' image preprocessing per step, on the step's rollouts and the learner
+      group's own micro-batch plans (the score pass, then the update): before, every rollout
+      of every micro-batch through the HF processor (fetched and decoded each time) vs after,
+      the per-step prompt cache (``actors.learner_batches``); processor calls and seconds,
+      measured in the driver process, plus the calls the learners report.
 
 The machine may be shared and has 2 cores: read ratios, not absolute times.
 """
@@ -255,23 +261,62 @@ def deepened(model_dir: Path, layers: int) -> Path:
 
 
 def image_bytes(obj) -> int:
-    """Image bytes inside the pickled ``obj`` (what Ray ships for a call argument): its pickle
-    minus the pickle of the same with every Sample's images removed."""
-    from actors.records import PromptRequest, TrainItem
+    """Image bytes in ``obj`` pickled as one call argument: the images of every Sample it
+    reaches (through dataclasses, dicts, lists), each Sample once as pickle's memo ships a
+    shared object once; an object ref carries none. Payload only: pickle frames each image
+    with 7 more bytes (BINBYTES opcode, 4-byte length, MEMOIZE, APPEND), not counted."""
     from avar_ray.data.schema import Sample
 
-    def strip(x):
-        if isinstance(x, Sample):
-            return dataclasses.replace(x, images=[])
-        if isinstance(x, (PromptRequest, TrainItem)):
-            return dataclasses.replace(x, sample=strip(x.sample))
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [strip(v) for v in x]
-        return x
+    found: dict[int, int] = {}
 
-    return len(pickle.dumps(obj, protocol=5)) - len(pickle.dumps(strip(obj), protocol=5))
+    def walk(x):
+        if isinstance(x, Sample):
+            found[id(x)] = sum(len(b) for b in x.images)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                walk(getattr(x, f.name))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return sum(found.values())
+
+
+def preprocess_costs(learners, model_dir: str, items) -> dict:
+    """Processor calls and seconds of one step's learner-side encoding (the score pass, then the
+    update's micro-batches; one rank after the other), on the learner group's own plans:
+    before, every rollout of every micro-batch fetched, decoded and processed (the encoding
+    the learner had; its update encoded each micro-batch once for all PPO epochs) vs after,
+    one ``PromptCache`` per rank and step. Both on this process's CPU, same processor."""
+    from actors.learner_batches import CountingProcessor, PromptCache
+    from actors.records import conversation, resolve_samples
+    from avar_ray.config import ModelConfig
+    from avar_ray.modeling import encode_batch, load_processor
+
+    processor = load_processor(model_dir, ModelConfig(path=model_dir))
+    score = [rank[0] for rank in learners._plan(items, 1)]
+    train = learners._plan(items, learners.rl.mini_batches)
+    per_rank = [score[r] + [micro for mini in train[r] for micro in mini] for r in range(learners.world_size)]
+    out = {}
+    for kind in ("before", "after"):
+        counting = CountingProcessor(processor)
+        start = time.perf_counter()
+        for micros in per_rank:
+            cache = PromptCache(counting)
+            for micro in micros:
+                batch = [items[i] for i in micro]
+                if kind == "after":
+                    cache.encode(batch)
+                    continue
+                messages, images = zip(*(conversation(s) for s in resolve_samples([it.sample for it in batch])))
+                encode_batch(counting, list(messages), list(images), response_ids=[it.response_ids for it in batch])
+        out[kind] = {"calls": counting.calls, "s": time.perf_counter() - start}
+    out["rollouts"], out["prompts"] = len(items), len({it.sample.binary() for it in items})
+    return out
 
 
 def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dict:
@@ -314,8 +359,12 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
     for it, a, p in zip(items, advantages, passes):
         it.advantage, it.old_logprobs = float(a), p.old_logprobs
     start = time.perf_counter()
-    learners.train_step(items)
+    trained = learners.train_step(items)
     t["update"] = time.perf_counter() - start
+    preprocess = preprocess_costs(learners, args.model_dir, items)
+    # the learners' own count: both score passes above and the update, all from the cache
+    preprocess["learners_calls"] = trained["learner/prompt_encodes"]
+    preprocess["learners_s"] = trained["learner/prompt_encode_s"]
     start = time.perf_counter()
     handle = learners.publish_weights(version, 64.0)
     ray.get(worker.update_weights.remote(handle))
@@ -329,8 +378,11 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
     volume = {"before": image_bytes(old_requests) + image_bytes(by_id) + image_bytes(with_samples),
               "after": sum(image_bytes(s) for s in samples)  # the ray.put of each prompt
               + image_bytes(requests) + image_bytes(text_only) + 2 * image_bytes(items),  # refs: 0
-              "unique_images": sum(len(b) for s in samples for b in s.images)}
-    return {"t": t, "bytes": volume}
+              "unique_images": sum(len(b) for s in samples for b in s.images),
+              # old log-probs: back to the driver (ScoredPass) and out again (TrainItem)
+              "old_logprobs": 2 * len(pickle.dumps([p.old_logprobs for p in passes], protocol=5)),
+              "train_items": len(pickle.dumps(items, protocol=5))}
+    return {"t": t, "bytes": volume, "preprocess": preprocess}
 
 
 def main(argv=None) -> None:
@@ -364,6 +416,7 @@ def main(argv=None) -> None:
 
         tiny = build_tiny_model(Path(tempfile.mkdtemp(prefix="rl_bench_")) / "tiny", seed=0)
         model = str(deepened(tiny, args.layers) if args.layers else tiny)
+    args.model_dir = model
     samples = generate_samples(args.prompts, seed=0)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
@@ -410,11 +463,22 @@ def main(argv=None) -> None:
           f"{chunked['peak_mb'] / full['peak_mb']:.3f}")
     print(f"    same log-probs: sums {full['logprob_sum']:.3f} vs {chunked['logprob_sum']:.3f}")
     vol = steps[-1]["bytes"]
-    print("(d) image bytes the driver ships per step (in pickled call arguments and puts)")
+    print("(d) image bytes the driver ships per step (payload in pickled call arguments and puts)")
     print(f"    unique image bytes of the step: {vol['unique_images']:,}")
     print(f"    before (samples in rollout, reward and learner calls): {vol['before']:,}")
     print(f"    after  (one ray.put per prompt + refs + text-only samples): {vol['after']:,}   after / before = "
-          f"{vol['after'] / vol['before']:.2f}")
+          f"{vol['after'] / vol['before']:.2f}, after / unique = {vol['after'] / vol['unique_images']:.2f}")
+    print(f"    old log-probs learners -> driver -> learners: {vol['old_logprobs']:,} bytes pickled per step "
+          f"(the update's TrainItems in all: {vol['train_items']:,})")
+    pre = steps[-1]["preprocess"]
+    before, after = pre["before"], pre["after"]
+    print(f"(e) learners' image preprocessing per step ({pre['rollouts']} rollouts of {pre['prompts']} prompts; "
+          "the score pass + the update, the learner group's plans)")
+    print(f"    before (every rollout, every micro-batch): {before['calls']:4d} processor calls {before['s'] * 1e3:8.1f} ms")
+    print(f"    after  (per-step prompt cache):            {after['calls']:4d} processor calls {after['s'] * 1e3:8.1f} ms"
+          f"   calls before / after = {before['calls'] / after['calls']:.1f}x, time {before['s'] / after['s']:.1f}x")
+    print(f"    the learners report {pre['learners_calls']} processor calls ({pre['learners_s'] * 1e3:.1f} ms) for the "
+          "step: two score passes and the update")
 
 
 if __name__ == "__main__":
