@@ -1,6 +1,6 @@
 """Rewards for VARS (SPEC.md §5): accuracy, format, visual-attention ratio, and their sum.
 
-Pure functions at the bottom of the import graph: stdlib, numpy, torch and math_verify only
+Pure functions at the bottom of the import graph: stdlib, numpy and math_verify only
 (nothing from avar_ray or actors), safe to call from Ray actor threads.
 """
 from .accuracy import (
@@ -13,10 +13,9 @@ from .accuracy import (
     score_text,
     verify_math,
 )
-from .combine import CORRECT_THRESHOLD, VISUAL_NORMS, VisualNorm, combine_rewards, is_correct, normalise_visual
-from .extract import extract_answer, extract_choice
-from .format import END_TOKENS, format_reward
-from .visual import visual_ratio
+from .accuracy import extract_answer, extract_choice
+from .combine import (CORRECT_THRESHOLD, END_TOKENS, VISUAL_NORMS, VisualNorm, combine_rewards, format_reward,
+                      is_correct, normalise_visual, visual_ratio)
 
 __all__ = [
     "ANSWER_TYPES",

@@ -1,14 +1,93 @@
-"""r_total = r_acc + lambda_v * norm(r_visual) + lambda_f * r_format (SPEC.md §5).
+"""The VARS reward (SPEC.md §5) but for r_acc (``accuracy.py``): r_format, r_visual and the sum
+
+    r_total = r_acc + lambda_v * norm(r_visual) + lambda_f * r_format
 
 One scalar per rollout (outcome reward). r_visual is on the VAS scale (~5-20), so the raw
 form (the paper's, and the default) lets 0.3 * r_visual outweigh r_acc; ``normalise_visual``
 offers two bounded alternatives for comparison.
+
+r_visual = 0 if wrong, else mean_t mean_l [ mass_V(Abar[l,t]) / (mass_S(Abar[l,t]) + eps) ]
+(the gate, ``is_correct``, is applied by the reward actor). Its inputs are attention *masses*
+per layer, head and response token (sum over the key set of the post-softmax weights), shape
+[L, H, T], as the attention statistics produce them; no full attention map is needed.
+Head-averaging the mass equals the mass of the head-averaged attention ``Abar`` (the sum over
+keys is linear), so the head mean is taken first, as in the paper, and the ratio is formed per
+(layer, token) -- a mean of ratios, not a ratio of means.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
+# --- r_format: the <think>...</think><answer>...</answer> shape ------------------------
+
+# End-of-turn tokens a decoder may leave in the text when special tokens are not skipped.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+_END = "|".join(re.escape(t) for t in END_TOKENS)
+_SHAPE_RE = re.compile(
+    rf"^\s*<think>.*?</think>\s*<answer>(?P<answer>.*?)</answer>\s*(?:(?:{_END})\s*)?$",
+    re.DOTALL,
+)
+
+
+def format_reward(response: str) -> float:
+    """1.0 iff ``response`` is exactly ``<think>...</think>`` then ``<answer>...</answer>``.
+
+    Whitespace is allowed around the blocks; nothing else before ``<think>`` or after
+    ``</answer>`` except one end-of-turn token (``END_TOKENS``). Each tag appears exactly once,
+    so a second answer block, a nested tag or a stray ``</think>`` fails. The answer must be
+    non-empty; the thinking may be empty (its length is not this reward's business).
+    """
+    if not response:
+        return 0.0
+    if any(response.count(tag) != 1 for tag in _TAGS):
+        return 0.0
+    m = _SHAPE_RE.match(response)
+    if m is None or not m.group("answer").strip():
+        return 0.0
+    return 1.0
+
+
+# --- r_visual ---------------------------------------------------------------------------
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor (torch itself is not imported here)
+        # float64 on CPU: bf16 masses would lose the small system-mass denominators
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def visual_ratio(
+    mass_v,
+    mass_s,
+    eps: float = 1e-6,
+    layers: Sequence[int] | None = None,
+) -> float:
+    """The ungated ratio (the response-token VAS of one sequence); 0.0 when T == 0.
+    ``mass_v``, ``mass_s``: [L, H, T] numpy arrays or torch tensors.
+
+    ``layers``: indices into the L axis (negative allowed) to average over; None = all.
+    """
+    v, s = _to_numpy(mass_v), _to_numpy(mass_s)
+    if v.ndim != 3 or v.shape != s.shape:
+        raise ValueError(f"mass_v and mass_s must both be [L, H, T]; got {v.shape} and {s.shape}")
+    if layers is not None:
+        idx = list(layers)
+        if not idx:
+            raise ValueError("layers must be None or a non-empty list of layer indices")
+        v, s = v[idx], s[idx]
+    if v.shape[2] == 0 or v.shape[0] == 0:
+        return 0.0
+    ratio = v.mean(axis=1) / (s.mean(axis=1) + eps)  # [L', T]
+    return float(ratio.mean())
+
+
+# --- the sum ----------------------------------------------------------------------------
 
 VisualNorm = Literal["none", "squash", "group_z"]
 VISUAL_NORMS = ("none", "squash", "group_z")

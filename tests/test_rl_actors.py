@@ -253,10 +253,11 @@ def test_zero3_gather_publishes_the_full_weights(ray_local, tiny_model_dir, sync
 def test_broadcast_backend_same_result_as_object_store(ray_local, rollout_worker, learners, synced):
     """The nccl backend's code path with gloo (CPU): learner rank 0 broadcasts the buckets into
     the vLLM engine over a process group of their own; vLLM then agrees with the learner."""
-    from actors.weight_sync import BroadcastWeightSync
+    from actors.weight_sync import WeightSync
+    from actors.weight_sync.endpoints import ReceiverPool
 
-    sync = BroadcastWeightSync(learners, [rollout_worker], backend="gloo")
-    handle, load_s = sync.sync(2, 0.5)
+    sync = WeightSync(learners, ReceiverPool([rollout_worker]), "gloo", bucket_mb=0.5)
+    load_s, handle = sync.sync(2)["sync/load_s"], sync.last_handle
     assert handle.backend == "gloo" and handle.num_buckets > 3 and load_s > 0
     after = ray_local.get(rollout_worker.generate.remote(synced.requests, synced.sampling))
     assert {r.policy_version for r in after} == {2}
@@ -286,7 +287,8 @@ def test_many_seeded_rollouts_in_one_call(ray_local, rollout_worker, procedural_
 def test_nccl_broadcast_on_gpu(ray_local, tiny_model_dir, procedural_parquet):  # pragma: no cover - GPU only
     from actors.records import PromptRequest
     from actors.rollout import RolloutWorker, SamplingSpec
-    from actors.weight_sync import BroadcastWeightSync
+    from actors.weight_sync import WeightSync
+    from actors.weight_sync.endpoints import ReceiverPool
     from avar_ray.config import ModelConfig, RLConfig
     from avar_ray.data.readers import read_samples
 
@@ -294,7 +296,9 @@ def test_nccl_broadcast_on_gpu(ray_local, tiny_model_dir, procedural_parquet):  
         RLConfig(gpu_memory_utilization=0.3), ModelConfig(path=str(tiny_model_dir), max_model_len=1024), 0)
     group = make_learners(tiny_model_dir, zero_stage=2, placement={"learners": 1, "learner_gpus": 0.5})
     try:
-        handle, _ = BroadcastWeightSync(group, [worker], backend="nccl").sync(1, 0.5)
+        sync = WeightSync(group, ReceiverPool([worker]), "nccl", bucket_mb=0.5)
+        sync.sync(1)
+        handle = sync.last_handle
         assert handle.backend == "nccl"
         samples = read_samples(procedural_parquet)[0][:1]
         rollouts = ray_local.get(worker.generate.remote([PromptRequest(0, samples[0], 1)], SamplingSpec(N, MAX_NEW, 1.0, 1.0)))

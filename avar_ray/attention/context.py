@@ -81,7 +81,7 @@ class AttentionStats:
 
     def sample(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``b``'s masses at its query positions only: two ``[L, H, |Q_b|]`` tensors (the
-        input of ``rewards.visual.visual_reward`` when Q = response)."""
+        input of ``rewards.visual_ratio`` when Q = response)."""
         q = self.query_mask[b]
         return self.mass_v[b][..., q], self.mass_s[b][..., q]
 

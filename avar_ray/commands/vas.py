@@ -70,22 +70,21 @@ def _batches(items, size):
 
 
 def _read_responses(path) -> tuple[dict, list[str]]:
-    """``{id: response}`` from a JSONL file; a corrupt row is skipped and reported
-    (``path:line: reason``), never a crash (a sample left without a response is an error later)."""
+    """``{id: response}`` from a JSONL (or JSON list) file; a corrupt row is skipped and reported
+    (``path:row: reason``), never a crash (a sample left without a response is an error later)."""
+    from avar_ray.data.readers import json_rows
+
     out, skipped = {}, []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skipped.append(f"{path}:{n}: not JSON ({exc.msg})")
-                continue
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("response"), str):
-                skipped.append(f"{path}:{n}: a responses row needs 'id' and a string 'response'")
-                continue
-            out[str(row["id"])] = row["response"]
+    try:
+        rows = json_rows(Path(path))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"avar vas: --responses: {exc}") from None
+    for key, row in rows:
+        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("response"), str):
+            why = row if isinstance(row, ValueError) else "a responses row needs 'id' and a string 'response'"
+            skipped.append(f"{path}:{key}: {why}")
+            continue
+        out[str(row["id"])] = row["response"]
     for msg in skipped[:5]:
         print(f"avar vas: skipped {msg}")
     if skipped:

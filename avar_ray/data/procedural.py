@@ -10,6 +10,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from avar_ray.config import DataConfig
 from avar_ray.data.captions import CHAIN_STYLES, anchor_phrases, caption, oracle_reasoning
 from avar_ray.data.render import render_scene
 from avar_ray.data.scenes import BUILDERS
@@ -26,7 +27,7 @@ def task_for(index: int, seed: int) -> str:
     return order[index % len(order)]
 
 
-def make_sample(index: int, seed: int, image_size: int = 112, chain: str = "full") -> Sample:
+def make_sample(index: int, seed: int, image_size: int = DataConfig.image_size, chain: str = "full") -> Sample:
     task = task_for(index, seed)
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms.
     rng = random.Random(f"avar-proc-{seed}-{index}")
@@ -44,7 +45,7 @@ def make_sample(index: int, seed: int, image_size: int = 112, chain: str = "full
     )
 
 
-def generate_samples(n: int, seed: int, image_size: int = 112, chain: str = "full") -> list[Sample]:
+def generate_samples(n: int, seed: int, image_size: int = DataConfig.image_size, chain: str = "full") -> list[Sample]:
     """``chain``: the oracle reasoning style the samples carry (captions.CHAIN_STYLES)."""
     if chain not in CHAIN_STYLES:
         raise ValueError(f"chain must be one of {CHAIN_STYLES}, got {chain!r}")
@@ -56,7 +57,7 @@ def generate_samples(n: int, seed: int, image_size: int = 112, chain: str = "ful
 
 
 def write_procedural(
-    out_dir: str | Path, n: int, seed: int, image_size: int = 112, split_name: str = "train",
+    out_dir: str | Path, n: int, seed: int, image_size: int = DataConfig.image_size, split_name: str = "train",
     chain: str = "full",
 ) -> Path:
     """Write out_dir/{split_name}.parquet and print a one-line summary."""

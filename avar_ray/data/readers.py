@@ -86,7 +86,7 @@ def _located(path: str | Path, image_root: str | Path | None) -> tuple[Path, Pat
 # ---------------------------------------------------------------- JSON / JSONL
 
 
-def _json_rows(path: Path) -> list[tuple[str, Any]]:
+def json_rows(path: Path) -> list[tuple[str, Any]]:
     """(row key, row) pairs from a JSON dict/list or a JSONL file; bad JSONL lines come back
     as RowError values so that they are counted like any other bad row."""
     text = path.read_text(encoding="utf-8")
@@ -160,7 +160,7 @@ def read_mathvista(
     against image_root, else the file's directory."""
     path, base = _located(path, image_root)
     report = ReadReport()
-    samples = _collect(path, _json_rows(path),
+    samples = _collect(path, json_rows(path),
                        lambda row, key: _mathvista_sample(row, key, base, "mathvista"), report)
     return samples, report
 
@@ -218,7 +218,7 @@ def read_jsonl(
     against image_root, else the file's directory)."""
     path, base = _located(path, image_root)
     report = ReadReport()
-    samples = _collect(path, _json_rows(path),
+    samples = _collect(path, json_rows(path),
                        lambda row, key: _plain_sample(row, key, base, path.stem), report)
     return samples, report
 
