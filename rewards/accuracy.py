@@ -70,6 +70,7 @@ def extract_answer(text: str) -> str | None:
 
 # --- multiple choice -------------------------------------------------------------------
 
+# \text{..}-style wrappers around an answer (letters, numbers, words)
 _LATEX_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 # A bare letter, optionally bracketed, optionally followed by . : or ) -- the whole string.
 _BARE_RE = re.compile(r"^[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?$")
@@ -220,7 +221,6 @@ _DECORATION_RE = re.compile(
     r"|\b(?:degrees?|deg)\b\.?",
     re.IGNORECASE,
 )
-_TEXT_WRAP_RE = re.compile(r"\\(?:text|mathrm|textbf|mathbf|mbox)\s*\{([^{}]*)\}")
 _PLAIN_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SLASH_RE = re.compile(r"^([+-]?\d+)\s*/\s*(\d+)$")
@@ -263,7 +263,7 @@ def parse_number(s: str) -> Fraction | None:
     boxed = _last_boxed(s)
     if boxed is not None:
         s = boxed
-    s = _TEXT_WRAP_RE.sub(r" \1", s)
+    s = _LATEX_WRAP_RE.sub(r" \1", s)
     s = _DECORATION_RE.sub(" ", s)
     if "=" in s:
         s = s.rsplit("=", 1)[1]  # "x = 5": the right-hand side
@@ -340,7 +340,7 @@ def score_numeric(
 
 
 def _normalise_text(s: str) -> str:
-    s = _TEXT_WRAP_RE.sub(r"\1", s).replace("$", "")
+    s = _LATEX_WRAP_RE.sub(r"\1", s).replace("$", "")
     return normalise_option_text(s)
 
 
