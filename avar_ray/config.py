@@ -187,6 +187,9 @@ class RLConfig:
     freeze_vision: bool = False  # vision tower frozen in RL; only trainable weights are synced
     dynamic_sampling: bool = False  # DAPO: drop groups of equal rewards, refill from the sampler
     dynamic_sampling_max_refills: int = 2  # extra draws per step when dropping groups
+    # Asynchronous GRPO: rollouts of steps s+1..s+k are generated while the learners train step s;
+    # a step trains only on rollouts at most k policy versions old. 0: on-policy (avar_ray/rl/pipeline.py)
+    max_staleness: int = 0
     max_image_pixels: int = 4096 * 4096  # per image; larger ones are filtered at load (counted)
     save_every: int = 5
     weight_sync_backend: Literal["object_store", "nccl"] = "object_store"  # nccl: broadcast to rollout workers (gloo without GPUs)
@@ -454,6 +457,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rl.max_tokens_per_micro_batch >= 0 and cfg.rl.dynamic_sampling_max_refills >= 0,
          "rl.max_tokens_per_micro_batch, rl.dynamic_sampling_max_refills: must be >= 0"),
         (cfg.rl.weight_sync_bucket_mb > 0, "rl.weight_sync_bucket_mb: must be positive"),
+        (cfg.rl.max_staleness >= 0, "rl.max_staleness: must be >= 0 (0: on-policy)"),
         (cfg.rl.rollout_tensor_parallel_size >= 1, "rl.rollout_tensor_parallel_size: must be >= 1"),
         (cfg.rl.rollout_tensor_parallel_size == 1 or cfg.rl.placement.rollout_gpus > 0,
          "rl.rollout_tensor_parallel_size: > 1 needs GPUs (rl.placement.rollout_gpus > 0 per tensor-parallel rank)"),

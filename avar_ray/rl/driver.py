@@ -5,7 +5,9 @@ the vLLM workers -> the text rewards (reward actor) -> the learners' no-grad pas
 log-probs; r_visual from the attention statistics of the rollouts the gate lets through) ->
 the combined reward (reward actor) -> [dynamic sampling: drop equal-reward groups, draw more]
 -> group advantages (``avar_ray.grpo``) -> the learners' DeepSpeed update -> weight sync to
-the rollout workers -> metrics -> a checkpoint every ``rl.save_every`` steps and at the last one. Outputs under ``rl.out``: ``metrics.jsonl``,
+the rollout workers -> metrics -> a checkpoint every ``rl.save_every`` steps and at the last one.
+With ``rl.max_staleness = k >= 1`` the rollouts of the next k steps are generated meanwhile
+(``avar_ray.rl.pipeline``). Outputs under ``rl.out``: ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/step_N/`` (DeepSpeed + ``hf/``) and ``rl_report.json``.
 """
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from avar_ray.config import to_dict
-from actors.records import PromptRequest, TrainItem
+from actors.records import TrainItem
 from avar_ray.rl import checkpoint
 from avar_ray.grpo import grpo_advantages, informative_groups
 from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics, rollout_metrics
-from avar_ray.rl.prompts import PromptSampler, load_prompts, request_seed
+from avar_ray.rl.pipeline import RolloutPipeline
+from avar_ray.rl.prompts import PromptSampler, load_prompts
 
 # Called with (step, phase) as each phase of a step begins (progress displays, tests).
 PhaseHook = Callable[[int, str], None]
@@ -103,10 +106,11 @@ class Run:
         self.version = 0  # the policy version the rollout workers hold (0: the starting checkpoint)
         self.final_model = ""
         self.drawn: list = []  # the prompts drawn in the current step (refills included)
+        self.pipeline = RolloutPipeline(cfg, system, prompts, sampler)
 
     def state(self, step: int) -> dict:
         return {"step": step, "policy_version": self.version, "sampler": self.sampler.state.to_dict(),
-                "seed": self.cfg.rl.seed, "prompts": len(self.prompts.samples)}
+                "seed": self.cfg.rl.seed, "prompts": len(self.prompts.samples), "in_flight": self.pipeline.state()}
 
     def restore(self, step: int) -> None:
         state = self.system.learners.load_checkpoint(str(self.ckpt_dir), checkpoint.tag(step))
@@ -117,16 +121,14 @@ class Run:
         self.sampler.load_state(state["sampler"])
         self.version = int(state["policy_version"])
         self.system.sync_weights(self.version)  # the workers started from model.path
+        self.pipeline.restore(state.get("in_flight", {}))  # regenerated from the same prompts and seeds
 
     def _collect(self, step: int, clock: "PhaseClock") -> tuple[list, list, list, list, dict]:
         """Rollouts, rewards and the learners' pass for the step's prompts: ``(batch, rollouts,
         scored, passes, counts)``, ``batch`` holding ``(sample, object ref)`` per kept prompt. With ``rl.dynamic_sampling`` groups whose rewards are all
         equal are dropped and more prompts drawn, up to ``rl.dynamic_sampling_max_refills``
         times (DAPO); ``prompt_index`` is then renumbered over the kept groups."""
-        import ray
-
         from actors.reward import needs_visual
-        from avar_ray.rl.system import sampling_spec
 
         rl, system = self.cfg.rl, self.system
         batch, rollouts, scored, passes = [], [], [], []
@@ -140,18 +142,16 @@ class Run:
                 break
             counts["dynamic/refills"] += int(draw > 0)
             with clock.phase("sample"):
-                drawn = [self.prompts.samples[i] for i in self.sampler.next_indices(need)]
-                # seeds keyed by the position in the step's draws: a redone step samples the same
-                offset = len(self.drawn)
-                self.drawn.extend(drawn)
                 # Data plane: each prompt (its image bytes) enters the object store once per step;
                 # the rollout workers and learners get refs, the reward actor the text fields only.
-                refs = [ray.put(s) for s in drawn]
+                d = (self.pipeline.first(step, rl.steps) if draw == 0
+                     else self.pipeline.draw(step, need, len(self.drawn)))
+                drawn, refs = d.samples, d.refs
+                self.drawn.extend(drawn)
                 counts["data/image_bytes"] += sum(len(b) for s in drawn for b in s.images)
-                requests = [PromptRequest(i, ref, request_seed(rl.seed, step, offset + i)) for i, ref in enumerate(refs)]
             with clock.phase("rollout"):
-                got = system.rollout.generate(requests, sampling_spec(self.cfg))
-            counts["rollout/failed_prompts"] += need - len({r.prompt_index for r in got})
+                got, served = self.pipeline.rollouts(d, self.version)
+            counts["rollout/failed_prompts"] += len(drawn) - served
             with clock.phase("reward"):
                 text = system.reward.text(got, {s.id: replace(s, images=[]) for s in drawn})
                 items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
@@ -184,6 +184,7 @@ class Run:
         rl, system = self.cfg.rl, self.system
         clock = PhaseClock(step, self.hook)
         self.drawn = []
+        self.pipeline.begin_step()
         batch, rollouts, scored, passes, counts = self._collect(step, clock)
         with clock.phase("advantage"):
             advantages = grpo_advantages(np.array([s.total for s in scored]),
@@ -199,6 +200,8 @@ class Run:
                 print(f"rl: step {step}: {len(items)} rollouts left to train on; update skipped", flush=True)
         counts["actor/update_skipped"] = int(not learner)
         self.version = step
+        with clock.phase("rollout"):
+            self.pipeline.settle()  # the generation in flight ends on the weights it began with
         with clock.phase("weight_sync"):
             sync = system.sync_weights(self.version)
         with clock.phase("checkpoint"):
@@ -207,10 +210,11 @@ class Run:
                                            rl.keep_checkpoints)
                 self.final_model = str(exported or "")
         timing = clock.total()
+        pipeline = self.pipeline.metrics(clock.start)
         tokens = sum(len(r.response_ids) for r in rollouts)
         return {**rollout_metrics(rollouts, scored, advantages), **counts, **learner, **sync, **system.restarts(),
-                **timing, "policy_version": self.version,
-                "rollout/tokens_per_s": tokens / max(timing["time/rollout"], 1e-9),
+                **timing, **pipeline, "policy_version": self.version,
+                "rollout/tokens_per_s": tokens / max(pipeline["time/generate"], 1e-9),
                 "data/epoch": self.sampler.state.epoch, "data/position": self.sampler.state.position,
                 "data/prompt_ids": [s.id for s in self.drawn], "data/filtered": self.prompts.filtered}
 
@@ -244,7 +248,7 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
           f"{rl.placement.learners} learners, 1 reward actor)", flush=True)
     report = RLReport(out=str(out), start_step=start, prompts=len(prompts.samples), start_s=system.start_s,
                       metrics_path=str(out / "metrics.jsonl"))
-    writer = None
+    writer = run = None
     try:
         run = Run(cfg, system, prompts, PromptSampler(len(prompts.samples), rl.seed), out, on_phase)
         if start:
@@ -258,6 +262,8 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     finally:
         if writer is not None:
             writer.close()
+        if run is not None:
+            run.pipeline.shutdown()
         system.shutdown()
     report.seconds = time.perf_counter() - t0
     done = read_metrics(Path(report.metrics_path))
