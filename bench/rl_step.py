@@ -1,7 +1,7 @@
 """Stage 3's costs, each against a baseline measured in the same run (issues 5 and 10).
 
     .venv/bin/python bench/rl_step.py [--model DIR | --layers 28] [--prompts 4] [--n 4]
-                                      [--max-new-tokens 64] [--steps 3] [--repeats 3]
+                                      [--max-new-tokens 64] [--image-size 0] [--steps 3] [--repeats 3]
                                       [--vocab 151936] [--mem-tokens 1024] [--mem-response 512]
 
 On an embedded local Ray, with real actors: one vLLM rollout worker, one DeepSpeed learner
@@ -298,6 +298,7 @@ def preprocess_costs(learners, model_dir: str, items) -> dict:
     from avar_ray.modeling import encode_batch, load_processor
 
     processor = load_processor(model_dir, ModelConfig(path=model_dir))
+    PromptCache(processor).encode(items[:1])  # warm-up: a fresh processor's first call is slower
     score = [rank[0] for rank in learners._plan(items, 1)]
     train = learners._plan(items, learners.rl.mini_batches)
     per_rank = [score[r] + [micro for mini in train[r] for micro in mini] for r in range(learners.world_size)]
@@ -392,6 +393,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=0, help="procedural image side in pixels (0: the data default)")
     parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=151_936, help="(c): vocabulary size")
@@ -407,6 +409,7 @@ def main(argv=None) -> None:
     import ray
 
     from avar_ray.data.procedural import generate_samples
+    from avar_ray.data.schema import pil_images
 
     memory = bench_memory(args)
     say("log-prob memory measured")
@@ -417,7 +420,7 @@ def main(argv=None) -> None:
         tiny = build_tiny_model(Path(tempfile.mkdtemp(prefix="rl_bench_")) / "tiny", seed=0)
         model = str(deepened(tiny, args.layers) if args.layers else tiny)
     args.model_dir = model
-    samples = generate_samples(args.prompts, seed=0)
+    samples = generate_samples(args.prompts, seed=0, **({"image_size": args.image_size} if args.image_size else {}))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
                                        "TOKENIZERS_PARALLELISM": "false"}})
@@ -433,7 +436,7 @@ def main(argv=None) -> None:
         ray.shutdown()
 
     print(f"\n== RL step bench: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, "
-          f"model {model}")
+          f"{'x'.join(map(str, pil_images(samples[0])[0].size))} images, model {model}")
     if roll is not None:
         print(f"(a) rollout tokens/s, same prompts (median of {args.repeats})")
         print(f"    vLLM worker:            {roll['vllm_tok_s']:8.1f} tok/s ({roll['vllm_tokens']} tokens)")
