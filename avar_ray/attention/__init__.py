@@ -11,10 +11,9 @@ friends, the training-free intervention and the AGTO losses.
 The model must run ``attn_implementation="avar"`` (``avar_ray.modeling.load_model`` does).
 """
 from avar_ray.attention.agto import AGTOLosses, agto_losses
-from avar_ray.attention.context import (NO_SYSTEM_PROMPT, AttentionContext, AttentionStats, NoSystemPromptError,
-                                        attention_statistics, generate, require_avar, require_system_span,
-                                        use_context)
-from avar_ray.attention.intervention import Intervention
+from avar_ray.attention.context import (NO_SYSTEM_PROMPT, AttentionContext, AttentionStats, Intervention,
+                                        NoSystemPromptError, attention_statistics, generate, require_avar,
+                                        require_system_span, use_context)
 from avar_ray.attention.kernel import ATTN_IMPLEMENTATION, avar_attention_forward, register_attention
 from avar_ray.attention.vas import BANDS, VASResult, band, compute_vas, vas_from_stats
 

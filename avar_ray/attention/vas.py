@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from avar_ray.attention.context import AttentionStats, attention_statistics, require_system_span
-from avar_ray.attention.intervention import Intervention
+from avar_ray.attention.context import AttentionStats, Intervention, attention_statistics, require_system_span
 
 # SPEC.md §1 bands (Qwen2.5-VL-7B scale): narrow < 10, wide 10-15, panoramic > 15.
 BANDS = (("narrow", 10.0), ("wide", 15.0), ("panoramic", math.inf))

@@ -210,7 +210,7 @@ def run(args) -> int:
     import torch
 
     from avar_ray.attention import Intervention, NoSystemPromptError
-    from avar_ray.attention.intervention import validate_layers
+    from avar_ray.attention.context import validate_layers
     from avar_ray.data.readers import read_samples
     from avar_ray.data.schema import build_messages, pil_images
     from avar_ray.config import ModelConfig

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
-from avar_ray.attention.intervention import validate_layers
+from avar_ray.attention.context import validate_layers
 from avar_ray.config import ModelConfig
 from avar_ray.data.fields import RowError
 from avar_ray.data.schema import Sample
