@@ -44,7 +44,7 @@ def _overrides(tiny_model_dir, procedural_parquet, out: Path, steps: int) -> lis
     return [f"model.path={tiny_model_dir}", f"data.train={procedural_parquet}", f"rl.out={out}",
             f"rl.steps={steps}", f"rl.prompts_per_step={PROMPTS}", f"rl.n_samples={N}", "rl.max_new_tokens=8",
             "rl.lr=1e-3", "rl.tis_cap=2.0", "rl.reward.visual_gate=false", "rl.save_every=2",
-            "rl.keep_checkpoints=3", "rl.max_staleness=1"]
+            "rl.keep_checkpoints=3", "rl.export_hf=false", "rl.max_staleness=1"]
 
 
 @pytest.mark.slow
