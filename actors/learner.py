@@ -262,7 +262,8 @@ class Learner:
     def logprobs(self, items: list[TrainItem]) -> list[list[float]]:
         """Current-policy log-probs of the given responses (tests, diagnostics; one rank)."""
         self.engine.eval()
-        lp, _, _ = self._logprobs(self.engine, self.prompts.encode(items)[0], items, 0)
+        encoded = PromptCache(self.processor, self.model_cfg.system_prompt).encode(items)[0]  # not the step's
+        lp, _, _ = self._logprobs(self.engine, encoded, items, 0)
         return [lp[i, :len(it.response_ids)].tolist() for i, it in enumerate(items)]
 
     # ------------------------------------------------------------------ weights
