@@ -4,6 +4,8 @@ assembled from the cache are the tensors the per-rollout encoding gave, so the l
 bit-identical."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,12 +20,14 @@ def setup(tiny_model_dir, procedural_parquet):
     from transformers import AutoConfig
 
     processor = load_processor(str(tiny_model_dir))
-    samples = read_samples(procedural_parquet)[0][:3]
+    rows = read_samples(procedural_parquet)[0]
+    two = dataclasses.replace(rows[3], id="two_images", images=rows[3].images + rows[4].images)
+    samples = rows[:3] + [two]
     size = AutoConfig.from_pretrained(tiny_model_dir).get_text_config().vocab_size
     vocab = [t for t in range(size) if t not in set(banned_token_ids(processor))]
     gen = torch.Generator().manual_seed(0)
     items = []
-    for s, n in zip(samples, (3, 2, 1)):  # n rollouts of each prompt, responses of unequal length
+    for s, n in zip(samples, (3, 2, 1, 2)):  # n rollouts of each prompt, responses of unequal length
         for _ in range(n):
             length = int(torch.randint(3, 12, (1,), generator=gen))
             ids = [vocab[int(i)] for i in torch.randint(0, len(vocab), (length,), generator=gen)]
@@ -48,11 +52,12 @@ def test_cached_batches_equal_the_per_rollout_encoding(setup, system_prompt):
     processor, samples, items = setup
     counting = CountingProcessor(processor)
     cache = PromptCache(counting, system_prompt)
-    order = [4, 0, 5, 2, 1, 3]  # a micro-batch mixing the prompts, as the length-balanced plan does
+    order = [6, 4, 0, 7, 5, 2, 1, 3]  # a micro-batch mixing the prompts, as the length-balanced plan does
     for batch in ([items[i] for i in order], items[:2], items[3:]):
         ours, prompts = cache.encode(batch)
         ref = _per_rollout(processor, batch, system_prompt)
         assert sorted(ours.inputs) == sorted(ref.inputs)
+        assert ref.inputs["image_grid_thw"].shape[0] == sum(len(it.sample.images) for it in batch)
         for key, tensor in ref.inputs.items():
             assert ours.inputs[key].dtype == tensor.dtype and torch.equal(ours.inputs[key], tensor), key
         assert ours.prompt_lengths == ref.prompt_lengths
@@ -61,10 +66,10 @@ def test_cached_batches_equal_the_per_rollout_encoding(setup, system_prompt):
         assert [p.sample_id for p in prompts] == [it.sample.id for it in batch]
         assert all(p.ids == ref.inputs["input_ids"][b, :n].tolist()
                    for b, (p, n) in enumerate(zip(prompts, ref.prompt_lengths)))
-    # 3 prompts, 6 rollouts, 3 batches: one processor call per prompt
+    # 4 prompts (one with two images), 8 rollouts, 3 batches: one processor call per prompt
     seconds = cache.seconds
     assert counting.calls == cache.encodes == len(samples) and seconds > 0
-    assert cache.clear() == {"encodes": 3, "seconds": seconds, "prompts": 3} and not cache.entries
+    assert cache.clear() == {"encodes": 4, "seconds": seconds, "prompts": 4} and not cache.entries
     cache.encode(items[:2])  # a new step: encoded again
     assert counting.calls == len(samples) + 1 and cache.encodes == 1
 
