@@ -11,7 +11,8 @@ flight) and a resumed run from that checkpoint, as if the first had died after s
 * the prompts of every step are the seeded sampler's, in order;
 * the resumed run regenerates step 3's in-flight rollouts from the checkpoint's record (same
   prompts and seeds, the checkpoint's weights: staleness 0) and continues at the same data
-  position as the uninterrupted run.
+  position as the uninterrupted run; its step 4 samples exactly what the uninterrupted run
+  sampled (both from version 2's weights).
 """
 from __future__ import annotations
 
@@ -91,3 +92,8 @@ def test_one_step_off_runs_and_resumes_at_the_same_data_position(ray_local, tiny
     assert [r["rollout/policy_version_max"] for r in rows[2:]] == [2, 2]
     assert [r["async/staleness_max"] for r in rows[2:]] == [0, 1]
     assert rows[2]["actor/logprob_diff_max"] < LOGPROB_TOL < rows[3]["actor/logprob_diff_max"]
+    # Step 4's rollouts come from version 2 in both runs (the checkpoint's weights), with the
+    # same prompts and request seeds: the same responses, so the pipeline is a function of the seed.
+    assert rows[3]["rollout/logprob_mean"] == pytest.approx(first[3]["rollout/logprob_mean"], abs=1e-5)
+    assert rows[3]["response/length_mean"] == first[3]["response/length_mean"]
+    assert rows[2]["rollout/logprob_mean"] != pytest.approx(first[2]["rollout/logprob_mean"], abs=1e-5)  # v2 vs v1

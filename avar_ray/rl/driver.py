@@ -71,8 +71,8 @@ class PhaseClock:
         self.start = time.perf_counter()
 
     @contextmanager
-    def phase(self, name: str):
-        if self.hook is not None:
+    def phase(self, name: str, announce: bool = True):
+        if announce and self.hook is not None:
             self.hook(self.step, name)
         t = time.perf_counter()
         try:
@@ -214,7 +214,7 @@ class Run:
                 print(f"rl: step {step}: {len(items)} rollouts left to train on; update skipped", flush=True)
         counts["actor/update_skipped"] = int(not learner)
         self.version = step
-        with clock.phase("rollout"):
+        with clock.phase("rollout", announce=False):  # the step's rollout phase began earlier
             self.pipeline.settle()  # the generation in flight ends on the weights it began with
         with clock.phase("weight_sync"):
             sync = system.sync_weights(self.version)

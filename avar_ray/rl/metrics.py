@@ -37,6 +37,8 @@ def rollout_metrics(rollouts: Sequence[Rollout], scored: Sequence[Scored], advan
         "response/length_mean": _mean(lengths),
         "response/length_max": max(lengths, default=0),
         "response/clipped": _mean(1.0 if r.finish_reason == "length" else 0.0 for r in rollouts),
+        # the behaviour policy's (vLLM's) mean log-prob per sampled token
+        "rollout/logprob_mean": _mean(lp for r in rollouts for lp in r.logprobs),
         "advantage/abs_mean": _mean(abs(a) for a in advantages),
         "rollout/count": len(rollouts),
         "rollout/policy_version_min": min(versions, default=-1),
