@@ -172,7 +172,7 @@ class Learner:
 
         self.engine.eval()
         out: dict[int, ScoredPass] = {}
-        seconds, encodes = {"forward": 0.0}, self.prompts.encodes
+        seconds = {"forward": 0.0}
         for micro, n_chunks in zip(micro_batches, chunks):
             items = [it for _, it, _ in micro]
             encoded, prompts = self.prompts.encode(items)
@@ -200,7 +200,7 @@ class Learner:
                     mass_v, mass_s = stats.sample(b)
                     vas = visual_ratio(mass_v, mass_s, eps=self.rl.reward.eps)
                 out[index] = ScoredPass(logprob[b, :len(item.response_ids)].tolist(), vas, error)
-        return {"passes": out, "seconds": seconds, "prompt_encodes": self.prompts.encodes - encodes}
+        return {"passes": out, "seconds": seconds}
 
     # ------------------------------------------------------------------ training
     def train(self, minis: list[list[list[TrainItem]]], chunks: list[list[int]], infos: list[dict]) -> dict:
@@ -410,7 +410,6 @@ class LearnerGroup:
             "actor/logprob_diff_mean": sum(diffs) / max(len(diffs), 1),
             "learner/prompt_mismatch": sum(1 for p in ordered if p.error),
             "learner/visual_stats_rollouts": sum(want_stats),
-            "learner/prompt_encodes": sum(r["prompt_encodes"] for r in results),
             "time/old_logprob_forward": max(r["seconds"]["forward"] for r in results),
         }
 
@@ -443,8 +442,8 @@ class LearnerGroup:
             "actor/ppo_kl": sum(r["ppo_kl_sum"] for r in per_rank) / n_upd,
             "actor/grad_norm": per_rank[0]["grad_norm"],
             "actor/updates": per_rank[0]["updates"],
-            # processor calls of the step (score and train passes), over the ranks: each rank
-            # encodes a prompt once however many of its rollouts it sees, in however many passes
+            # processor calls since the last update (the step's score and train passes), over the
+            # ranks: each rank encodes a prompt once however many of its rollouts and passes use it
             "learner/prompt_encodes": sum(r["prompt_encodes"] for r in per_rank),
             "learner/prompt_encode_s": max(r["prompt_encode_s"] for r in per_rank),
         }
