@@ -9,7 +9,7 @@ import math
 import pytest
 from PIL import Image
 
-from avar_ray.config import ServeConfig, load_config
+from avar_ray.config import InterventionConfig, ServeConfig, load_config
 from avar_ray.data.procedural import generate_samples
 from avar_ray.ray_utils import free_port
 from avar_ray.serve.validation import RequestError, check_image, from_json
@@ -17,6 +17,7 @@ from avar_ray.serve.validation import RequestError, check_image, from_json
 MAX_IMAGE_BYTES = 60_000
 MAX_PIXELS = 300 * 300
 MAX_PROMPT_CHARS = 8000  # above what the tiny model's 1024-token context holds (one token per "circle ")
+IV = InterventionConfig()
 
 
 
@@ -129,11 +130,17 @@ def test_rejects_oversized_image_and_malformed_bodies(serve_url, sample):
 
 def test_validation_without_ray(sample):
     cfg = ServeConfig(max_image_bytes=MAX_IMAGE_BYTES, max_image_pixels=MAX_PIXELS, max_prompt_chars=20)
-    req = from_json(b'{"image": "%s", "question": "How many?", "intervention": null}'
-                    % base64.b64encode(sample.images[0]), cfg)
+    image = base64.b64encode(sample.images[0])
+    req = from_json(b'{"image": "%s", "question": "How many?", "intervention": null}' % image, cfg, IV)
     assert req.image.mode == "RGB" and req.intervention is None and req.max_new_tokens == cfg.max_new_tokens
+    # what a request leaves out comes from the run's intervention section, not the schema's defaults
+    run_iv = InterventionConfig(a_img=0.3, a_sys=0.2, layers=[1])
+    req = from_json(b'{"image": "%s", "question": "q", "intervention": {"a_sys": 0.1}}' % image, cfg, run_iv)
+    assert (req.intervention.a_img, req.intervention.a_sys, req.intervention.layers) == (0.3, 0.1, (1,))
+    req = from_json(b'{"image": "%s", "question": "q", "intervention": {"layers": null}}' % image, cfg, run_iv)
+    assert req.intervention.layers is None  # null: all layers
     with pytest.raises(RequestError) as exc:
-        from_json(b'{"image": "AAAA", "question": "%s"}' % (b"x" * 21), cfg)
+        from_json(b'{"image": "AAAA", "question": "%s"}' % (b"x" * 21), cfg, IV)
     assert exc.value.field == "question" and exc.value.status == 400
     with pytest.raises(RequestError) as exc:
         check_image(_png((400, 400)), cfg)

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from avar_ray.config import RunConfig, ServeConfig
+from avar_ray.config import InterventionConfig, RunConfig, ServeConfig
 from avar_ray.serve.validation import FORM_FIELDS, RequestError, from_form, from_json, max_body_bytes
 
 APP_NAME = "avar"
@@ -28,8 +28,9 @@ log = logging.getLogger("avar_ray.serve")
 api = FastAPI(title="AVAR: answers with visual-attention telemetry")
 
 
-async def read_request(request: Request, cfg: ServeConfig):
-    """Body -> ``AnswerRequest`` within the limits; ``RequestError`` otherwise."""
+async def read_request(request: Request, cfg: ServeConfig, intervention: InterventionConfig):
+    """Body -> ``AnswerRequest`` within the limits (intervention fields a request leaves out:
+    ``intervention``, the run's section); ``RequestError`` otherwise."""
     length = request.headers.get("content-length")
     if length is None:
         raise RequestError(411, "body", "a Content-Length header is required")
@@ -39,7 +40,7 @@ async def read_request(request: Request, cfg: ServeConfig):
         raise RequestError(413, "body", f"{length} bytes exceeds the limit of {max_body_bytes(cfg)}")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        return from_json(await request.body(), cfg)
+        return from_json(await request.body(), cfg, intervention)
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=len(FORM_FIELDS))
@@ -53,7 +54,7 @@ async def read_request(request: Request, cfg: ServeConfig):
                 image = await value.read(cfg.max_image_bytes + 1)
             else:
                 raise RequestError(400, key, "unexpected file part (only 'image' is a file)")
-        return from_form(fields, image, cfg)
+        return from_form(fields, image, cfg, intervention)
     raise RequestError(415, "content-type", f"{kind or 'none'}: send application/json or multipart/form-data")
 
 
@@ -63,7 +64,7 @@ class AvarAnswer:
     def __init__(self, model_dir: str, cfg: RunConfig):
         from avar_ray.serve.engine import AnswerEngine
 
-        self.cfg = cfg.serve
+        self.cfg, self.intervention = cfg.serve, cfg.intervention
         self.engine = AnswerEngine(model_dir, cfg.model, device=cfg.serve.device, layers=cfg.attention.layers,
                                    chunk_size=cfg.attention.chunk_size)
 
@@ -74,7 +75,7 @@ class AvarAnswer:
     @api.post("/answer")
     async def answer(self, request: Request) -> JSONResponse:
         try:
-            req = await read_request(request, self.cfg)
+            req = await read_request(request, self.cfg, self.intervention)
             # the model call blocks: run it off the event loop so health checks still answer
             result = await asyncio.to_thread(self.engine.answer, req)
         except RequestError as exc:

@@ -8,6 +8,9 @@ Two body forms:
 * multipart/form-data: an ``image`` file part, a ``question`` field, and optional
   ``choices`` (a JSON list), ``max_new_tokens``, ``a_img``, ``a_sys``, ``layers`` (a JSON list).
 
+An intervention field a request leaves out comes from the run's ``intervention`` section (a
+request that asks for the intervention gets the configured a_img, a_sys and layers).
+
 Limits (``ServeConfig``): image bytes, image pixels (read from the file header before any
 pixel is decoded, so a decompression bomb is refused without being expanded), question
 characters, new tokens.
@@ -25,7 +28,7 @@ from typing import Any, Mapping, Optional
 from PIL import Image
 
 from avar_ray.attention import Intervention
-from avar_ray.config import ServeConfig
+from avar_ray.config import InterventionConfig, ServeConfig
 from avar_ray.data.schema import LETTERS, ImageDecodeError, decode_image
 
 JSON_FIELDS = ("image", "question", "choices", "max_new_tokens", "intervention")
@@ -133,7 +136,7 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _intervention(value: Any) -> Optional[Intervention]:
+def _intervention(value: Any, configured: InterventionConfig) -> Optional[Intervention]:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -141,21 +144,20 @@ def _intervention(value: Any) -> Optional[Intervention]:
     unknown = sorted(set(value) - {"a_img", "a_sys", "layers"})
     if unknown:
         raise RequestError(400, f"intervention.{unknown[0]}", "unknown field (known: a_img, a_sys, layers)")
-    defaults = Intervention.configured()  # the config schema's a_img / a_sys
-    a_img = _number(value.get("a_img", defaults.a_img), "intervention.a_img")
-    a_sys = _number(value.get("a_sys", defaults.a_sys), "intervention.a_sys")
+    a_img = _number(value.get("a_img", configured.a_img), "intervention.a_img")
+    a_sys = _number(value.get("a_sys", configured.a_sys), "intervention.a_sys")
     if not a_img > -1:
         raise RequestError(400, "intervention.a_img", f"must be > -1, got {a_img}")
     if not 0 <= a_sys < 1:
         raise RequestError(400, "intervention.a_sys", f"must be in [0, 1), got {a_sys}")
-    layers = value.get("layers")
+    layers = value["layers"] if "layers" in value else configured.layers  # null: all layers
     if layers is not None and (not isinstance(layers, list) or not layers
                                or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
         raise RequestError(400, "intervention.layers", "expected a non-empty list of layer indices or null")
     return Intervention(a_img=a_img, a_sys=a_sys, layers=None if layers is None else tuple(layers))
 
 
-def from_json(body: bytes, cfg: ServeConfig) -> AnswerRequest:
+def from_json(body: bytes, cfg: ServeConfig, intervention: InterventionConfig) -> AnswerRequest:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -172,9 +174,9 @@ def from_json(body: bytes, cfg: ServeConfig) -> AnswerRequest:
     question = _question(data["question"], cfg)  # cheap checks first, then the image
     choices = _choices(data.get("choices"), cfg)
     max_new = _max_new_tokens(data.get("max_new_tokens"), cfg)
-    intervention = _intervention(data.get("intervention"))
+    iv = _intervention(data.get("intervention"), intervention)
     data_bytes = decode_base64_image(data["image"], cfg)
-    return AnswerRequest(check_image(data_bytes, cfg), data_bytes, question, choices, max_new, intervention)
+    return AnswerRequest(check_image(data_bytes, cfg), data_bytes, question, choices, max_new, iv)
 
 
 def _json_field(text: Optional[str], name: str) -> Any:
@@ -186,7 +188,8 @@ def _json_field(text: Optional[str], name: str) -> Any:
         raise RequestError(400, name, f"expected JSON, got {text[:50]!r}") from None
 
 
-def from_form(fields: Mapping[str, str], image: Optional[bytes], cfg: ServeConfig) -> AnswerRequest:
+def from_form(fields: Mapping[str, str], image: Optional[bytes], cfg: ServeConfig,
+              intervention: InterventionConfig) -> AnswerRequest:
     """``fields``: the text parts; ``image``: the file part's bytes (None when absent)."""
     unknown = sorted(set(fields) - set(FORM_FIELDS))
     if unknown:
@@ -199,5 +202,5 @@ def from_form(fields: Mapping[str, str], image: Optional[bytes], cfg: ServeConfi
     choices = _choices(_json_field(fields.get("choices"), "choices"), cfg)
     max_new = _max_new_tokens(_json_field(fields.get("max_new_tokens"), "max_new_tokens"), cfg)
     iv = {k: _json_field(fields.get(k), k) for k in ("a_img", "a_sys", "layers") if fields.get(k) not in (None, "")}
-    intervention = _intervention(iv) if iv else None
-    return AnswerRequest(check_image(image, cfg), image, question, choices, max_new, intervention)
+    return AnswerRequest(check_image(image, cfg), image, question, choices, max_new,
+                         _intervention(iv, intervention) if iv else None)
