@@ -160,15 +160,17 @@ def combine_rewards(
     r_acc: np.ndarray,
     r_format: np.ndarray,
     r_visual: np.ndarray,
-    lambda_v: float = 0.3,
-    lambda_f: float = 0.1,
-    visual_norm: VisualNorm = "none",
+    *,
+    lambda_v: float,
+    lambda_f: float,
+    visual_norm: VisualNorm,
+    accuracy_weight: float,
     group_ids: np.ndarray | None = None,
-    accuracy_weight: float = 1.0,
 ) -> np.ndarray:
     """accuracy_weight * r_acc + lambda_v * normalise_visual(r_visual) + lambda_f * r_format, per
-    rollout. ``accuracy_weight`` -1 with lambda_v = lambda_f = 0 flips every group-normalised
-    GRPO advantage exactly (the control of tests/test_learning.py).
+    rollout. The weights have no defaults here: they are ``config.RewardConfig``'s (``rl.reward``).
+    ``accuracy_weight`` -1 with lambda_v = lambda_f = 0 flips every group-normalised GRPO
+    advantage exactly (the control of tests/test_learning.py).
 
     For "group_z" the correct set is taken from ``r_acc`` (``is_correct``), not from r_visual > 0.
     """

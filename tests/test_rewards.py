@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from avar_ray.config import RewardConfig
 from rewards import (
     accuracy_reward,
     combine_rewards,
@@ -322,23 +323,27 @@ def test_group_z_hand_checked():
     assert np.allclose(z, [-k, 0.0, 0.0, k, -1.0, 0.0, 1.0, 0.0])
 
 
+# the rl.reward defaults (SPEC.md §5: lambda_v 0.3, lambda_f 0.1, raw r_visual), from the schema
+PAPER = {k: getattr(RewardConfig(), k) for k in ("lambda_v", "lambda_f", "visual_norm", "accuracy_weight")}
+
+
 def test_combine_rewards_each_norm():
     acc = np.array([1.0, 1.0, 0.0, 1.0])
     fmt = np.array([1.0, 0.0, 1.0, 1.0])
     vis = np.array([10.0, 20.0, 0.0, 30.0])
     gid = np.array([0, 0, 0, 0])
-    raw = combine_rewards(acc, fmt, vis)
+    raw = combine_rewards(acc, fmt, vis, **PAPER)
     assert np.allclose(raw, [1 + 3.0 + 0.1, 1 + 6.0, 0.1, 1 + 9.0 + 0.1])
-    sq = combine_rewards(acc, fmt, vis, lambda_v=0.5, lambda_f=0.2, visual_norm="squash")
+    sq = combine_rewards(acc, fmt, vis, **{**PAPER, "lambda_v": 0.5, "lambda_f": 0.2, "visual_norm": "squash"})
     want_sq = [1 + 0.5 * 10 / 11 + 0.2, 1 + 0.5 * 20 / 21, 0.2, 1 + 0.5 * 30 / 31 + 0.2]
     assert np.allclose(sq, want_sq)
-    gz = combine_rewards(acc, fmt, vis, visual_norm="group_z", group_ids=gid)
+    gz = combine_rewards(acc, fmt, vis, **{**PAPER, "visual_norm": "group_z"}, group_ids=gid)
     k = math.sqrt(1.5)
     assert np.allclose(gz, [1 - 0.3 * k + 0.1, 1.0, 0.1, 1 + 0.3 * k + 0.1], atol=1e-6)
     # correct set comes from r_acc: a correct rollout with zero visual still counts
     gz2 = combine_rewards(
-        np.ones(2), np.zeros(2), np.array([0.0, 2.0]), visual_norm="group_z", group_ids=np.zeros(2)
+        np.ones(2), np.zeros(2), np.array([0.0, 2.0]), **{**PAPER, "visual_norm": "group_z"}, group_ids=np.zeros(2)
     )
     assert np.allclose(gz2, [1 - 0.3, 1 + 0.3], atol=1e-5)
     with pytest.raises(ValueError):
-        combine_rewards(acc, fmt[:3], vis)
+        combine_rewards(acc, fmt[:3], vis, **PAPER)
