@@ -273,8 +273,11 @@ class WarmBaseConfig:
     """The warm base (avar_ray/warm_base.py): the tiny model pre-trained on short procedural answers."""
 
     seed: int = 0
+    vision_steps: int = 300  # dense scene-label pre-training of the vision tower (avar_ray/warm_vision.py)
+    vision_batch_size: int = 32  # images per vision step
+    vision_lr: float = 1e-3
     n_train: int = 3000  # procedural training samples (short oracle chains)
-    steps: int = 150  # AdamW steps
+    steps: int = 150  # AdamW steps of the whole model on the short chains
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 20

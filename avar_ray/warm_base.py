@@ -3,11 +3,17 @@ so that the AVAR stages start from a model that can see (a fixture of the toy wo
 of AVAR: plain torch in-process, no Ray or DeepSpeed).
 
 The random tiny model answers nothing, so GRPO groups have no reward variance and nothing
-learns. Here it is trained on short oracle chains (``<think>The circle is red. ... The answer
-is B.</think><answer>B</answer>``) over freshly drawn procedural samples, then checked on a
-held-out procedural set against two baselines (answering at random, always giving the most
-frequent answer). The result is cached under ``warm_base.cache_dir`` in a folder named by a
-hash of every setting, so a second run (the demo, the test session) reuses it:
+learns. Two phases, like a real VLM's pre-training:
+
+1. the vision tower alone learns to name the shape and colour under each visual token
+   (avar_ray/warm_vision.py: trained end to end from random weights, the model learned to
+   ignore the image instead);
+2. the whole model learns short oracle chains (``<think>The circle is red. The answer is
+   red.</think><answer>red</answer>``) over freshly drawn procedural samples.
+
+It is then checked on a held-out procedural set against two baselines (answering at random,
+always giving the most frequent answer). The result is cached under ``warm_base.cache_dir`` in a
+folder named by a hash of every setting, so a second run (the demo, the test session) reuses it:
 
     path = ensure_warm_base(cfg.warm_base, image_size=cfg.data.image_size)
 """
@@ -28,7 +34,7 @@ from typing import Sequence
 import torch
 
 # Bump when the recipe changes in a way the settings do not show (cached bases are rebuilt).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 INFO = "warm_base.json"
 # Procedural seeds of the training stream and of the held-out check set (the demo's and the
 # tests' data use seeds 0 and 10_000; these never collide with them).
@@ -174,16 +180,18 @@ def _build(out: Path, wb, image_size: int, start: float) -> dict:
     from avar_ray.data.procedural import generate_samples
     from avar_ray.modeling import load_model, load_processor
     from avar_ray.tiny_model import build_tiny_model
+    from avar_ray.warm_vision import pretrain_vision
 
     torch.manual_seed(wb.seed)
     build_tiny_model(out, seed=wb.seed)
     processor = load_processor(str(out))
     model = load_model(str(out))  # the statistics-capable SDPA: plain SDPA while training
+    probes = pretrain_vision(model, processor, wb, image_size)
     losses = train(model, processor, wb, image_size)
     model.save_pretrained(out, safe_serialization=True)
     check_set = generate_samples(wb.check_n, seed=wb.seed + CHECK_SEED_OFFSET, image_size=image_size, chain="short")
     info = {"settings": {**asdict(wb), "image_size": image_size, "recipe": RECIPE_VERSION},
-            "loss_first": sum(losses[:10]) / max(1, len(losses[:10])),
+            "vision_probes": probes, "loss_first": sum(losses[:10]) / max(1, len(losses[:10])),
             "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "check": check(model, processor, check_set), "seconds": round(time.perf_counter() - start, 1)}
     (out / INFO).write_text(json.dumps(info, indent=1))

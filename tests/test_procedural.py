@@ -237,7 +237,8 @@ def test_short_chains_verify_and_are_short(samples):
 
     for s in samples:
         short = oracle_reasoning(s, "short")
-        assert short.endswith(f"The answer is {s.answer}."), short
+        value = s.choices[ord(s.answer) - ord("A")] if s.answer_type == "choice" else s.answer
+        assert short.endswith(f"The answer is {value}."), short  # choices: the option's text
         assert len(short) < len(oracle_reasoning(s, "full")) and len(short) < 160
         assert verify(s, short).target is not None  # the synthesis check accepts it
     marked = generate_samples(6, seed=3, chain="short")

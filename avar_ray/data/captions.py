@@ -220,41 +220,47 @@ def _reason_triangle(sample: Sample, scene: dict[str, Any], target: dict[str, An
 
 # ---------------------------------------------------------------- short chains
 # One or two sentences per task: what the tiny model can learn in a few CPU minutes (the full
-# chains above run to 150-300 tokens). Same closing sentences, so verification is unchanged.
+# chains above run to 150-300 tokens). A choice is answered with the option's text, not its
+# letter (the accuracy reward accepts the text of exactly one option): mapping a value to its
+# letter is a copy from the prompt that the tiny model did not learn in the measured runs.
+
+
+def _short_final(sample: Sample, value: str) -> str:
+    return f"The answer is {value}." if sample.answer_type == "choice" else f"The answer is {sample.answer}."
 
 
 def _short_colour(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     o = _obj(scene, target["object"])
-    return f"The {o['shape']} is {o['colour']}. " + _final(sample, o["colour"])
+    return f"The {o['shape']} is {o['colour']}. " + _short_final(sample, o["colour"])
 
 
 def _short_count(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     k = len(target["objects"])
-    return f"I count {k} {target['noun']}. " + _final(sample, str(k))
+    return f"I count {k} {target['noun']}. " + _short_final(sample, str(k))
 
 
 def _short_relation(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     a, b = _obj(scene, target["a"]), _obj(scene, target["b"])
     rel = relation_between(a, b)
     return (f"The {object_name(a)} is at the {a['position']}, the {object_name(b)} at the "
-            f"{b['position']}. " + _final(sample, f"{rel} the {object_name(b)}"))
+            f"{b['position']}. " + _short_final(sample, f"{rel} the {object_name(b)}"))
 
 
 def _short_size(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     big = _obj(scene, target["object"])
-    return f"The {object_name(big)} is the large one. " + _final(sample, f"the {object_name(big)}")
+    return f"The {object_name(big)} is the large one. " + _short_final(sample, f"the {object_name(big)}")
 
 
 def _short_chart(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     bar = next(b for b in scene["bars"] if b["label"] == target["bar"])
     if target["variant"] == "tallest":
-        return f"Bar {bar['label']} is the tallest, at {bar['value']}. " + _final(sample, bar["label"])
-    return f"Bar {bar['label']} reaches {bar['value']}. " + _final(sample, str(bar["value"]))
+        return f"Bar {bar['label']} is the tallest, at {bar['value']}. " + _short_final(sample, bar["label"])
+    return f"Bar {bar['label']} reaches {bar['value']}. " + _short_final(sample, str(bar["value"]))
 
 
 def _short_triangle(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     angles, (k1, k2), u = scene["angles"], scene["known"], scene["unknown"]
-    return (f"{u} = 180 - {angles[k1]} - {angles[k2]} = {angles[u]}. " + _final(sample, str(angles[u])))
+    return (f"{u} = 180 - {angles[k1]} - {angles[k2]} = {angles[u]}. " + _short_final(sample, str(angles[u])))
 
 
 _SHORT_REASONERS = {
