@@ -85,7 +85,7 @@ class RewardScorer:
 class RewardService(ActorSet):
     """The reward actor, driven from the driver; restarted if it dies (it holds no weights)."""
 
-    def __init__(self, reward, actor_options: dict, max_attempts: int = 3):
+    def __init__(self, reward, actor_options: dict, max_attempts: int):
         super().__init__(RewardScorer, [(reward,)], actor_options, max_attempts, "reward actor")
 
     def text(self, rollouts: list[Rollout], samples: dict[str, Sample]) -> list[tuple[float, float, str]]:

@@ -83,12 +83,12 @@ def test_serve_applies_the_model_section(tiny_model_dir):
     sample = generate_samples(1, seed=3)[0]
     model = ModelConfig(str(tiny_model_dir), max_model_len=1024, max_pixels=SMALL, system_prompt="Look first.")
     engine = AnswerEngine(model.path, model, device="cpu", layers=None, chunk_size=None)
-    out = engine.answer(AnswerRequest(pil_images(sample)[0], sample.images[0], sample.question, max_new_tokens=4))
+    out = engine.answer(AnswerRequest(pil_images(sample)[0], sample.images[0], sample.question, choices=[], max_new_tokens=4))
     processor = load_processor(model.path, model)
     assert out["visual_tokens"] == _hf_visual_count(processor, sample) < _hf_visual_count(
         load_processor(model.path), sample)
     # the configured system prompt is S of the served conversation (the template's default otherwise)
     plain = AnswerEngine(model.path, dataclasses.replace(model, system_prompt=None), device="cpu", layers=None,
                          chunk_size=None)
-    out_plain = plain.answer(AnswerRequest(pil_images(sample)[0], sample.images[0], sample.question, max_new_tokens=4))
+    out_plain = plain.answer(AnswerRequest(pil_images(sample)[0], sample.images[0], sample.question, choices=[], max_new_tokens=4))
     assert out["user"]["alpha_sys"] != out_plain["user"]["alpha_sys"]

@@ -22,7 +22,7 @@ import binascii
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from PIL import Image
@@ -53,8 +53,8 @@ class AnswerRequest:
     image: Image.Image  # decoded RGB
     image_bytes: bytes  # the file as sent (checked)
     question: str
-    choices: list[str] = field(default_factory=list)
-    max_new_tokens: int = 64
+    choices: list[str]
+    max_new_tokens: int  # serve.max_new_tokens unless the request asks for fewer
     intervention: Optional[Intervention] = None
 
 
