@@ -85,7 +85,8 @@ def train(model, processor, wb, image_size: int, log_every: int = 25) -> list[fl
     from avar_ray.data.procedural import generate_samples
     from avar_ray.sft.data import encode_rows
 
-    stream = generate_samples(wb.n_train, seed=wb.seed + TRAIN_SEED_OFFSET, image_size=image_size, chain="short")
+    stream = generate_samples(wb.n_train, seed=wb.seed + TRAIN_SEED_OFFSET, image_size=image_size, chain="short",
+                              tasks=wb.tasks)
     rows = _rows(stream)
     order = random.Random(wb.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=wb.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -189,7 +190,8 @@ def _build(out: Path, wb, image_size: int, start: float) -> dict:
     probes = pretrain_vision(model, processor, wb, image_size)
     losses = train(model, processor, wb, image_size)
     model.save_pretrained(out, safe_serialization=True)
-    check_set = generate_samples(wb.check_n, seed=wb.seed + CHECK_SEED_OFFSET, image_size=image_size, chain="short")
+    check_set = generate_samples(wb.check_n, seed=wb.seed + CHECK_SEED_OFFSET, image_size=image_size, chain="short",
+                                 tasks=wb.tasks)
     info = {"settings": {**asdict(wb), "image_size": image_size, "recipe": RECIPE_VERSION},
             "vision_probes": probes, "loss_first": sum(losses[:10]) / max(1, len(losses[:10])),
             "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
@@ -198,7 +200,7 @@ def _build(out: Path, wb, image_size: int, start: float) -> dict:
     return info
 
 
-def ensure_warm_base(wb, image_size: int = 112, rebuild: bool = False) -> Path:
+def ensure_warm_base(wb, image_size: int, rebuild: bool = False) -> Path:
     """The cached warm base for these settings, built (a few CPU minutes) if it is missing."""
     path = cache_path(wb, image_size)
     if (path / INFO).is_file() and not rebuild:

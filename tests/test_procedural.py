@@ -245,3 +245,20 @@ def test_short_chains_verify_and_are_short(samples):
     assert all(oracle_reasoning(s) == oracle_reasoning(s, "short") for s in marked)  # meta.chain picks the style
     with pytest.raises(ValueError, match="chain must be one of"):
         generate_samples(1, seed=0, chain="long")
+
+
+def test_easy_tasks_are_drawn_on_request_and_verify():
+    from avar_ray.data.procedural import EASY_TASKS
+    from avar_ray.synth.verify import verify
+
+    rows = generate_samples(40, seed=5, chain="short", tasks=EASY_TASKS)
+    assert {s.meta["task"] for s in rows} == set(EASY_TASKS)
+    for s in rows:
+        assert verify(s, oracle_reasoning(s, "short")).target is not None
+        assert verify(s, oracle_reasoning(s, "full")).target is not None
+    big = next(s for s in rows if s.meta["task"] == "largest_colour")
+    sizes = [o["size"] for o in big.meta["scene"]["objects"]]
+    assert sizes.count("large") == 1
+    assert generate_samples(6, seed=5)[0].meta["task"] in TASKS  # the default mix is unchanged
+    with pytest.raises(ValueError, match="unknown procedural task"):
+        generate_samples(2, seed=5, tasks=["no_such_task"])

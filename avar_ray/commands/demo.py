@@ -72,6 +72,7 @@ def demo_config(config_path: str | None, out: Path, overrides: list[str]):
 
     path = config_path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
     cfg = load_config(path, DEMO_SETTINGS + list(overrides))
+    cfg.data.tasks = list(cfg.warm_base.tasks)  # evaluate on what the warm base was trained to see
     cfg.model.path = str(out / "tiny_model")
     cfg.data.train = str(out / "data" / "train.parquet")
     cfg.data.eval = [str(out / "data" / "eval.parquet")]
@@ -135,10 +136,10 @@ def run(args) -> int:
 
         data_dir = Path(cfg.data.train).parent
         write_procedural(data_dir, n=cfg.data.n_train, seed=cfg.data.seed, image_size=cfg.data.image_size,
-                         split_name="train", chain=CHAIN)
+                         split_name="train", chain=CHAIN, tasks=cfg.data.tasks)
         # A different seed, so no evaluation row is a training row.
         write_procedural(data_dir, n=cfg.data.n_eval, seed=cfg.data.seed + 10_000,
-                         image_size=cfg.data.image_size, split_name="eval", chain=CHAIN)
+                         image_size=cfg.data.image_size, split_name="eval", chain=CHAIN, tasks=cfg.data.tasks)
         return {"train": cfg.data.train, "eval": cfg.data.eval[0]}
 
     def synth() -> dict:

@@ -11,6 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=data.seed, help="seed (same seed, same rows)")
     parser.add_argument("--image-size", type=int, default=data.image_size, help="image side in pixels (>= 56)")
     parser.add_argument("--split", default="train", help="file name: OUT/SPLIT.parquet")
+    parser.add_argument("--tasks", nargs="*", default=data.tasks,
+                        help="procedural task names drawn in turn (default: data.tasks; empty: the default mix)")
 
 
 def run(args) -> int:
@@ -18,5 +20,6 @@ def run(args) -> int:
 
     if args.n <= 0:
         raise SystemExit("--n must be positive")
-    write_procedural(args.out, n=args.n, seed=args.seed, image_size=args.image_size, split_name=args.split)
+    write_procedural(args.out, n=args.n, seed=args.seed, image_size=args.image_size, split_name=args.split,
+                     tasks=args.tasks)
     return 0

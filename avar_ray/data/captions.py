@@ -160,6 +160,15 @@ def _reason_count(sample: Sample, scene: dict[str, Any], target: dict[str, Any])
             f"row, {sum(rows)} in total. " + _final(sample, str(running)))
 
 
+def _reason_largest_colour(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    big = _obj(scene, target["object"])
+    others = [o for o in scene["objects"] if o["id"] != big["id"]]
+    return (f"The question asks for the colour of the largest shape. The image has {len(scene['objects'])} "
+            f"shapes; the {object_name(big)} at the {big['position']} is large, while "
+            f"{_join([f'the {object_name(o)}' for o in others])} {'is' if len(others) == 1 else 'are'} small. "
+            f"So the largest shape is {big['colour']}. " + _final(sample, big["colour"]))
+
+
 def _reason_relation(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     a, b = _obj(scene, target["a"]), _obj(scene, target["b"])
     na, nb = object_name(a), object_name(b)
@@ -251,6 +260,11 @@ def _short_size(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -
     return f"The {object_name(big)} is the large one. " + _short_final(sample, f"the {object_name(big)}")
 
 
+def _short_largest_colour(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    big = _obj(scene, target["object"])
+    return f"The largest shape is the {object_name(big)}. " + _short_final(sample, big["colour"])
+
+
 def _short_chart(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     bar = next(b for b in scene["bars"] if b["label"] == target["bar"])
     if target["variant"] == "tallest":
@@ -270,6 +284,8 @@ _SHORT_REASONERS = {
     "size": _short_size,
     "bar_chart": _short_chart,
     "triangle_angle": _short_triangle,
+    "largest_colour": _short_largest_colour,
+    "count_colour": _short_count,
 }
 CHAIN_STYLES = ("full", "short")
 
@@ -280,6 +296,8 @@ _REASONERS = {
     "size": _reason_size,
     "bar_chart": _reason_chart,
     "triangle_angle": _reason_triangle,
+    "largest_colour": _reason_largest_colour,
+    "count_colour": _reason_count,
 }
 
 

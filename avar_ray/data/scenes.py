@@ -213,6 +213,39 @@ def size(rng: random.Random, side: int) -> TaskDraw:
                     names, {"object": big})
 
 
+# ---------------------------------------------------------------- easy tasks
+# Questions a tiny model can learn in a few CPU minutes (the toy world's "easy" set, used by the
+# demo and the learning tests): the answer is a colour or a count of one colour, which the
+# pre-trained tiny vision tower encodes per token, with no shape-colour binding to learn.
+
+
+def largest_colour(rng: random.Random, side: int) -> TaskDraw:
+    """What colour is the largest shape? One large shape among 1-3 small ones, distinct colours."""
+    n = rng.randint(2, 4)
+    colours = rng.sample(list(COLOURS), n)
+    specs = [(rng.choice(SHAPES), c, "large" if i == 0 else "small") for i, c in enumerate(colours)]
+    scene = _shapes_scene(rng, specs, rng.sample(range(GRID * GRID), n), side)
+    rest = [c for c in COLOURS if c not in colours]
+    rng.shuffle(rest)
+    choices, ans = _choice_question(rng, colours[0], colours[1:] + rest)
+    return TaskDraw(scene, "What colour is the largest shape?", ans, "choice", choices, {"object": 0})
+
+
+def count_colour(rng: random.Random, side: int) -> TaskDraw:
+    """How many <colour> shapes are there? 2-6 small shapes in three colours, 1-4 of the asked one."""
+    n = rng.randint(2, 6)
+    palette = rng.sample(list(COLOURS), 3)
+    k = rng.randint(1, min(4, n))
+    colours = [palette[0]] * k + [rng.choice(palette[1:]) for _ in range(n - k)]
+    specs = [(rng.choice(SHAPES), c, "small") for c in colours]
+    rng.shuffle(specs)
+    scene = _shapes_scene(rng, specs, rng.sample(range(GRID * GRID), n), side)
+    noun = f"{palette[0]} shapes"
+    target = {"mode": "colour", "shape": None, "colour": palette[0], "noun": noun,
+              "objects": [o["id"] for o in scene["objects"] if o["colour"] == palette[0]]}
+    return TaskDraw(scene, f"How many {noun} are there in the image?", str(k), "integer", [], target)
+
+
 # ---------------------------------------------------------------- charts and geometry
 
 
@@ -300,4 +333,8 @@ BUILDERS: dict[str, Callable[[random.Random, int], TaskDraw]] = {
     "size": size,
     "bar_chart": bar_chart,
     "triangle_angle": triangle_angle,
+}
+EASY_BUILDERS: dict[str, Callable[[random.Random, int], TaskDraw]] = {
+    "largest_colour": largest_colour,
+    "count_colour": count_colour,
 }
