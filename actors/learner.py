@@ -100,10 +100,11 @@ def load_partitioned(path: str, dtype: str, ds_config: dict):
 
 
 class Learner:
-    """One rank of the learner group; ``rl`` and ``model`` are the config sections."""
+    """One rank of the learner group; ``rl``, ``model`` and ``attention`` are the config sections
+    (r_visual's layers, epsilon and statistics method are ``attention.*``, as in eval and SFT)."""
 
-    def __init__(self, rl, model, rank: int, world_size: int):
-        self.rl, self.model_cfg, self.rank, self.world_size = rl, model, rank, world_size
+    def __init__(self, rl, model, attention, rank: int, world_size: int):
+        self.rl, self.model_cfg, self.attention, self.rank, self.world_size = rl, model, attention, rank, world_size
         self.use_gpu = rl.placement.learner_gpus > 0
         self.engine = self.reference = None
 
@@ -180,8 +181,8 @@ class Learner:
             ctx = None
             if any(want for _, _, want in micro):
                 num_layers = self.engine.module.config.get_text_config().num_hidden_layers
-                ctx = AttentionContext.from_spans(encoded.spans, query="response", layers=self.rl.reward.visual_layers,
-                                                  num_layers=num_layers)
+                ctx = AttentionContext.from_spans(encoded.spans, query="response", layers=self.attention.layers,
+                                                  chunk_size=self.attention.chunk_size, num_layers=num_layers)
                 ctx.query_mask &= torch.tensor([want for _, _, want in micro], device=ctx.query_mask.device)[:, None]
             t = time.perf_counter()
             kwargs = {"avar_context": ctx} if ctx is not None else {}
@@ -198,7 +199,7 @@ class Learner:
                 vas = math.nan
                 if want:
                     mass_v, mass_s = stats.sample(b)
-                    vas = visual_ratio(mass_v, mass_s, eps=self.rl.reward.eps)
+                    vas = visual_ratio(mass_v, mass_s, eps=self.attention.eps)
                 out[index] = ScoredPass(logprob[b, :len(item.response_ids)].tolist(), vas, error)
         return {"passes": out, "seconds": seconds}
 
@@ -362,7 +363,7 @@ class LearnerGroup:
     """The driver's view of the learners: the step's rollouts in, per-rollout passes and summed
     metrics out."""
 
-    def __init__(self, rl, model):
+    def __init__(self, rl, model, attention):
         import ray
 
         from actors.placement import learner_options, learner_placement_group
@@ -372,7 +373,8 @@ class LearnerGroup:
         self.world_size = placement.learners
         self.pg = learner_placement_group(placement)
         cls = ray.remote(Learner)
-        self.actors = [cls.options(**learner_options(placement, self.pg, r)).remote(rl, model, r, self.world_size)
+        self.actors = [cls.options(**learner_options(placement, self.pg, r)).remote(rl, model, attention, r,
+                                                                                   self.world_size)
                        for r in range(self.world_size)]
         addresses = ray.get([a.address.remote() for a in self.actors])
         master_addr, master_port, _ = addresses[0]

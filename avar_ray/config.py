@@ -69,13 +69,13 @@ class InterventionConfig:
 class AttentionConfig:
     """The attention-statistics pass of every stage (SFT's AGTO, the RL reward, eval, serve, `avar vas`)."""
 
-    # Text layers every statistic averages over: VAS (eval, serve, `avar vas`) and AGTO's losses
-    # (SFT); None = all (SPEC.md §1, §4)
+    # Text layers every statistic averages over: VAS (eval, serve, `avar vas`), AGTO's losses
+    # (SFT) and r_visual (RL); None = all (SPEC.md §1, §4, §5)
     layers: Optional[list[int]] = None
     # None: the fused statistics (one SDPA call, the default); N: the chunked method instead,
     # N query rows x all keys at a time (bounded memory, about 3x slower; bench/attention_stats.py)
     chunk_size: Optional[int] = None
-    eps: float = 1e-6  # SFT: the epsilon inside L_sup's log
+    eps: float = 1e-6  # SFT: inside L_sup's log; RL: r_visual's V / (S + eps)
 
 
 @dataclass
@@ -147,8 +147,6 @@ class RewardConfig:
     lambda_v: float = 0.3
     lambda_f: float = 0.1
     visual_norm: Literal["none", "squash", "group_z"] = "none"
-    visual_layers: Optional[list[int]] = None
-    eps: float = 1e-6
     visual_gate: bool = True  # r_visual only for correct answers (SPEC.md §5); false: for every rollout (ablation)
     accuracy_weight: float = 1.0  # w_acc in w_acc * r_acc + ...; -1 (lambdas 0) flips every GRPO advantage (a control)
 
@@ -371,6 +369,8 @@ REMOVED_KEYS = {
     "sft.agto_layers": "use attention.layers (one layer selection for VAS and AGTO)",
     "attention.query": "it was never read (query spans: sft.agto_query in SFT, the response in RL, both in eval)",
     "rl.tensorboard": "use tracking.backends (e.g. [jsonl, tensorboard])",
+    "rl.reward.visual_layers": "use attention.layers (one layer selection for VAS, AGTO and r_visual)",
+    "rl.reward.eps": "use attention.eps (one epsilon for VAS, L_sup and r_visual)",
 }
 
 

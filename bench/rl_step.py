@@ -168,7 +168,7 @@ def start_actors(model: str, args):
     from actors.learner import LearnerGroup
     from actors.reward import RewardScorer
     from actors.rollout import RolloutWorker
-    from avar_ray.config import ModelConfig, PlacementConfig, RewardConfig, RLConfig
+    from avar_ray.config import AttentionConfig, ModelConfig, PlacementConfig, RewardConfig, RLConfig
 
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(
         RLConfig(), ModelConfig(path=model, max_model_len=1024), 0)
@@ -176,7 +176,7 @@ def start_actors(model: str, args):
     reward = ray.remote(RewardScorer).options(num_cpus=1).remote(RewardConfig(visual_gate=False))
     rl = RLConfig(zero_stage=2, lr=1e-5, micro_batch_size=4, n_samples=args.n, placement=PlacementConfig(learners=1),
                   reward=RewardConfig(visual_gate=False))
-    learners = LearnerGroup(rl, ModelConfig(path=model))
+    learners = LearnerGroup(rl, ModelConfig(path=model), AttentionConfig())
     info = ray.get([worker.ready.remote(), reward.ready.remote()])
     say(f"actors up: vLLM worker {info[0]['start_s']:.1f} s, learner {learners.info[0]['setup_s']:.1f} s")
     return worker, old, reward, learners

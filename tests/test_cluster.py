@@ -295,7 +295,7 @@ def test_paper_config_loads_with_the_papers_settings():
     assert cfg.rl.weight_sync_backend == "nccl"
     # training-free intervention (SPEC.md §2) and eps
     assert (cfg.intervention.a_img, cfg.intervention.a_sys) == (0.15, 0.4)
-    assert cfg.attention.eps == cfg.rl.reward.eps == 1e-6
+    assert cfg.attention.eps == 1e-6 and cfg.attention.layers is None  # VAS, AGTO and r_visual
     assert len(cfg.data.eval) == 7  # the seven benchmarks of SPEC.md §6
     for teacher in (cfg.synth.caption, cfg.synth.reasoning, cfg.synth.anchor):
         assert (REPO / teacher.prompt).is_file(), f"prompt file {teacher.prompt} missing"

@@ -57,11 +57,13 @@ def test_bad_yaml_file_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("key,new_key", [
     ("sft.bf16", "model.dtype"), ("sft.agto_layers", "attention.layers"), ("rl.tensorboard", "tracking.backends"),
+    ("rl.reward.visual_layers", "attention.layers"), ("rl.reward.eps", "attention.eps"),
 ])
 def test_removed_keys_name_their_replacement(tmp_path, key, new_key):
-    section, name = key.split(".")
+    *sections, name = key.split(".")
     path = tmp_path / "old.yaml"
-    path.write_text(f"{section}:\n  {name}: null\n")
+    path.write_text("".join(f"{'  ' * i}{section}:\n" for i, section in enumerate(sections))
+                    + f"{'  ' * len(sections)}{name}: null\n")
     with pytest.raises(ConfigError, match=rf"{key}: removed; use {new_key}"):
         load_config(path)
 

@@ -77,12 +77,12 @@ def rollout_worker(ray_local, tiny_model_dir):
 
 def make_learners(model_dir, zero_stage: int, lr: float = 1e-4, **rl):
     from actors.learner import LearnerGroup
-    from avar_ray.config import ModelConfig, PlacementConfig, RLConfig
+    from avar_ray.config import AttentionConfig, ModelConfig, PlacementConfig, RLConfig
 
     # 8 rollouts in micro-batches of 4: two accumulation steps in one optimizer step
     return LearnerGroup(RLConfig(zero_stage=zero_stage, lr=lr, micro_batch_size=4, n_samples=N,
                                  placement=PlacementConfig(**rl.pop("placement", {"learners": 1})), **rl),
-                        ModelConfig(path=str(model_dir)))
+                        ModelConfig(path=str(model_dir)), AttentionConfig())
 
 
 @pytest.fixture(scope="module")

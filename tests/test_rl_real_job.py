@@ -164,7 +164,7 @@ def test_r_visual_from_the_learners_pass_equals_eager_attention(real_run, tiny_m
     weights = dict(iter_buckets(fetch_buckets(system.learners.publish_weights(10, 4.0))))
     picked = [it for it, w in zip(items, want) if w]
     eager = _eager_vas(tiny_model_dir, weights, load_processor(str(tiny_model_dir)), picked,
-                       cfg.rl.reward.visual_layers, cfg.rl.reward.eps)
+                       cfg.attention.layers, cfg.attention.eps)
     ours = [p.vas for p, w in zip(passes, want) if w]
     assert all(v > 0 for v in eager)
     np.testing.assert_allclose(ours, eager, rtol=VAS_RTOL)

@@ -40,7 +40,7 @@ class RLSystem:
         builders = {
             "rollout": lambda: RolloutPool(cfg.rl, model, rollout_options(placement, tp), attempts),
             "reward": lambda: RewardService(cfg.rl.reward, reward_options(placement), attempts),
-            "learners": lambda: LearnerGroup(cfg.rl, model),
+            "learners": lambda: LearnerGroup(cfg.rl, model, cfg.attention),
         }
         with ThreadPoolExecutor(len(builders)) as pool:
             futures = {name: pool.submit(build) for name, build in builders.items()}
@@ -92,7 +92,7 @@ class RLSystem:
         """A new learner group (the surviving ranks of the old one may wait in a collective for
         the dead one: all go) and a weight sync over it; the caller loads a checkpoint."""
         self.learners.shutdown()
-        self.learners = LearnerGroup(self.cfg.rl, self.model)
+        self.learners = LearnerGroup(self.cfg.rl, self.model, self.cfg.attention)
         self.weights = self._weight_sync()
         self.learner_restarts += 1
 
