@@ -87,6 +87,19 @@ def test_prune_keeps_the_newest_checkpoints(tmp_path):
         latest_step(tmp_path)
 
 
+def test_start_step_resumes_or_refuses_an_earlier_runs_checkpoints(tmp_path, capsys):
+    """The one reading of ``latest`` for SFT and RL: a fresh run into a directory holding
+    checkpoints fails naming the stage's key; a resume starts at the newest step."""
+    from avar_ray.checkpoints import start_step
+
+    assert start_step(tmp_path, False, "sft", "set sft.resume=true") == 0
+    assert start_step(tmp_path, True, "rl", "x") == 0 and "rl: no checkpoint" in capsys.readouterr().out
+    (tmp_path / "latest").write_text("step_6\n")
+    assert start_step(tmp_path, True, "sft", "x") == 6
+    with pytest.raises(ValueError, match=r"sft\.out: .* earlier run \(step 6\); set sft\.resume=true, or choose"):
+        start_step(tmp_path, False, "sft", "set sft.resume=true")
+
+
 def test_reward_actor_combines_parts_gates_and_isolates_failures(procedural_parquet):
     """The reward actor's scoring, in-process (no Ray, no model): SPEC.md §5's sum for a correct,
     well-formed answer; the gate for a wrong one (its VAS is not even asked for); a rollout the

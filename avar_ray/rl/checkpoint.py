@@ -3,30 +3,14 @@
 HF export of the policy (``step_N/hf``: what eval and vLLM load) and the driver's state (step,
 policy version, prompt sampler position) inside the DeepSpeed checkpoint's client state, so
 that the weights and the data position can never disagree. ``driver_state.json`` beside it is
-for people to read."""
+for people to read. Tags and the ``latest`` file: ``avar_ray.checkpoints`` (shared with SFT)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
-TAG = re.compile(r"^step_(\d+)$")
-
-
-def tag(step: int) -> str:
-    return f"step_{step}"
-
-
-def latest_step(ckpt_dir: Path) -> int | None:
-    """The step of the newest complete DeepSpeed checkpoint, or None."""
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        return None
-    match = TAG.match(latest.read_text().strip())
-    if match is None:
-        raise ValueError(f"{latest}: unexpected checkpoint tag {latest.read_text().strip()!r} (expected step_N)")
-    return int(match.group(1))
+from avar_ray.checkpoints import TAG, latest_step, tag  # noqa: F401 - latest_step: the driver's and tests' name
 
 
 def hf_dir(ckpt_dir: Path, step: int) -> Path:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from avar_ray.checkpoints import start_step
 from avar_ray.config import to_dict
 from actors.records import TrainItem
 from avar_ray.rl import checkpoint
@@ -82,18 +83,6 @@ class PhaseClock:
 
     def total(self) -> dict:
         return {**self.seconds, "time/step": time.perf_counter() - self.start}
-
-
-def _start_step(ckpt_dir: Path, resume: bool) -> int:
-    saved = checkpoint.latest_step(ckpt_dir)
-    if saved is None:
-        if resume:
-            print(f"rl: no checkpoint under {ckpt_dir} to resume from; starting at step 0", flush=True)
-        return 0
-    if not resume:
-        raise ValueError(f"rl.out: {ckpt_dir} holds checkpoints of an earlier run (step {saved}); resume it with "
-                         "`avar rl --resume` (rl.resume=true), or choose another rl.out")
-    return saved
 
 
 class Run:
@@ -249,7 +238,8 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     out = Path(rl.out).resolve()
     if not Path(cfg.model.path).is_dir():
         raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
-    start = _start_step(out / "checkpoints", resume or rl.resume)
+    start = start_step(out / "checkpoints", resume or rl.resume, "rl",
+                       "resume it with `avar rl --resume` (rl.resume=true)")
     if start >= rl.steps:
         raise ValueError(f"rl.steps: the checkpoint is at step {start}; nothing left to do of {rl.steps} steps")
     prompts = load_prompts(cfg)

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from avar_ray.checkpoints import start_step
 from avar_ray.config import to_dict
 from avar_ray.sft.data import check_columns, prepare_dataset, training_files
 from avar_ray.sft.ds_config import total_steps
@@ -47,16 +48,6 @@ class SFTReport:
                 f"VAS {g(self.first, 'vas')} -> {g(self.last, 'vas')}; model exported to {self.export}")
 
 
-def _start_step(ckpt_dir: Path, resume: bool, what: str) -> int:
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        return 0
-    if not resume:
-        raise ValueError(f"{what}: {ckpt_dir} holds checkpoints of an earlier run; set sft.resume=true to "
-                         "continue it, or choose another sft.out")
-    return int(latest.read_text().strip().removeprefix("step_"))
-
-
 def run_sft(cfg) -> SFTReport:
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -67,7 +58,7 @@ def run_sft(cfg) -> SFTReport:
     out = Path(sft.out).resolve()
     if not Path(cfg.model.path).is_dir():
         raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
-    start = _start_step(out / "checkpoints", sft.resume, "sft.out")
+    start = start_step(out / "checkpoints", sft.resume, "sft", "set sft.resume=true to continue it")
     files = training_files(sft.data)
     check_columns(files)
     init_ray(cfg.ray)
