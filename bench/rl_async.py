@@ -30,9 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+from bench.rl_common import add_workload_args, bench_model, init_ray  # noqa: E402 - sets the workers' env
 
 KEYS = ("time/step", "time/learner_wait", "time/rollout_wait", "time/generate", "time/update", "time/reward",
         "time/weight_sync", "async/staleness_mean")
@@ -58,11 +56,7 @@ def run(model: str, data: Path, out: Path, staleness: int, args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="an HF checkpoint directory (default: the tiny model, built here)")
-    parser.add_argument("--layers", type=int, default=0, help="the tiny model with this many text layers (0: its 4)")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_workload_args(parser)
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--learners", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="rollout workers")
@@ -74,23 +68,12 @@ def main(argv=None) -> None:
     from avar_ray.data.procedural import write_procedural
 
     tmp = Path(tempfile.mkdtemp(prefix="rl_async_bench_"))
-    model = args.model
-    if model is None:
-        from avar_ray.tiny_model import build_tiny_model
-
-        model = build_tiny_model(tmp / "tiny", seed=0)
-        if args.layers:
-            sys.path.insert(0, str(REPO / "bench"))
-            from rl_step import deepened
-
-            model = deepened(model, args.layers)
+    model = bench_model(args, tmp)
     data = write_procedural(tmp / "data", n=max(32, args.prompts * (args.steps + 2)), seed=0)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    init_ray()
     try:
         order = [k for r in range(args.rounds) for k in ((0, 1) if r % 2 == 0 else (1, 0))]
-        runs = [(k, run(str(model), data, tmp / f"rl_{i}_{k}", k, args)) for i, k in enumerate(order)]
+        runs = [(k, run(model, data, tmp / f"rl_{i}_{k}", k, args)) for i, k in enumerate(order)]
     finally:
         ray.shutdown()
     results = {k: {key: statistics.mean(r[key] for kk, r in runs if kk == k) for key in runs[0][1]} for k in (0, 1)}

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pickle
 import statistics
 import subprocess
@@ -48,9 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+from bench.rl_common import add_workload_args, bench_model, init_ray  # noqa: E402 - sets the workers' env
 
 T0 = time.perf_counter()
 
@@ -243,23 +240,6 @@ def bench_rollout(worker, model_dir: str, samples, args) -> dict:
             "hf_threads": runs[0]["threads"]}
 
 
-def deepened(model_dir: Path, layers: int) -> Path:
-    """The tiny checkpoint with ``layers`` text layers (fresh random weights, same seed)."""
-    import torch
-    from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
-
-    out = model_dir.parent / f"tiny_{layers}_layers"
-    config = AutoConfig.from_pretrained(model_dir)
-    config.text_config.num_hidden_layers = layers
-    config.text_config.layer_types = ["full_attention"] * layers
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 def image_bytes(obj) -> int:
     """Image bytes in ``obj`` pickled as one call argument: the images of every Sample it
     reaches (through dataclasses, dicts, lists), each Sample once as pickle's memo ships a
@@ -388,11 +368,7 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="an HF checkpoint directory (default: the tiny model, built here)")
-    parser.add_argument("--layers", type=int, default=0, help="the tiny model with this many text layers (0: its 4)")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_workload_args(parser)
     parser.add_argument("--image-size", type=int, default=0, help="procedural image side in pixels (0: the data default)")
     parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -413,17 +389,10 @@ def main(argv=None) -> None:
 
     memory = bench_memory(args)
     say("log-prob memory measured")
-    model = args.model
-    if model is None:
-        from avar_ray.tiny_model import build_tiny_model
-
-        tiny = build_tiny_model(Path(tempfile.mkdtemp(prefix="rl_bench_")) / "tiny", seed=0)
-        model = str(deepened(tiny, args.layers) if args.layers else tiny)
+    model = bench_model(args, Path(tempfile.mkdtemp(prefix="rl_bench_")))
     args.model_dir = model
     samples = generate_samples(args.prompts, seed=0, **({"image_size": args.image_size} if args.image_size else {}))
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    init_ray()
     try:
         worker, old, reward, learners = start_actors(model, args)
         roll = None if args.skip_rollout else bench_rollout(worker, model, samples, args)
