@@ -301,7 +301,7 @@ class Learner:
             return None
         return publish_object_store(named, version, bucket_mb)
 
-    # ---- broadcast backend (nccl on GPU, gloo on CPU): see weight_sync.BroadcastWeightSync
+    # ---- broadcast backend (nccl on GPU, gloo on CPU): the sender side of weight_sync.WeightSync
     def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the weight-broadcast group as its source (rank 0 of that group)."""
         if self.rank == 0:

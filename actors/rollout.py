@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from actors.records import PromptRequest, Rollout, conversation, resolve_samples
 from actors.recovery import ActorSet
-from actors.weight_sync import WeightHandle, fetch_buckets
+from actors.weight_sync import WeightHandle
+from actors.weight_sync.vllm_ext import (EXTENSION, engine_join_group, engine_receive_broadcast,
+                                         engine_update_object_store, reset_engine_caches)
 from avar_ray.config import ModelConfig
 from avar_ray.decoding import ResponseCodec
 from avar_ray.engines import start_llm
 
 log = logging.getLogger(__name__)
-
-EXTENSION = "actors.weight_sync.VLLMWeightExtension"
 
 
 @dataclass
@@ -54,31 +54,24 @@ class RolloutWorker:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "start_s": self.start_s, "worker": self.worker_index}
 
+    # The weight-sync receiver protocol (``actors.weight_sync.engine``) over the engine calls of
+    # ``actors.weight_sync.vllm_ext``; each load returns its seconds, bucket fetches included.
     def update_weights(self, handle: WeightHandle) -> float:
-        """Load a new policy version from the object store, bucket by bucket; returns seconds."""
-        start = time.perf_counter()
-        self._guard(lambda: self.llm.collective_rpc("avar_begin_weight_update"))
-        for bucket in fetch_buckets(handle):
-            self._guard(lambda: self.llm.collective_rpc("avar_receive_weight_buckets", args=([bucket],)))
-        self._guard(lambda: self.llm.collective_rpc("avar_finish_weight_update"))
-        self._reset_caches()
-        self.version = handle.version
-        return time.perf_counter() - start
+        """Load a new policy version from the object store, bucket by bucket."""
+        return self._load(handle, lambda: engine_update_object_store(self.llm, handle))
 
     def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        self._guard(lambda: self.llm.collective_rpc("avar_init_weight_group", args=(host, port, rank, world_size, backend)))
+        self._guard(lambda: engine_join_group(self.llm, host, port, rank, world_size, backend))
 
     def receive_broadcast(self, handle: WeightHandle) -> float:
+        return self._load(handle, lambda: engine_receive_broadcast(self.llm, handle))
+
+    def _load(self, handle: WeightHandle, load) -> float:
         start = time.perf_counter()
-        self._guard(lambda: self.llm.collective_rpc("avar_receive_weight_broadcast", args=(handle.names, handle.shapes)))
-        self._reset_caches()
+        self._guard(load)
+        reset_engine_caches(self.llm)
         self.version = handle.version
         return time.perf_counter() - start
-
-    def _reset_caches(self) -> None:
-        # Stale vision embeddings, or an "Encoder cache miss" that kills the engine, otherwise.
-        self.llm.llm_engine.reset_encoder_cache()
-        self.llm.reset_prefix_cache()
 
     def generate(self, requests: list[PromptRequest], sampling: SamplingSpec) -> list[Rollout]:
         inputs, params = [], []

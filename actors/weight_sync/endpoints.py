@@ -1,10 +1,9 @@
-"""The two ends as plain building blocks.
+"""The two ends as plain building blocks (bench, tests).
 
 ``ModuleSender``: the sender protocol of ``WeightSync`` over one in-memory module in one
 process (one rank): the benchmark and the tests drive the engine with it; the learner group
-implements the same methods over DeepSpeed ranks. ``engine_*``: what a process holding a
-``vllm.LLM`` (built with ``worker_extension_cls=EXTENSION``) calls to load a sync; each returns
-the receiving worker's statistics (``vllm_ext._Meter``)."""
+implements the same methods over DeepSpeed ranks. ``EngineReceiver``: the receiver protocol
+over one vLLM engine, through the same ``vllm_ext.engine_*`` calls as the rollout workers."""
 from __future__ import annotations
 
 import time
@@ -13,9 +12,9 @@ from typing import Optional
 import torch
 
 from actors.weight_sync.broadcast import broadcast_table, make_weight_group, send_broadcast
-from actors.weight_sync.buckets import MIB, WeightHandle, fetch_buckets, publish_object_store
-
-EXTENSION = "actors.weight_sync.VLLMWeightExtension"
+from actors.weight_sync.buckets import MIB, WeightHandle, publish_object_store
+from actors.weight_sync.vllm_ext import (EXTENSION, engine_join_group, engine_receive_broadcast,
+                                         engine_update_object_store, reset_engine_caches)
 
 
 class ModuleSender:
@@ -48,35 +47,6 @@ class ModuleSender:
         start = time.perf_counter()
         send_broadcast(self._group, self.named(), handle, next(self.module.parameters()).device)
         return time.perf_counter() - start
-
-
-def _first(results: list) -> dict:
-    return results[0]  # every tensor-parallel worker loads the same buckets; rank 0 speaks for them
-
-
-def engine_update_object_store(llm, handle: WeightHandle) -> dict:
-    """Stream ``handle``'s buckets into the engine, one RPC per bucket (the next bucket is
-    fetched while the engine loads the last one)."""
-    llm.collective_rpc("avar_begin_weight_update")
-    for data in fetch_buckets(handle):
-        llm.collective_rpc("avar_receive_weight_buckets", args=([data],))
-    return _first(llm.collective_rpc("avar_finish_weight_update"))
-
-
-def engine_join_group(llm, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
-    """Every worker of the engine joins the broadcast group at ``rank_offset + its TP rank``."""
-    return llm.collective_rpc("avar_init_weight_group", args=(host, port, rank_offset, world_size, backend))
-
-
-def engine_receive_broadcast(llm, handle: WeightHandle) -> dict:
-    return _first(llm.collective_rpc("avar_receive_weight_broadcast", args=(handle.names, handle.shapes)))
-
-
-def reset_engine_caches(llm) -> None:
-    """After every update: stale vision embeddings, or an "Encoder cache miss" that kills the
-    engine, otherwise (ARCHITECTURE.md)."""
-    llm.llm_engine.reset_encoder_cache()
-    llm.reset_prefix_cache()
 
 
 class EngineReceiver:

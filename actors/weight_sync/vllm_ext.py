@@ -1,5 +1,6 @@
 """The receiving end inside vLLM: a ``worker_extension_cls`` whose methods run in every
-engine worker through ``llm.collective_rpc(name, args=...)``.
+engine worker through ``llm.collective_rpc(name, args=...)``, and the ``engine_*`` functions
+that make those calls (the one implementation the rollout workers and the bench/tests use).
 
 Streaming: every sync is ONE ``reload_weights`` call whose weights iterator yields tensors as
 buckets arrive. vLLM's layerwise reload keeps the tensors of a layer until the layer is
@@ -27,9 +28,11 @@ from typing import Iterable, Iterator
 import torch
 
 from actors.weight_sync.broadcast import make_weight_group, receive_broadcast
-from actors.weight_sync.buckets import unpack_bucket
+from actors.weight_sync.buckets import WeightHandle, fetch_buckets, unpack_bucket
 
 _END = object()
+# what a ``vllm.LLM`` is built with (``worker_extension_cls``) to receive weights
+EXTENSION = "actors.weight_sync.VLLMWeightExtension"
 
 
 def loader_state(model: torch.nn.Module) -> tuple[int, int]:
@@ -178,3 +181,34 @@ def refresh_tied_heads(model: torch.nn.Module) -> int:
         module.quant_method.process_weights_after_loading(module)
         count += 1
     return count
+
+
+# ---- the caller side: what the process holding the ``vllm.LLM`` (a rollout worker, the bench
+# and tests' receiver) calls; each load returns the receiving worker's statistics (``_Meter``).
+def _first(results: list) -> dict:
+    return results[0]  # every tensor-parallel worker loads the same buckets; rank 0 speaks for them
+
+
+def engine_update_object_store(llm, handle: WeightHandle) -> dict:
+    """Stream ``handle``'s buckets into the engine, one RPC per bucket (the next bucket is
+    fetched while the engine loads the last one)."""
+    llm.collective_rpc("avar_begin_weight_update")
+    for data in fetch_buckets(handle):
+        llm.collective_rpc("avar_receive_weight_buckets", args=([data],))
+    return _first(llm.collective_rpc("avar_finish_weight_update"))
+
+
+def engine_join_group(llm, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
+    """Every worker of the engine joins the broadcast group at ``rank_offset + its TP rank``."""
+    return llm.collective_rpc("avar_init_weight_group", args=(host, port, rank_offset, world_size, backend))
+
+
+def engine_receive_broadcast(llm, handle: WeightHandle) -> dict:
+    return _first(llm.collective_rpc("avar_receive_weight_broadcast", args=(handle.names, handle.shapes)))
+
+
+def reset_engine_caches(llm) -> None:
+    """After every update: stale vision embeddings, or an "Encoder cache miss" that kills the
+    engine, otherwise (ARCHITECTURE.md)."""
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_prefix_cache()
