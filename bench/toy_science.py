@@ -2,7 +2,12 @@
 plots under docs/results/toy_science/.
 
     .venv/bin/python bench/toy_science.py                 # full: 3 seeds, 200 eval samples
-    .venv/bin/python bench/toy_science.py --seeds 1 --n-eval 64 --rl-steps 4 --sft-epochs 1   # reduced
+    .venv/bin/python bench/toy_science.py --seeds 3 --n-eval 100 --rl-steps 8 --sft-epochs 1 --n-train 128
+                                                          # what docs/results/toy_science.md holds (~1 h, 2 cores)
+    .venv/bin/python bench/toy_science.py --report-only ...   # rewrite the report from WORK/evals.json
+
+A seed's finished evals are recorded in WORK/evals.json; a rerun with the same --work skips the
+finished seeds (so a crash late in seed 2 costs seed 2 only).
 
 From the warm base (avar_ray/warm_base.py), per seed: procedural data (short chains) -> oracle
 VARD synthesis -> cold start twice (AGTO: sft.alpha/beta as configured; plain SFT: alpha =
@@ -45,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--sft-epochs", type=int, default=2)
     p.add_argument("--rl-steps", type=int, default=12)
     p.add_argument("--lambda-v", type=float, default=0.3)
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the report from the evals recorded in WORK/evals.json")
     p.add_argument("overrides", nargs="*", help="dotted config overrides after the demo's settings")
     return p.parse_args(argv)
 
@@ -66,6 +73,18 @@ def with_paths(cfg, **paths):
     return out
 
 
+T0 = time.perf_counter()
+
+
+def stage(seed: int, name: str, body):
+    """Run ``body`` with a progress line before and after (the run is long; say where it is)."""
+    began = time.perf_counter()
+    print(f"[toy_science] seed {seed}: {name} (t+{began - T0:.0f}s)", flush=True)
+    result = body()
+    print(f"[toy_science] seed {seed}: {name} done in {time.perf_counter() - began:.0f}s", flush=True)
+    return result
+
+
 def one_seed(args, seed: int, base: Path, evals: dict) -> None:
     """Every stage of one seed; ``evals[label] = eval dir``."""
     from avar_ray.attention import Intervention
@@ -80,22 +99,27 @@ def one_seed(args, seed: int, base: Path, evals: dict) -> None:
     cfg = seed_config(args, seed, work)
     cfg.model.path = str(base)
     data = Path(cfg.data.train).parent
-    write_procedural(data, cfg.data.n_train, seed, cfg.data.image_size, "train", chain=CHAIN)
-    # One eval set for every seed (seed 10_000): the checkpoints are compared on the same rows.
-    write_procedural(data, cfg.data.n_eval, 10_000, cfg.data.image_size, "eval", chain=CHAIN)
-    run_synthesis(cfg)
-    iv = Intervention(a_img=cfg.intervention.a_img, a_sys=cfg.intervention.a_sys)
+    # The demo's tasks (the warm base's: cfg.data.tasks); one eval set for every seed (seed
+    # 10_000, never a training seed): the checkpoints are compared on the same rows.
+    write_procedural(data, cfg.data.n_train, seed, cfg.data.image_size, "train", chain=CHAIN, tasks=cfg.data.tasks)
+    write_procedural(data, cfg.data.n_eval, 10_000, cfg.data.image_size, "eval", chain=CHAIN, tasks=cfg.data.tasks)
+    stage(seed, "synth", lambda: run_synthesis(cfg))
+    layers = None if cfg.intervention.layers is None else tuple(cfg.intervention.layers)
+    iv = Intervention(a_img=cfg.intervention.a_img, a_sys=cfg.intervention.a_sys, layers=layers)
 
     def evaluate(label: str, model: str, intervention=None) -> None:
         evals[label] = str(work / "eval" / label.replace("+", "_").replace(" ", "_"))
         if not (Path(evals[label]) / "results.json").exists():
-            run_eval(model, cfg.data.eval, evals[label], cfg=cfg, intervention=intervention, label=label)
+            o = stage(seed, f"eval {label}", lambda: run_eval(model, cfg.data.eval, evals[label], cfg=cfg,
+                                                               intervention=intervention, label=label))["overall"]
+            print(f"[toy_science] {label}: accuracy {o['accuracy']:.3f}, VAS {o['vas']}, alpha_img {o['alpha_img']}",
+                  flush=True)
 
     sft = {}
     for name, ab in (("agto", (cfg.sft.alpha, cfg.sft.beta)), ("plain", (0.0, 0.0))):
         scfg = with_paths(cfg, sft__out=str(work / f"sft_{name}"))
         scfg.sft.alpha, scfg.sft.beta = ab
-        sft[name] = run_sft(scfg).export
+        sft[name] = stage(seed, f"SFT {name}", lambda: run_sft(scfg)).export
         evaluate(f"s{seed} cold start ({name} SFT)", sft[name])
     evaluate(f"s{seed} cold start (agto SFT)+intervention", sft["agto"], iv)
     if seed == 0:
@@ -104,7 +128,7 @@ def one_seed(args, seed: int, base: Path, evals: dict) -> None:
     for name, lam in (("vars", args.lambda_v), ("acc-only", 0.0)):
         rcfg = with_paths(cfg, rl__out=str(work / f"rl_{name}"), model__path=sft["agto"])
         rcfg.rl.reward.lambda_v = lam
-        evaluate(f"s{seed} RL ({name})", str(run_rl(rcfg).final_model))
+        evaluate(f"s{seed} RL ({name})", str(stage(seed, f"RL {name}", lambda: run_rl(rcfg)).final_model))
 
 
 def records(run_dir: str) -> list[dict]:
@@ -121,67 +145,195 @@ def paired_effect(a_dir: str, b_dir: str, key, seed: int = 0) -> tuple[float, fl
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def scatter(points: list[tuple[str, float, float]], xlabel: str, r, p, path: Path) -> None:
+    """One dot per checkpoint (x against accuracy %), for the companion figures; the headline
+    VAS scatter is the production one (avar_ray.eval.plots.vas_accuracy_scatter)."""
+    from avar_ray.eval.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    ax.scatter([x[1] for x in points], [x[2] * 100 for x in points], s=36)
+    for lab, x, y in points:
+        ax.annotate(lab, (x, y * 100), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_title(f"{xlabel} vs accuracy: r = {fmt(r, '.3f')} (p = {fmt(p, '.3g')})", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def ablation_plot(table: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy and alpha_img per variant: one dot per seed, a bar at the mean."""
+    from avar_ray.eval.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(table)
+    for ax, (key, scale, ylabel) in zip(axes, (("accuracy", 100, "accuracy (%)"), ("alpha_img", 1, "alpha_img (Q=U)"))):
+        for i, name in enumerate(names):
+            vals = [g[key] * scale for g in table[name] if g.get(key) is not None]
+            if vals:
+                ax.bar(i, statistics.mean(vals), color="lightgrey", edgecolor="grey")
+                ax.scatter([i] * len(vals), vals, color="black", s=14, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def rl_halves(eval_dir: str, name: str):
+    """(accuracy reward first half, last half, total reward first half, last half) of an RL run's
+    metrics.jsonl (WORK/seedN/rl_NAME, beside the seed's eval directory); None when absent."""
+    path = Path(eval_dir).parent.parent / f"rl_{name}" / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward/accuracy" in r]
+    if len(rows) < 2:
+        return None
+    half = len(rows) // 2
+
+    def mean(part, key):
+        return statistics.mean(r[key] for r in part)
+
+    first, last = rows[:half], rows[-half:]
+    return mean(first, "reward/accuracy"), mean(last, "reward/accuracy"), mean(first, "reward/total"), \
+        mean(last, "reward/total")
+
+
+def interval_text(eff: tuple[float, float, float], scale: float, spec: str) -> str:
+    mean, low, high = (v * scale for v in eff)
+    verdict = "excludes 0" if low > 0 or high < 0 else "includes 0"
+    return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}] ({verdict})"
+
+
 def summarise(args, evals: dict, seconds: float) -> str:
-    from avar_ray.eval.analyze import load_run, pearson
+    from avar_ray.attention.vas import SYS_FLOOR
+    from avar_ray.eval.analyze import intervals, load_run, pearson, wilson
     from avar_ray.eval.plots import vas_accuracy_scatter
 
     figs = Path(args.out) / "toy_science"
     figs.mkdir(parents=True, exist_ok=True)
     runs = {label: load_run(d, label) for label, d in evals.items()}
+    for run in runs.values():
+        run["intervals"] = intervals(run)
+        robust = run["intervals"].get("vas_robust")
+        run["overall"]["vas_robust"] = robust[0] if robust else None  # mean of the per-sample ratios of means
     ckpts = [lab for lab in runs if "intervention" not in lab]
-    pts = [(lab, runs[lab]["overall"]["vas"], runs[lab]["overall"]["accuracy"]) for lab in ckpts
-           if runs[lab]["overall"]["vas"] is not None]
-    r, p = pearson([x[1] for x in pts], [x[2] for x in pts])
+
+    def corr(key):
+        pts = [(lab, runs[lab]["overall"][key], runs[lab]["overall"]["accuracy"]) for lab in ckpts
+               if runs[lab]["overall"].get(key) is not None]
+        return (pts, *pearson([x[1] for x in pts], [x[2] for x in pts]))
+
+    pts, r, p = corr("vas")
+    pts_rob, r_rob, p_rob = corr("vas_robust")
+    pts_img, r_img, p_img = corr("alpha_img")
     vas_accuracy_scatter([x[0] for x in pts], [x[1] for x in pts], [x[2] for x in pts], r, p, figs / "vas_vs_accuracy.png")
-    robust = [(lab, runs[lab]["overall"]["alpha_img"] / runs[lab]["overall"]["alpha_sys"]) for lab in ckpts
-              if runs[lab]["overall"].get("alpha_sys")]
-    r_rob, p_rob = pearson([x[1] for x in robust], [runs[x[0]]["overall"]["accuracy"] for x in robust])
+    scatter(pts_rob, "robust VAS (Q=U)", r_rob, p_rob, figs / "robust_vas_vs_accuracy.png")
+    scatter(pts_img, "alpha_img (Q=U)", r_img, p_img, figs / "alpha_img_vs_accuracy.png")
+    vas_values = [x[1] for x in pts]
+    spread = max(vas_values) / max(min(vas_values), 1e-30) if vas_values else None
+    cmd = (f".venv/bin/python bench/toy_science.py --seeds {args.seeds} --n-eval {args.n_eval} --rl-steps "
+           f"{args.rl_steps} --sft-epochs {args.sft_epochs} --n-train {args.n_train} --lambda-v {args.lambda_v}"
+           + "".join(f" {o}" for o in args.overrides))
     lines = ["# The paper's findings at toy scale", "",
-             f"Regenerate: `.venv/bin/python bench/toy_science.py --seeds {args.seeds} --n-eval {args.n_eval} "
-             f"--rl-steps {args.rl_steps} --sft-epochs {args.sft_epochs} --n-train {args.n_train}` "
-             f"({seconds / 60:.0f} min on this machine). The full run is "
-             "`.venv/bin/python bench/toy_science.py` (3 seeds, 200 eval samples).", "",
-             "## (a) VAS against accuracy across checkpoints", "",
-             f"Pearson r = {r if r is None else round(r, 3)}, p = {p if p is None else f'{p:.3g}'} over {len(pts)} "
-             f"checkpoints (paper: r = 0.96 over ~10 open 7B models). With the robust companion (sum V / sum S): "
-             f"r = {r_rob if r_rob is None else round(r_rob, 3)}, p = {p_rob if p_rob is None else f'{p_rob:.3g}'}.", "",
-             "![VAS vs accuracy](toy_science/vas_vs_accuracy.png)", "",
-             "| checkpoint | accuracy % | VAS (Q=U) | sum V / sum S | alpha_img (U) |", "| --- | --- | --- | --- | --- |"]
-    for lab in ckpts:
-        o = runs[lab]["overall"]
-        rob = o["alpha_img"] / o["alpha_sys"] if o.get("alpha_sys") else None
-        lines.append(f"| {lab} | {o['accuracy'] * 100:.1f} | {o['vas']:.3g} | {rob if rob is None else f'{rob:.3g}'} | "
-                     f"{o['alpha_img']:.4f} |")
-    lines += ["", "## (b) The training-free intervention", "",
-              "Paired differences (intervened - plain) over the same eval samples, 95% paired bootstrap.", "",
+             f"Regenerate: `{cmd}` ({seconds / 60:.0f} min on the shared 2-core machine). Every stage is the "
+             "production code path, from the warm base (avar_ray/warm_base.py) with the demo's settings "
+             "(avar_ray/commands/demo.py DEMO_SETTINGS, short chains, the warm base's tasks), per seed: oracle VARD "
+             "synthesis -> cold start with AGTO and with plain SFT (alpha = beta = 0) -> GRPO from the AGTO model "
+             f"with VARS (lambda_v = {args.lambda_v}) and accuracy only (lambda_v = 0) at equal steps "
+             f"({args.rl_steps}). Eval: the same {args.n_eval} procedural samples (seed 10000) for every checkpoint.",
+             "", "## (a) VAS against accuracy across checkpoints", "",
+             f"Headline (the paper's VAS, mean over samples of the mean of per-query V/S ratios): Pearson r = "
+             f"{fmt(r, '.3f')}, p = {fmt(p, '.3g')} over {len(pts)} checkpoints (paper: r = 0.96 over open 7B "
+             f"models). Robust companion (per-sample sum V / sum S, averaged): r = {fmt(r_rob, '.3f')}, "
+             f"p = {fmt(p_rob, '.3g')}. alpha_img alone: r = {fmt(r_img, '.3f')}, p = {fmt(p_img, '.3g')}.",
+             "", f"The headline VAS spans a factor {fmt(spread, '.3g')} across the checkpoints. \"blind heads\": "
+             f"share of (layer, head) pairs whose mean attention mass on the system span is below {SYS_FLOOR:g} "
+             "(with the most layers holding one in a sample); \"blind queries\": share of single (layer, head, "
+             "query) entries below it. Either makes a V/S ratio huge and so dominates the paper's mean.", "",
+             "![VAS vs accuracy](toy_science/vas_vs_accuracy.png) "
+             "![robust VAS vs accuracy](toy_science/robust_vas_vs_accuracy.png) "
+             "![alpha_img vs accuracy](toy_science/alpha_img_vs_accuracy.png)", "",
+             "| checkpoint | accuracy % [95% CI] | VAS (Q=U) | robust VAS (Q=U) | blind heads | blind queries | "
+             "alpha_img (U) | alpha_img (R) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for lab in runs:
+        o, ci = runs[lab]["overall"], runs[lab]["intervals"]
+        acc_ci = wilson(o["accuracy"], int(o["n"] or 0)) or (float("nan"),) * 2
+        blind = ci.get("low_sys_heads")
+        blind = "n/a" if blind is None else f"{blind * 100:.0f}% ({ci.get('low_sys_layers')} layers)"
+        queries = ci.get("low_sys_queries")
+        queries = "n/a" if queries is None else f"{queries[0] * 100:.1f}%"
+        lines.append(f"| {lab} | {o['accuracy'] * 100:.1f} [{acc_ci[0] * 100:.1f}, {acc_ci[1] * 100:.1f}] | "
+                     f"{fmt(o['vas'], '.3g')} | {fmt(o['vas_robust'], '.3g')} | "
+                     f"{blind} | {queries} | "
+                     f"{fmt(o['alpha_img'], '.4f')} | {fmt(o.get('alpha_img_response'), '.4f')} |")
+    lines += ["", "Rows with \"+intervention\" are not checkpoints and are left out of the correlations.", "",
+              "## (b) The training-free intervention", "",
+              "Paired differences (intervened - plain) over the same eval samples, mean and 95% paired bootstrap "
+              "interval (2000 resamples). Plain runs generate with vLLM, intervened ones with transformers "
+              "(vLLM cannot apply the key bias); both greedy.", "",
               "| model | Δ accuracy (points) | Δ alpha_img (U) |", "| --- | --- | --- |"]
     pairs = [("base", "base", "base+intervention")] + [
-        (f"cold start seed {s}", f"s{s} cold start (agto SFT)", f"s{s} cold start (agto SFT)+intervention")
+        (f"cold start (AGTO) seed {s}", f"s{s} cold start (agto SFT)", f"s{s} cold start (agto SFT)+intervention")
         for s in range(args.seeds)]
     for name, a, b in pairs:
         if a in evals and b in evals:
             acc = paired_effect(evals[a], evals[b], lambda rec: rec["accuracy"])
             alpha = paired_effect(evals[a], evals[b], lambda rec: rec["attention"]["user"]["alpha_img"])
-            lines.append(f"| {name} | {acc[0] * 100:+.1f} [{acc[1] * 100:+.1f}, {acc[2] * 100:+.1f}] | "
-                         f"{alpha[0]:+.4f} [{alpha[1]:+.4f}, {alpha[2]:+.4f}] |")
+            lines.append(f"| {name} | {interval_text(acc, 100, '+.1f')} | {interval_text(alpha, 1, '+.4f')} |")
     lines += ["", f"## (c) Ablations at equal steps over {args.seeds} seed(s)", "",
-              "| variant | accuracy % (mean ± sd) | VAS (Q=U) | alpha_img (U) | alpha_img (R) |",
-              "| --- | --- | --- | --- | --- |"]
+              "Mean ± sd over seeds (sd n/a with one seed). Each seed has its own training data, SFT and RL "
+              "seeds; the eval set is shared.", "",
+              "| variant | accuracy % | VAS (Q=U) | robust VAS (Q=U) | alpha_img (U) | alpha_img (R) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    table = {}
     for variant in ("cold start (agto SFT)", "cold start (plain SFT)", "RL (vars)", "RL (acc-only)"):
-        got = [runs[f"s{s} {variant}"]["overall"] for s in range(args.seeds) if f"s{s} {variant}" in runs]
+        table[variant] = [runs[f"s{s} {variant}"]["overall"] for s in range(args.seeds) if f"s{s} {variant}" in runs]
+    for variant, got in table.items():
         if not got:
             continue
 
-        def ms(key, scale=1.0, digits=2):
+        def ms(key, scale=1.0, spec=".2f"):
             vals = [g[key] * scale for g in got if g.get(key) is not None]
             if not vals:
                 return "n/a"
-            sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-            return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
+            sd = f"{statistics.stdev(vals):{spec}}" if len(vals) > 1 else "n/a"
+            return f"{statistics.mean(vals):{spec}} ± {sd}"
 
-        lines.append(f"| {variant} | {ms('accuracy', 100, 1)} | {ms('vas', 1, 3)} | {ms('alpha_img', 1, 4)} | "
-                     f"{ms('alpha_img_response', 1, 4)} |")
-    lines += ["", "Runs: " + ", ".join(f"`{d}`" for d in evals.values()), ""]
+        lines.append(f"| {variant} ({len(got)}) | {ms('accuracy', 100, '.1f')} | {ms('vas', 1, '.3g')} | "
+                     f"{ms('vas_robust', 1, '.3g')} | {ms('alpha_img', 1, '.4f')} | {ms('alpha_img_response', 1, '.4f')} |")
+    lines += ["", "Per-seed differences (same seed, same eval rows):", "",
+              "| comparison | Δ accuracy (points) per seed | mean | Δ alpha_img (U) per seed |", "| --- | --- | --- | --- |"]
+    for name, a, b in (("AGTO - plain SFT", "cold start (agto SFT)", "cold start (plain SFT)"),
+                       ("VARS - accuracy-only GRPO", "RL (vars)", "RL (acc-only)")):
+        d = [(runs[f"s{s} {a}"]["overall"], runs[f"s{s} {b}"]["overall"]) for s in range(args.seeds)
+             if f"s{s} {a}" in runs and f"s{s} {b}" in runs]
+        if d:
+            dacc = [(x["accuracy"] - y["accuracy"]) * 100 for x, y in d]
+            dimg = [x["alpha_img"] - y["alpha_img"] for x, y in d]
+            lines.append(f"| {name} | {', '.join(f'{v:+.1f}' for v in dacc)} | {statistics.mean(dacc):+.1f} | "
+                         f"{', '.join(f'{v:+.4f}' for v in dimg)} |")
+    lines += ["", "GRPO's own training curve (mean over the first and the last half of the steps, over seeds):", "",
+              "| run | accuracy reward first -> last half | total reward first -> last half |", "| --- | --- | --- |"]
+    for name in ("vars", "acc-only"):
+        halves = [rl_halves(evals[f"s{s} RL ({name})"], name) for s in range(args.seeds) if f"s{s} RL ({name})" in evals]
+        halves = [h for h in halves if h]
+        if halves:
+            m = [statistics.mean(h[i] for h in halves) for i in range(4)]
+            lines.append(f"| RL ({name}) | {m[0]:.3f} -> {m[1]:.3f} | {m[2]:.3f} -> {m[3]:.3f} |")
+    ablation_plot(table, figs / "ablations.png")
+    lines += ["", "![ablations](toy_science/ablations.png)", "",
+              "Runs: " + ", ".join(f"`{d}`" for d in evals.values()), ""]
     return "\n".join(lines)
 
 
@@ -191,14 +343,26 @@ def main(argv=None) -> int:
     from avar_ray.warm_base import ensure_warm_base
 
     args = parse_args(argv)
-    start = time.perf_counter()
-    cfg = load_config(REPO / "configs" / "tiny_local.yaml")
-    base = ensure_warm_base(cfg.warm_base, image_size=cfg.data.image_size)
-    init_ray(cfg.ray)
-    evals: dict = {}
-    for seed in range(args.seeds):
-        one_seed(args, seed, base, evals)
-    text = summarise(args, evals, time.perf_counter() - start)
+    # WORK/evals.json records the finished seeds (a rerun with the same --work skips them) and the
+    # seconds they took, so the report can be rewritten alone (--report-only).
+    record = Path(args.work) / "evals.json"
+    state = json.loads(record.read_text()) if record.exists() else {"evals": {}, "seconds": 0.0, "seeds": []}
+    if not args.report_only:
+        cfg = load_config(REPO / "configs" / "tiny_local.yaml")
+        base = ensure_warm_base(cfg.warm_base, image_size=cfg.data.image_size)
+        init_ray(cfg.ray)
+        for seed in range(args.seeds):
+            if seed in state["seeds"]:
+                print(f"[toy_science] seed {seed}: finished in an earlier run, reused", flush=True)
+                continue
+            began = time.perf_counter()
+            one_seed(args, seed, base, state["evals"])
+            state["seeds"].append(seed)
+            state["seconds"] += time.perf_counter() - began
+            record.write_text(json.dumps(state, indent=2))
+            print(f"[toy_science] seed {seed} finished in {time.perf_counter() - began:.0f}s", flush=True)
+    done = [lab for lab in state["evals"] if lab[0] != "s" or int(lab[1:].split(" ")[0]) < args.seeds]
+    text = summarise(args, {lab: state["evals"][lab] for lab in done}, state["seconds"])
     out = Path(args.out) / "toy_science.md"
     out.write_text(text)
     print(text)
