@@ -242,6 +242,19 @@ def summarise(args, evals: dict, seconds: float) -> str:
     scatter(pts_img, "alpha_img (Q=U)", r_img, p_img, figs / "alpha_img_vs_accuracy.png")
     vas_values = [x[1] for x in pts]
     spread = max(vas_values) / max(min(vas_values), 1e-30) if vas_values else None
+    found = []
+    accs = [runs[lab]["overall"]["accuracy"] for lab in ckpts]
+    n_eval = int(runs[ckpts[0]]["overall"]["n"] or 0) if ckpts else 0
+    ci_mid = wilson(statistics.median(accs), n_eval) if accs else None
+    found.append(
+        f"**(a) VAS vs accuracy** (paper: r = 0.96): r = {fmt(r, '.3f')}, p = {fmt(p, '.3g')} over {len(pts)} "
+        f"checkpoints: {'reproduces' if r is not None and r > 0 and p is not None and p < 0.05 else 'does not reproduce'} "
+        f"at toy scale (robust VAS: r = {fmt(r_rob, '.3f')}, p = {fmt(p_rob, '.3g')}). "
+        + ("" if not accs or ci_mid is None else
+           f"The checkpoints' accuracies span {(max(accs) - min(accs)) * 100:.1f} points while one checkpoint's 95% "
+           f"interval is {(ci_mid[1] - ci_mid[0]) * 100:.0f} points wide at n = {n_eval}: accuracy barely "
+           "separates them. ")
+        + f"The paper's VAS spans a factor {fmt(spread, '.3g')} across them (see the blind-query shares).")
     cmd = (f".venv/bin/python bench/toy_science.py --seeds {args.seeds} --n-eval {args.n_eval} --rl-steps "
            f"{args.rl_steps} --sft-epochs {args.sft_epochs} --n-train {args.n_train} --lambda-v {args.lambda_v}"
            + "".join(f" {o}" for o in args.overrides))
@@ -286,11 +299,24 @@ def summarise(args, evals: dict, seconds: float) -> str:
     pairs = [("base", "base", "base+intervention")] + [
         (f"cold start (AGTO) seed {s}", f"s{s} cold start (agto SFT)", f"s{s} cold start (agto SFT)+intervention")
         for s in range(args.seeds)]
+    effects = []
     for name, a, b in pairs:
         if a in evals and b in evals:
             acc = paired_effect(evals[a], evals[b], lambda rec: rec["accuracy"])
             alpha = paired_effect(evals[a], evals[b], lambda rec: rec["attention"]["user"]["alpha_img"])
+            effects.append((acc, alpha))
             lines.append(f"| {name} | {interval_text(acc, 100, '+.1f')} | {interval_text(alpha, 1, '+.4f')} |")
+    if effects:
+        up = sum(al[1] > 0 for _, al in effects)
+        better, worse = sum(ac[1] > 0 for ac, _ in effects), sum(ac[2] < 0 for ac, _ in effects)
+        found.append(
+            f"**(b) The intervention** (paper: more attention on the image and higher accuracy, no training): "
+            f"alpha_img rises with an interval above 0 in {up} of {len(effects)} models (mean "
+            f"{statistics.mean(al[0] for _, al in effects):+.4f}); accuracy changes by "
+            + ", ".join(f"{ac[0] * 100:+.1f}" for ac, _ in effects)
+            + f" points, an interval above 0 in {better} and below 0 in {worse} of {len(effects)}: the attention "
+            f"shift {'reproduces' if up == len(effects) else 'does not reproduce'}, the accuracy gain "
+            f"{'reproduces' if better == len(effects) else 'does not reproduce'} at toy scale.")
     lines += ["", f"## (c) Ablations at equal steps over {args.seeds} seed(s)", "",
               "Mean ± sd over seeds (sd n/a with one seed). Each seed has its own training data, SFT and RL "
               "seeds; the eval set is shared.", "",
@@ -323,6 +349,11 @@ def summarise(args, evals: dict, seconds: float) -> str:
             dimg = [x["alpha_img"] - y["alpha_img"] for x, y in d]
             lines.append(f"| {name} | {', '.join(f'{v:+.1f}' for v in dacc)} | {statistics.mean(dacc):+.1f} | "
                          f"{', '.join(f'{v:+.4f}' for v in dimg)} |")
+            sd = statistics.stdev(dacc) if len(dacc) > 1 else float("nan")
+            found.append(
+                f"**(c) {name}** at equal steps over {len(d)} seed(s): accuracy {statistics.mean(dacc):+.1f} points "
+                f"(sd {sd:.1f}; higher in {sum(v > 0 for v in dacc)}, lower in {sum(v < 0 for v in dacc)} seeds), "
+                f"alpha_img (U) {statistics.mean(dimg):+.4f} (higher in {sum(v > 0 for v in dimg)} seeds).")
     lines += ["", "GRPO's own training curve (mean over the first and the last half of the steps, over seeds):", "",
               "| run | accuracy reward first -> last half | total reward first -> last half |", "| --- | --- | --- |"]
     for name in ("vars", "acc-only"):
@@ -333,8 +364,10 @@ def summarise(args, evals: dict, seconds: float) -> str:
             lines.append(f"| RL ({name}) | {m[0]:.3f} -> {m[1]:.3f} | {m[2]:.3f} -> {m[3]:.3f} |")
     ablation_plot(table, figs / "ablations.png")
     lines += ["", "![ablations](toy_science/ablations.png)", "",
-              "Runs: " + ", ".join(f"`{d}`" for d in evals.values()), ""]
-    return "\n".join(lines)
+              "Runs (under --work): " + ", ".join(f"`{d}`" for d in evals.values()), ""]
+    at = lines.index("## (a) VAS against accuracy across checkpoints")
+    return "\n".join(lines[:at] + ["## Findings (computed from the tables below)", ""]
+                     + [f"- {f}" for f in found] + [""] + lines[at:])
 
 
 def main(argv=None) -> int:
