@@ -209,6 +209,22 @@ def rl_halves(eval_dir: str, name: str):
         mean(last, "reward/total")
 
 
+def by_type(run_dir: str) -> dict[str, float]:
+    """Accuracy per answer type (the easy tasks: choice = largest_colour, integer = count_colour)."""
+    groups: dict[str, list[float]] = {}
+    for rec in records(run_dir):
+        groups.setdefault(rec.get("answer_type", "?"), []).append(rec["accuracy"])
+    return {k: statistics.mean(v) for k, v in sorted(groups.items())}
+
+
+def agreement(a_dir: str, b_dir: str) -> float:
+    """Share of the eval rows on which two models' extracted predictions are equal."""
+    a = {r["id"]: r.get("prediction") for r in records(a_dir)}
+    b = {r["id"]: r.get("prediction") for r in records(b_dir)}
+    both = [i for i in a if i in b]
+    return sum(a[i] == b[i] for i in both) / max(len(both), 1)
+
+
 def interval_text(eff: tuple[float, float, float], scale: float, spec: str) -> str:
     mean, low, high = (v * scale for v in eff)
     verdict = "excludes 0" if low > 0 or high < 0 else "includes 0"
@@ -243,6 +259,10 @@ def summarise(args, evals: dict, seconds: float) -> str:
     vas_values = [x[1] for x in pts]
     spread = max(vas_values) / max(min(vas_values), 1e-30) if vas_values else None
     found = []
+    type_ranges: dict[str, list[float]] = {}
+    for lab in ckpts:
+        for k, v in by_type(evals[lab]).items():
+            type_ranges.setdefault(k, []).append(v)
     accs = [runs[lab]["overall"]["accuracy"] for lab in ckpts]
     n_eval = int(runs[ckpts[0]]["overall"]["n"] or 0) if ckpts else 0
     ci_mid = wilson(statistics.median(accs), n_eval) if accs else None
@@ -253,7 +273,8 @@ def summarise(args, evals: dict, seconds: float) -> str:
         + ("" if not accs or ci_mid is None else
            f"The checkpoints' accuracies span {(max(accs) - min(accs)) * 100:.1f} points while one checkpoint's 95% "
            f"interval is {(ci_mid[1] - ci_mid[0]) * 100:.0f} points wide at n = {n_eval}: accuracy barely "
-           "separates them. ")
+           "separates them (per answer type, in the table: "
+           + "; ".join(f"{k} {min(v) * 100:.0f}-{max(v) * 100:.0f}%" for k, v in type_ranges.items()) + "). ")
         + f"The paper's VAS spans a factor {fmt(spread, '.3g')} across them (see the blind-query shares).")
     cmd = (f".venv/bin/python bench/toy_science.py --seeds {args.seeds} --n-eval {args.n_eval} --rl-steps "
            f"{args.rl_steps} --sft-epochs {args.sft_epochs} --n-train {args.n_train} --lambda-v {args.lambda_v}"
@@ -277,8 +298,8 @@ def summarise(args, evals: dict, seconds: float) -> str:
              "![VAS vs accuracy](toy_science/vas_vs_accuracy.png) "
              "![robust VAS vs accuracy](toy_science/robust_vas_vs_accuracy.png) "
              "![alpha_img vs accuracy](toy_science/alpha_img_vs_accuracy.png)", "",
-             "| checkpoint | accuracy % [95% CI] | VAS (Q=U) | robust VAS (Q=U) | blind heads | blind queries | "
-             "alpha_img (U) | alpha_img (R) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| checkpoint | accuracy % [95% CI] | by answer type % | VAS (Q=U) | robust VAS (Q=U) | blind heads | blind queries | "
+             "alpha_img (U) | alpha_img (R) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for lab in runs:
         o, ci = runs[lab]["overall"], runs[lab]["intervals"]
         acc_ci = wilson(o["accuracy"], int(o["n"] or 0)) or (float("nan"),) * 2
@@ -286,7 +307,8 @@ def summarise(args, evals: dict, seconds: float) -> str:
         blind = "n/a" if blind is None else f"{blind * 100:.0f}% ({ci.get('low_sys_layers')} layers)"
         queries = ci.get("low_sys_queries")
         queries = "n/a" if queries is None else f"{queries[0] * 100:.1f}%"
-        lines.append(f"| {lab} | {o['accuracy'] * 100:.1f} [{acc_ci[0] * 100:.1f}, {acc_ci[1] * 100:.1f}] | "
+        types = ", ".join(f"{k} {v * 100:.0f}" for k, v in by_type(evals[lab]).items())
+        lines.append(f"| {lab} | {o['accuracy'] * 100:.1f} [{acc_ci[0] * 100:.1f}, {acc_ci[1] * 100:.1f}] | {types} | "
                      f"{fmt(o['vas'], '.3g')} | {fmt(o['vas_robust'], '.3g')} | "
                      f"{blind} | {queries} | "
                      f"{fmt(o['alpha_img'], '.4f')} | {fmt(o.get('alpha_img_response'), '.4f')} |")
@@ -339,7 +361,8 @@ def summarise(args, evals: dict, seconds: float) -> str:
         lines.append(f"| {variant} ({len(got)}) | {ms('accuracy', 100, '.1f')} | {ms('vas', 1, '.3g')} | "
                      f"{ms('vas_robust', 1, '.3g')} | {ms('alpha_img', 1, '.4f')} | {ms('alpha_img_response', 1, '.4f')} |")
     lines += ["", "Per-seed differences (same seed, same eval rows):", "",
-              "| comparison | Δ accuracy (points) per seed | mean | Δ alpha_img (U) per seed |", "| --- | --- | --- | --- |"]
+              "| comparison | Δ accuracy (points) per seed | mean | Δ alpha_img (U) per seed | same prediction |",
+              "| --- | --- | --- | --- | --- |"]
     for name, a, b in (("AGTO - plain SFT", "cold start (agto SFT)", "cold start (plain SFT)"),
                        ("VARS - accuracy-only GRPO", "RL (vars)", "RL (acc-only)")):
         d = [(runs[f"s{s} {a}"]["overall"], runs[f"s{s} {b}"]["overall"]) for s in range(args.seeds)
@@ -347,13 +370,16 @@ def summarise(args, evals: dict, seconds: float) -> str:
         if d:
             dacc = [(x["accuracy"] - y["accuracy"]) * 100 for x, y in d]
             dimg = [x["alpha_img"] - y["alpha_img"] for x, y in d]
+            same = [agreement(evals[f"s{s} {a}"], evals[f"s{s} {b}"]) for s in range(args.seeds)
+                    if f"s{s} {a}" in runs and f"s{s} {b}" in runs]
             lines.append(f"| {name} | {', '.join(f'{v:+.1f}' for v in dacc)} | {statistics.mean(dacc):+.1f} | "
-                         f"{', '.join(f'{v:+.4f}' for v in dimg)} |")
+                         f"{', '.join(f'{v:+.4f}' for v in dimg)} | {', '.join(f'{v * 100:.0f}%' for v in same)} |")
             sd = statistics.stdev(dacc) if len(dacc) > 1 else float("nan")
             found.append(
                 f"**(c) {name}** at equal steps over {len(d)} seed(s): accuracy {statistics.mean(dacc):+.1f} points "
                 f"(sd {sd:.1f}; higher in {sum(v > 0 for v in dacc)}, lower in {sum(v < 0 for v in dacc)} seeds), "
-                f"alpha_img (U) {statistics.mean(dimg):+.4f} (higher in {sum(v > 0 for v in dimg)} seeds).")
+                f"alpha_img (U) {statistics.mean(dimg):+.4f} (higher in {sum(v > 0 for v in dimg)} seeds); the two "
+                f"models give the same prediction on {statistics.mean(same) * 100:.0f}% of the eval rows.")
     lines += ["", "GRPO's own training curve (mean over the first and the last half of the steps, over seeds):", "",
               "| run | accuracy reward first -> last half | total reward first -> last half |", "| --- | --- | --- |"]
     for name in ("vars", "acc-only"):
