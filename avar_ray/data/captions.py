@@ -160,15 +160,6 @@ def _reason_count(sample: Sample, scene: dict[str, Any], target: dict[str, Any])
             f"row, {sum(rows)} in total. " + _final(sample, str(running)))
 
 
-def _reason_largest_colour(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
-    big = _obj(scene, target["object"])
-    others = [o for o in scene["objects"] if o["id"] != big["id"]]
-    return (f"The question asks for the colour of the largest shape. The image has {len(scene['objects'])} "
-            f"shapes; the {object_name(big)} at the {big['position']} is large, while "
-            f"{_join([f'the {object_name(o)}' for o in others])} {'is' if len(others) == 1 else 'are'} small. "
-            f"So the largest shape is {big['colour']}. " + _final(sample, big["colour"]))
-
-
 def _reason_relation(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
     a, b = _obj(scene, target["a"]), _obj(scene, target["b"])
     na, nb = object_name(a), object_name(b)
@@ -189,14 +180,24 @@ def _sized(o: dict[str, Any]) -> str:
     return f"the {object_name(o)} ({2 * o['radius']} px)"
 
 
-def _reason_size(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+def _size_comparison(scene: dict[str, Any], target: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The large object and a sentence comparing it with the small ones."""
     big = _obj(scene, target["object"])
     others = [o for o in scene["objects"] if o["id"] != big["id"]]
-    return (f"Comparing the four shapes: the {object_name(big)} at the {big['position']} is large "
-            f"(about {2 * big['radius']} pixels across), while "
-            f"{_join([_sized(o) for o in others])} are small. "
-            f"Checking once more, none of the others comes close to the size of the "
-            f"{object_name(big)}. " + _final(sample, f"the {object_name(big)}"))
+    return big, (f"the {object_name(big)} at the {big['position']} is large (about {2 * big['radius']} pixels "
+                 f"across), while {_join([_sized(o) for o in others])} {'is' if len(others) == 1 else 'are'} small.")
+
+
+def _reason_size(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    big, comparison = _size_comparison(scene, target)
+    return (f"Comparing the four shapes: {comparison} Checking once more, none of the others comes close "
+            f"to the size of the {object_name(big)}. " + _final(sample, f"the {object_name(big)}"))
+
+
+def _reason_largest_colour(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
+    big, comparison = _size_comparison(scene, target)
+    return (f"The question asks for the colour of the largest shape. Comparing the shapes: {comparison} "
+            f"So the largest shape is {big['colour']}. " + _final(sample, big["colour"]))
 
 
 def _reason_chart(sample: Sample, scene: dict[str, Any], target: dict[str, Any]) -> str:
