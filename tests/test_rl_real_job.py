@@ -180,7 +180,7 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_refills(real_run):
     cfg, system, run = real_run["cfg"], real_run["system"], real_run["run"]
     reward = system.reward
     system.reward = RewardService(dataclasses.replace(cfg.rl.reward, lambda_v=0.0, lambda_f=0.0),
-                                  reward_options(cfg.rl.placement))
+                                  reward_options(cfg.rl.placement), cfg.rl.placement.max_restarts + 1)
     cfg.rl.dynamic_sampling, cfg.rl.dynamic_sampling_max_refills = True, 2
     try:
         rec = run.step(3)
