@@ -19,14 +19,13 @@ def test_warm_base_clears_twice_the_better_chance_baseline(warm_base_dir):
 
 @torch.no_grad()
 def test_warm_base_answers_depend_on_the_image(warm_base_dir):
-    from avar_ray.config import WarmBaseConfig
     from avar_ray.data.procedural import generate_samples
     from avar_ray.modeling import load_model, load_processor
     from avar_ray.sft.data import encode_rows
     from avar_ray.warm_base import _rows
 
     processor, model = load_processor(str(warm_base_dir)), load_model(str(warm_base_dir)).eval()
-    rows = _rows(generate_samples(32, seed=31_337, chain="short", tasks=WarmBaseConfig().tasks))
+    rows = _rows(generate_samples(32, seed=31_337, chain="short", tasks=read_info(warm_base_dir)["settings"]["tasks"]))
     images = [r["images"] for r in rows]
     random.Random(0).shuffle(images)
     shuffled = [{**r, "images": im} for r, im in zip(rows, images)]
