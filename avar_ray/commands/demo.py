@@ -24,7 +24,7 @@ DEFAULT_CONFIG = "configs/tiny_local.yaml"
 # stages start from the warm base (it answers its easy procedural tasks well above chance) and
 # the chains are the short oracle ones. 200 eval samples: a 95% interval of about +-7 points on
 # an accuracy near 50%. r_visual is squashed (SPEC §5's scale warning). GRPO at lr 1e-4 with 8
-# rollouts per prompt (measured: the rollouts' accuracy reward 3% -> 42% over the 12 steps, see
+# rollouts per prompt (measured: the rollouts' accuracy reward 19% -> 55% over the 12 steps, see
 # docs/results/demo.md); at 3e-4 one update broke the answer format and the accuracy reward fell
 # to 0 (tests/test_learning.py's docstring). One SFT epoch: the VARD anchors name objects the tiny
 # model cannot bind, and a second epoch cost 51 accuracy points where one cost 18 (measured).
