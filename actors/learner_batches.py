@@ -14,14 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-
 from actors.records import conversation, resolve_samples
-from avar_ray.modeling import Encoded, encode_batch
-from avar_ray.spans import TemplateIds, find_spans
-
-SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token tensors [1, T]
-VISION_KEYS = ("pixel_values", "image_grid_thw")  # per-image rows, concatenated over the batch
+from avar_ray.modeling import Encoded, append_response, collate, encode_batch
 
 
 @dataclass
@@ -45,29 +39,10 @@ def encode_prompt(processor, sample, system_prompt: str | None = None) -> Prompt
 
 
 def assemble(processor, prompts: Sequence[Prompt], response_ids: Sequence[Sequence[int]]) -> Encoded:
-    """Prompt + response ids per row, right-padded: the same tensors as
-    ``modeling.encode_batch(..., response_ids=..., padding_side="right")`` on the decoded
-    samples (``tests/test_learner_batches.py`` holds them equal), without the processor."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    keys = [k for k in SEQ_KEYS if k in prompts[0].inputs]
-    width = max(p.inputs["input_ids"].shape[1] + len(r) for p, r in zip(prompts, response_ids))
-    rows = {k: [] for k in keys}
-    for prompt, response in zip(prompts, response_ids):
-        ids = prompt.inputs["input_ids"]
-        gap = width - ids.shape[1] - len(response)
-        tail = {"input_ids": (list(response), tokenizer.pad_token_id),  # (response values, padding)
-                "attention_mask": ([1] * len(response), 0), "mm_token_type_ids": ([0] * len(response), 0)}
-        for key in keys:
-            values, fill = tail[key]
-            extra = torch.tensor([values + [fill] * gap], dtype=prompt.inputs[key].dtype)
-            rows[key].append(torch.cat([prompt.inputs[key], extra], dim=1))
-    inputs = {k: torch.cat(v, dim=0) for k, v in rows.items()}
-    for key in VISION_KEYS:
-        tensors = [p.inputs[key] for p in prompts if key in p.inputs]
-        if tensors:
-            inputs[key] = torch.cat(tensors, dim=0)
-    spans = find_spans(inputs["input_ids"], TemplateIds.from_tokenizer(tokenizer), inputs["attention_mask"])
-    return Encoded(inputs, spans, [p.inputs["input_ids"].shape[1] for p in prompts], "right")
+    """Prompt + response ids per row, right-padded: ``modeling.encode_batch(...,
+    response_ids=...)``'s padding on the cached prompts, without the processor."""
+    rows = [append_response(p.inputs, r) for p, r in zip(prompts, response_ids)]
+    return collate(processor, rows, [p.inputs["input_ids"].shape[1] for p in prompts], "right")
 
 
 def _key(sample) -> tuple:

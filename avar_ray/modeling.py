@@ -68,6 +68,22 @@ class Encoded:
         return Encoded(inputs, self.spans.to(device), self.prompt_lengths, self.padding_side)
 
 
+SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token tensors [1, T]
+VISION_KEYS = ("pixel_values", "image_grid_thw")  # per-image rows, concatenated over a batch
+
+
+def append_response(features: dict, response_ids: Sequence[int]) -> dict:
+    """A prompt's features (``[1, P]`` token tensors, vision tensors) with exact response ids
+    appended; ``features`` itself is left as it was (the learners' prompt cache reuses it)."""
+    out = dict(features)
+    extra = torch.tensor([list(response_ids)], dtype=features["input_ids"].dtype)
+    tail = {"input_ids": extra, "attention_mask": torch.ones_like(extra), "mm_token_type_ids": torch.zeros_like(extra)}
+    for key in SEQ_KEYS:
+        if key in features:
+            out[key] = torch.cat([features[key], tail[key].to(features[key].dtype)], dim=1)
+    return out
+
+
 def _encode_one(processor, messages: list[dict], images: Sequence, response_text: str | None,
                 response_ids: Sequence[int] | None) -> tuple[dict, int]:
     """Token ids (and vision tensors) of one conversation; returns (features, prompt length)."""
@@ -83,14 +99,35 @@ def _encode_one(processor, messages: list[dict], images: Sequence, response_text
         full = processor(text=[full_text], return_tensors="pt", **kwargs)
         if not torch.equal(full["input_ids"][0, :prompt_len], prompt["input_ids"][0]):
             raise ValueError("the prompt does not tokenize as a prefix of the conversation")
-        prompt = full
-    elif response_ids is not None:
-        extra = torch.tensor([list(response_ids)], dtype=prompt["input_ids"].dtype)
-        prompt["input_ids"] = torch.cat([prompt["input_ids"], extra], dim=1)
-        prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(extra)], dim=1)
-        if "mm_token_type_ids" in prompt:
-            prompt["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+        return dict(full), prompt_len
+    if response_ids is not None:
+        return append_response(dict(prompt), response_ids), prompt_len
     return dict(prompt), prompt_len
+
+
+def collate(processor, rows: Sequence[dict], prompt_lengths: list[int], padding_side: str = "right") -> Encoded:
+    """Single-row features (``_encode_one``, ``append_response``) into one padded batch with the
+    spans of every row: the one padding rule of SFT, the learners, the statistics pass and eval."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    width = max(r["input_ids"].shape[1] for r in rows)
+    keys = [k for k in SEQ_KEYS if k in rows[0]]
+    batch = {k: [] for k in keys}
+    for features in rows:
+        gap = width - features["input_ids"].shape[1]
+        for key in keys:
+            fill = tokenizer.pad_token_id if key == "input_ids" else 0
+            pad = torch.full((1, gap), fill, dtype=features[key].dtype)
+            parts = [pad, features[key]] if padding_side == "left" else [features[key], pad]
+            batch[key].append(torch.cat(parts, dim=1))
+    inputs = {k: torch.cat(v, dim=0) for k, v in batch.items()}
+    for key in VISION_KEYS:
+        tensors = [r[key] for r in rows if key in r]
+        if tensors:
+            inputs[key] = torch.cat(tensors, dim=0)
+    spans = spans_for(tokenizer, inputs["input_ids"], inputs["attention_mask"])
+    return Encoded(inputs, spans, list(prompt_lengths), padding_side)
 
 
 def encode_batch(processor, messages: Sequence[list[dict]], images: Sequence[Sequence] | None = None,
@@ -103,34 +140,12 @@ def encode_batch(processor, messages: Sequence[list[dict]], images: Sequence[Seq
     ``response_texts`` (through the template) or ``response_ids`` (exact ids), or is absent
     (a generation prompt).
     """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     n = len(messages)
     images = images if images is not None else [[] for _ in range(n)]
-    rows = []
-    for i in range(n):
-        text = response_texts[i] if response_texts is not None else None
-        ids = response_ids[i] if response_ids is not None else None
-        rows.append(_encode_one(processor, messages[i], images[i], text, ids))
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id
-    width = max(r[0]["input_ids"].shape[1] for r in rows)
-    seq_keys = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in rows[0][0]]
-    batch = {k: [] for k in seq_keys}
-    for features, _ in rows:
-        gap = width - features["input_ids"].shape[1]
-        for key in seq_keys:
-            fill = pad_id if key == "input_ids" else 0
-            pad = torch.full((1, gap), fill, dtype=features[key].dtype)
-            parts = [pad, features[key]] if padding_side == "left" else [features[key], pad]
-            batch[key].append(torch.cat(parts, dim=1))
-    inputs = {k: torch.cat(v, dim=0) for k, v in batch.items()}
-    for key in ("pixel_values", "image_grid_thw"):
-        tensors = [r[0][key] for r in rows if key in r[0]]
-        if tensors:
-            inputs[key] = torch.cat(tensors, dim=0)
-    spans = spans_for(tokenizer, inputs["input_ids"], inputs["attention_mask"])
-    return Encoded(inputs, spans, [r[1] for r in rows], padding_side)
+    rows = [_encode_one(processor, messages[i], images[i],
+                        response_texts[i] if response_texts is not None else None,
+                        response_ids[i] if response_ids is not None else None) for i in range(n)]
+    return collate(processor, [r[0] for r in rows], [r[1] for r in rows], padding_side)
 
 
 def export_hf(engine, processor, out: str | Path, zero_stage: int, rank: int,
