@@ -47,10 +47,10 @@ def bench_model(args, tmp: Path) -> str:
     return str(deepened(tiny, args.layers) if args.layers else tiny)
 
 
-def init_ray() -> None:
-    """An embedded local Ray whose workers see this process's vLLM/tokenizer settings."""
+def init_ray(env: dict | None = None) -> None:
+    """An embedded local Ray whose workers see this process's vLLM/tokenizer settings (and ``env``)."""
     import ray
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+                                       "TOKENIZERS_PARALLELISM": "false", **(env or {})}})
