@@ -70,6 +70,30 @@ def test_anchors_keep_the_final_sentence_last_and_are_seeded_by_row():
     assert out == insert_anchors(chain, phrases, [0.33, 0.66], seed_key="row-1")
     assert has_anchor(out) and not has_anchor(chain)
     assert insert_anchors(chain, [], [0.5], "x") == chain  # nothing to insert
+    once = insert_anchors(chain, phrases[:1], [0.33, 0.66], seed_key="row-1")
+    assert split_sentences(once).count(phrases[0]) == 1  # a phrase is never repeated
+
+
+def test_short_chains_get_one_anchor_that_rereads_the_answer_fact():
+    from avar_ray.data.procedural import TASKS, EASY_TASKS
+    from avar_ray.synth.steps import rule_anchors
+
+    for task in TASKS + EASY_TASKS:
+        for sample in generate_samples(6, seed=2, chain="short", tasks=[task]):
+            chain = oracle_chain(sample)
+            anchored = rule_anchors(sample, "", chain, [0.33, 0.66])
+            added = [s for s in split_sentences(anchored) if s not in split_sentences(chain)]
+            assert len(added) == 1 and has_anchor(added[0]), anchored
+            assert split_sentences(anchored)[-1] == f"The answer is {final_answer(chain)}."
+            scene, target = sample.meta["scene"], sample.meta["target"]
+            if task == "largest_colour":  # the large shape, in the answer's colour
+                assert f"the {final_answer(chain)} " in added[0] and added[0].endswith("is the large one.")
+            if task == "count_colour":  # the count the answer is, of the asked colour
+                assert added[0].startswith(f"Checking the image: {len(target['objects'])} {target['colour']}")
+            if scene["kind"] == "shapes" and task != "size":
+                asked = {target.get("a"), target.get("b"), target.get("object"), *target.get("objects", [])}
+                named = [o for o in scene["objects"] if f"{o['colour']} {o['shape']}" in added[0]]
+                assert all(o["id"] in asked for o in named), added[0]  # no object the chain does not need
 
 
 def test_verify_builds_targets_and_drops_wrong_or_missing_answers():

@@ -318,9 +318,44 @@ def oracle_reasoning(sample: Sample, style: str | None = None) -> str:
 # ---------------------------------------------------------------- anchors
 
 
+# A short chain gets one anchor that re-reads from the image the fact its answer rests on, in the
+# chain's own words: anchors naming other objects (the full style's) need a shape-colour binding
+# the tiny model lacks and cost the demo's cold start 18 accuracy points (docs/results/demo.md).
+def _anchor_count(scene: dict[str, Any], target: dict[str, Any]) -> str:
+    return f"Checking the image: {len(target['objects'])} {target['noun']} in all."
+
+
+def _anchor_chart(scene: dict[str, Any], target: dict[str, Any]) -> str:
+    bar = next(b for b in scene["bars"] if b["label"] == target["bar"])
+    if target["variant"] == "tallest":
+        return f"Checking the image: no bar is taller than bar {bar['label']}."
+    return f"Checking the image: the top of bar {bar['label']} lines up with {bar['value']}."
+
+
+def _anchor_triangle(scene: dict[str, Any], target: dict[str, Any]) -> str:
+    (k1, k2), angles = scene["known"], scene["angles"]
+    return f"Checking the image: {k1} is marked {angles[k1]} and {k2} is marked {angles[k2]}."
+
+
+_SHORT_ANCHORS = {
+    "shape_colour": lambda sc, t: f"Checking the image: one {t['shape']}, and it is {_obj(sc, t['object'])['colour']}.",
+    "count": _anchor_count,
+    "relation": lambda sc, t: (f"Checking the image: the {object_name(_obj(sc, t['a']))} is {t['relation']} "
+                               f"the {object_name(_obj(sc, t['b']))}."),
+    "size": lambda sc, t: "Checking the image: the other shapes are small.",
+    "bar_chart": _anchor_chart,
+    "triangle_angle": _anchor_triangle,
+    "largest_colour": lambda sc, t: f"Checking the image: the {object_name(_obj(sc, t['object']))} is the large one.",
+    "count_colour": _anchor_count,
+}
+
+
 def anchor_phrases(sample: Sample) -> list[str]:
-    """Visual-anchor sentences naming elements of the scene (all true of the image)."""
+    """Visual-anchor sentences naming elements of the scene (all true of the image); for a short
+    chain (``meta.chain``), the one sentence that re-reads the fact its answer rests on."""
     scene = sample.meta["scene"]
+    if sample.meta.get("chain") == "short":
+        return [_SHORT_ANCHORS[sample.meta["task"]](scene, sample.meta["target"])]
     kind = scene["kind"]
     if kind == "shapes":
         names = _names(scene["objects"])

@@ -35,7 +35,8 @@ def has_anchor(text: str) -> bool:
 
 
 def insert_anchors(chain: str, phrases: Sequence[str], positions: Sequence[float], seed_key: str) -> str:
-    """Insert one phrase at each relative position (0..1 of the sentence boundaries).
+    """Insert one phrase at each relative position (0..1 of the sentence boundaries), while the
+    phrases last (positions beyond them are left empty).
 
     The last sentence (the final answer) stays last; positions that land on the same boundary
     insert their phrases there in order. Without phrases or sentences the chain is unchanged.
@@ -46,7 +47,7 @@ def insert_anchors(chain: str, phrases: Sequence[str], positions: Sequence[float
     rng = random.Random(f"avar-anchor-{seed_key}")
     pool = list(phrases)
     rng.shuffle(pool)
-    picks = [pool[i % len(pool)] for i in range(len(positions))]
+    picks = pool[:len(positions)]  # no phrase twice: a repeated anchor re-reads nothing new
     if len(sentences) == 1:  # nothing before the answer sentence: anchor ahead of it
         return " ".join(picks + sentences)
     # boundary b means "after sentence b"; the last one allowed is just before the final sentence
