@@ -114,12 +114,14 @@ class Learner:
         return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
 
     def _load(self, config: dict):
+        from avar_ray.deepspeed_config import trained_dtype
         from avar_ray.modeling import load_model
 
+        dtype = trained_dtype(config)  # model.dtype, or float32 where the accelerator lacks it
         if self.rl.zero_stage == 3:
-            return load_partitioned(self.model_cfg.path, self.model_cfg.dtype, config)
+            return load_partitioned(self.model_cfg.path, dtype, config)
         # attn "avar": plain SDPA unless a forward carries an attention context (the statistics)
-        return load_model(self.model_cfg.path, dtype=self.model_cfg.dtype, attn_implementation="avar")
+        return load_model(self.model_cfg.path, dtype=dtype, attn_implementation="avar")
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int) -> dict:
         import deepspeed
@@ -140,8 +142,7 @@ class Learner:
         self.banned = banned_token_ids(self.processor)
         self.prompts = PromptCache(self.processor, self.model_cfg.system_prompt)
         # The micro-batches are ours (token budget): DeepSpeed's accumulation boundary is set per call.
-        config = deepspeed_config(rl.zero_stage, 1, 1, rl.grad_clip, rl.lr, rl.weight_decay,
-                                  self.model_cfg.dtype == "bfloat16")
+        config = deepspeed_config(rl.zero_stage, 1, 1, rl.grad_clip, rl.lr, rl.weight_decay, self.model_cfg.dtype)
         model = self._load(config)
         if rl.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -26,8 +26,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "runs/tiny_model"  # HF directory (transformers + vLLM loadable)
-    # The weights' dtype in every stage (vLLM, the RL learners, eval, serve, `avar vas`); bfloat16
-    # also turns on DeepSpeed's bf16 mixed precision in SFT and RL (where the accelerator has it).
+    # The weights' dtype in every stage (vLLM, the RL learners, eval, serve, `avar vas`); bfloat16 and
+    # float16 also turn on DeepSpeed's bf16 / fp16 (dynamic loss scale) mixed precision in SFT and RL,
+    # where the accelerator has it (else float32, with a warning: DeepSpeed's CPU accelerator lacks fp16).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int = 2048
     # Image resolution, the same in every stage (HF processor and vLLM): |V| and so VAS depend on it.

@@ -36,9 +36,28 @@ def test_step_arithmetic_and_deepspeed_config():
     assert total_steps(sft, 33, 2) == 4
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         total_steps(sft, 7, 2)
-    ds = deepspeed_config(sft, bf16=False)
+    ds = deepspeed_config(sft, "float32")
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
     assert ds["gradient_accumulation_steps"] == 2 and ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_mixed_precision_follows_model_dtype():
+    """model.dtype picks DeepSpeed's half type; one the accelerator lacks (fp16 on DeepSpeed's CPU
+    accelerator) falls back to float32 with a warning instead of training in it silently."""
+    from deepspeed.accelerator import get_accelerator
+
+    from avar_ray.deepspeed_config import mixed_precision, trained_dtype
+
+    accelerator = get_accelerator()
+    for dtype, supported in (("bfloat16", accelerator.is_bf16_supported()), ("float16", accelerator.is_fp16_supported())):
+        if supported:
+            assert trained_dtype(mixed_precision(dtype)) == dtype
+        else:
+            with pytest.warns(UserWarning, match=f"model.dtype={dtype}"):
+                assert trained_dtype(mixed_precision(dtype)) == "float32"
+    assert trained_dtype(mixed_precision("float32")) == "float32"
+    assert mixed_precision("float16")["fp16"].get("loss_scale", 0) == 0  # dynamic loss scaling when enabled
 
 
 def test_training_rows_must_carry_targets(tmp_path, procedural_parquet):

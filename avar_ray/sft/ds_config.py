@@ -53,7 +53,7 @@ def lr_scheduler(sft, total: int):
     return lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, sft.lr_schedule))
 
 
-def deepspeed_config(sft, bf16: bool) -> dict:
+def deepspeed_config(sft, dtype: str) -> dict:
     from avar_ray.deepspeed_config import deepspeed_config as build
 
-    return build(sft.zero_stage, sft.micro_batch_size, sft.grad_accum, sft.grad_clip, sft.lr, sft.weight_decay, bf16)
+    return build(sft.zero_stage, sft.micro_batch_size, sft.grad_accum, sft.grad_clip, sft.lr, sft.weight_decay, dtype)

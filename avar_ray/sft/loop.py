@@ -85,8 +85,8 @@ def _all_reduce_mean(sums: dict, count: int) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
-    from deepspeed.accelerator import get_accelerator
-
+    from avar_ray import checkpoints
+    from avar_ray.deepspeed_config import trained_dtype
     from avar_ray.modeling import export_hf, load_model, load_processor
 
     sft, model_path, total = config["sft"], config["model_path"], config["total_steps"]
@@ -97,15 +97,15 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend=config["backend"])  # reuses Ray Train's process group
     torch.manual_seed(sft.seed)
 
-    bf16 = config["model"].dtype == "bfloat16" and get_accelerator().is_bf16_supported()
-    model = load_model(model_path, dtype="float32")  # the master weights; DeepSpeed casts a bf16 copy
+    ds_config = deepspeed_config(sft, config["model"].dtype)
+    model = load_model(model_path, dtype="float32")  # the master weights; DeepSpeed casts a half copy
     model.config.use_cache = False
     if sft.freeze_vision:
         for p in vision_parameters(model):
             p.requires_grad_(False)
     processor = load_processor(model_path, config["model"])  # model.min_pixels / max_pixels
     num_layers = model.config.get_text_config().num_hidden_layers
-    engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(sft, bf16),
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            lr_scheduler=lr_scheduler(sft, total))
     engine.train()
@@ -124,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     global_batch = sft.micro_batch_size * sft.grad_accum * world
 
     def save(tag_step: int) -> None:
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step_{tag_step}", client_state={"step": tag_step})
+        engine.save_checkpoint(str(ckpt_dir), tag=checkpoints.tag(tag_step), client_state={"step": tag_step})
 
     while step < total:
         batches = shard.iter_batches(batch_size=sft.micro_batch_size, batch_format="pyarrow", drop_last=True)
@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not (sft.save_every and step % sft.save_every == 0):
         save(step)
     info = {"steps": step, "source_model": model_path, "alpha": sft.alpha, "beta": sft.beta,
-            "agto_query": sft.agto_query, "zero_stage": sft.zero_stage, "bf16": bf16}
+            "agto_query": sft.agto_query, "zero_stage": sft.zero_stage, "precision": trained_dtype(ds_config)}
     export_hf(engine, processor, out / "final", sft.zero_stage, rank, {"avar_sft.json": info})
     if tracker is not None:
         tracker.close()
