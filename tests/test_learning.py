@@ -170,3 +170,34 @@ def test_visual_reward_raises_the_responses_alpha_img(runs, easy_parquet):
     without = response_alpha_img(runs("visual_off")["model"], prompts)
     print(f"alpha_img(R) after {STEPS} steps: lambda_v=0.5 {with_v:.5f}, lambda_v=0 {without:.5f}")
     assert with_v > without
+
+
+@pytest.mark.parametrize("norm", ["none", "squash", "group_z"])
+def test_a_visual_bonus_equal_on_a_groups_correct_answers_cancels_in_the_advantages(norm):
+    """Why VARS was accuracy-only GRPO in the temperature-1 runs above: with one r_visual on all
+    correct answers of a group, group-normalised advantages do not change; one correct answer
+    with a different r_visual changes them (and Dr.GRPO's unnormalised ones scale by the bonus)."""
+    import numpy as np
+
+    from avar_ray.grpo import grpo_advantages
+    from rewards import combine_rewards
+
+    groups = np.repeat([0, 1], 8)
+    acc = np.array([1, 1, 1, 0, 0, 1, 0, 0] + [1, 0, 0, 0, 0, 0, 1, 1], dtype=float)
+    shared = np.where(acc > 0, np.array([1.34, 1.21])[groups], 0.0)  # gated: wrong answers get 0
+    varied = shared.copy()
+    varied[[0, 8]] += 0.2  # one correct answer per group looks at the image more
+
+    def advantages(r_visual, lambda_v, norm_by_std=True):
+        total = combine_rewards(acc, np.ones_like(acc), r_visual, lambda_v=lambda_v, lambda_f=0.0,
+                                visual_norm=norm, accuracy_weight=1.0, group_ids=groups)
+        return grpo_advantages(total, groups, norm_by_std=norm_by_std)
+
+    plain = advantages(shared, 0.0)
+    np.testing.assert_allclose(advantages(shared, 0.5), plain, atol=1e-4)
+    changed = advantages(varied, 0.5) - plain
+    assert changed[[0, 8]].min() > 1e-3, changed  # the more visual answer now gains
+    if norm != "group_z":  # group_z gives a shared value 0; the others a bonus c: Dr.GRPO scales by 1 + c
+        bonus = 0.5 * (1.34 if norm == "none" else 1.34 / 2.34)
+        np.testing.assert_allclose(advantages(shared, 0.5, False)[:8], (1 + bonus) * advantages(shared, 0.0, False)[:8],
+                                   rtol=1e-5)
