@@ -30,7 +30,10 @@ def grpo_advantages(scores: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6
     ``norm_by_std=False`` is Dr.GRPO). ``scores`` and ``group_ids`` are ``[N]``."""
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    # float64: in float32 a group of equal rewards such as 0.1 (an all-wrong group with format
+    # right, lambda_f 0.1) leaves a rounding residue in mean and std that the division by
+    # std + eps turns into a shared advantage of up to ~0.2.
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     group_ids = np.asarray(group_ids).reshape(-1)
     if scores.shape != group_ids.shape:
         raise ValueError(f"scores {scores.shape} and group_ids {group_ids.shape} differ")
@@ -38,7 +41,12 @@ def grpo_advantages(scores: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6
     rewards = torch.from_numpy(scores).unsqueeze(-1)
     advantages, _ = compute_grpo_outcome_advantage(rewards, torch.ones_like(rewards), group_ids,
                                                    epsilon=eps, norm_adv_by_std_in_grpo=norm_by_std)
-    return advantages.squeeze(-1).numpy()
+    advantages = advantages.squeeze(-1).numpy()
+    for g in dict.fromkeys(group_ids.tolist()):  # equal rewards: no signal, exactly 0 (a group of one
+        members = group_ids == g                    # keeps verl's mean 0, std 1)
+        if members.sum() > 1 and np.ptp(scores[members]) == 0:
+            advantages[members] = 0.0
+    return advantages.astype(np.float32)
 
 
 def informative_groups(scores: np.ndarray, group_ids: np.ndarray, tol: float = 1e-9) -> np.ndarray:

@@ -56,6 +56,19 @@ def test_advantages_by_hand():
     assert abs(adv[:4].sum()) < 1e-5 and np.abs(adv[:4]).max() > 0.5
 
 
+@pytest.mark.parametrize("value", [0.1, 0.3, 1.0 + 0.5 * 1.34 / 2.34])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(value):
+    """Equal rewards not representable in float32 (an all-wrong group with the format right scores
+    lambda_f = 0.1) once left a rounding residue that std + eps turned into a shared advantage
+    (-0.0074 for 0.1, +0.029 for 0.3, -0.106 for the squashed visual bonus)."""
+    scores = np.concatenate([np.full(8, value), [0.0, 1.0, 1.0, 0.0]])
+    groups = np.array([0] * 8 + [1] * 4)
+    for norm_by_std in (True, False):
+        adv = grpo_advantages(scores, groups, norm_by_std=norm_by_std)
+        assert np.all(adv[:8] == 0.0), adv[:8]
+        assert np.abs(adv[8:]).min() > 0.4  # the informative group keeps its signal
+
+
 def test_advantages_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="group_ids"):
         grpo_advantages(SCORES, GROUPS[:-1])
