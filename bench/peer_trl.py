@@ -20,8 +20,12 @@ accelerate, datasets, multiprocess; nothing already installed changes). Both sid
 Rewards: TRL gets avar-ray's accuracy and format functions (``rewards``); avar-ray also computes
 r_visual from its learners' statistics pass (part of its step, named in the phase table).
 Step time: the median over the steps after ``--warmup``; avar-ray's from its ``metrics.jsonl``
-(``time/step`` and the phases), TRL's from a callback around each optimizer step. The machine
-may be shared: read the ratio and the phases, not the absolute seconds.
+(``time/step`` and the phases), TRL's from a callback around each optimizer step, with its
+generation (``GRPOTrainer._generate``, timed) split from the rest. The machine may be shared:
+read the ratio and the phases, not the absolute seconds. TRL's ``--cpus 2`` is one process with
+two OpenMP threads: while another job holds a core, every parallel op waits for the descheduled
+thread and its steps take 10-40 s instead of 0.4-0.8 s (``bench/results/peer_trl.md``);
+``--cpus 1`` gives TRL one thread, the figure to read on a shared machine.
 """
 from __future__ import annotations
 
@@ -95,11 +99,24 @@ def r_fmt(completions, **_):
 
 class StepClock(TrainerCallback):
     def __init__(self):
-        self.times, self.t0 = [], None
+        self.times, self.gen, self.t0 = [], [], None
     def on_step_begin(self, *a, **k):
         self.t0 = time.perf_counter()
+        self.gen.append(0.0)
     def on_step_end(self, *a, **k):
         self.times.append(time.perf_counter() - self.t0)
+
+clock = StepClock()
+untimed_generate = GRPOTrainer._generate
+
+def timed_generate(self, *a, **k):  # the step's generation seconds, the rest being scoring and the update
+    t = time.perf_counter()
+    try:
+        return untimed_generate(self, *a, **k)
+    finally:
+        clock.gen[-1] += time.perf_counter() - t
+
+GRPOTrainer._generate = timed_generate
 
 model = AutoModelForImageTextToText.from_pretrained(args["model"], dtype=torch.float32)
 processor = AutoProcessor.from_pretrained(args["model"])
@@ -114,13 +131,12 @@ config = GRPOConfig(output_dir=args["out"], per_device_train_batch_size=args["n"
                     seed=args["seed"], lr_scheduler_type="constant", warmup_steps=0,
                     # avar-ray's sampler bans the same template tokens (a sampled <|image_pad|> breaks the next forward)
                     generation_kwargs={"suppress_tokens": banned_token_ids(processor)})
-clock = StepClock()
 t0 = time.perf_counter()
 trainer = GRPOTrainer(model=model, reward_funcs=[r_acc, r_fmt], args=config,
                       train_dataset=Dataset.from_list(rows), processing_class=processor, callbacks=[clock])
 start_s = time.perf_counter() - t0
 trainer.train()
-print("TRL_RESULT", json.dumps({"step_s": clock.times, "start_s": start_s}))
+print("TRL_RESULT", json.dumps({"step_s": clock.times, "generate_s": clock.gen, "start_s": start_s}))
 '''
 
 
@@ -183,10 +199,15 @@ def main() -> None:
     for p, s in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"  {p:12} {s:7.2f}  {100 * s / a:5.1f}%")
     print(f"  other        {a - sum(phases.values()):7.2f}  (driver, scheduling)")
+    trl_gen = statistics.median(trl["generate_s"][args.warmup:])
+    print(f"TRL's step (median s): generate {trl_gen:.2f}, the rest (rewards, log-probs, loss, backward, optimizer) "
+          f"{t - trl_gen:.2f}; avar-ray: rollout {phases['rollout']:.2f}, the rest {a - phases['rollout']:.2f}")
     print(f"same prompts in the same order on both sides: {same}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "avar_step_s": avar_steps, "trl_step_s": trl_steps,
-                                          "ratio": a / t, "avar_phases_s": phases, "order": order, "same_prompts": same,
+                                          "ratio": a / t, "avar_phases_s": phases,
+                                          "trl_generate_s": trl["generate_s"][args.warmup:], "order": order,
+                                          "same_prompts": same,
                                           "avar_actors": avar["actors_line"], "trl_start_s": trl["start_s"]},
                                          indent=1) + "\n")
 

@@ -133,9 +133,10 @@ def run(model: str, data: Path, out: Path, staleness: int, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(parser)
-    # generation and the learners' phase comparable (4 x 4 at 64 tokens: the learners' phase is the longer by far)
+    # generation and the learners' phase comparable (at 4 x 4, 64 tokens the learners' phase is far longer)
     parser.set_defaults(prompts=2, max_new_tokens=128)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps (between a warm-up step and a final, checkpointing one)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="timed steps (between a warm-up step and a final, checkpointing one)")
     parser.add_argument("--learners", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="rollout workers")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each setting, interleaved 0 1 1 0 ...")
