@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,6 +128,7 @@ def run(model: str, data: Path, out: Path, staleness: int, args) -> dict:
         + ([f"rl.placement.learner_cpus={len(args.cores['learner'])}"] if args.cores else []))
     report = run_rl(cfg)
     rows = read_metrics(Path(report.metrics_path))[1:-1]  # the first step: warm-up; the last: checkpoint
+    shutil.rmtree(out)  # its final checkpoint: ~55 MB a run
     return {"start_s": report.start_s, "rows": [{k: r[k] for k in KEYS} for r in rows]}
 
 
@@ -169,7 +171,8 @@ def main(argv=None) -> None:
                         for k, r in runs)
     start_s = {k: statistics.mean(r["start_s"] for kk, r in runs if kk == k) for k in (0, 1)}
     print(f"\n== async GRPO bench: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, "
-          f"{args.learners} learner(s), {args.workers} rollout worker(s), {os.cpu_count()} CPUs, model {model}")
+          f"{args.learners} learner(s), {args.workers} rollout worker(s), {os.cpu_count()} CPUs, "
+          f"model {args.model or 'tiny' + (f' with {args.layers} text layers' if args.layers else '')}")
     print(f"   median per step over steps 2..{args.steps + 1} of {args.rounds} run(s) each (step 1: warm-up; "
           f"step {args.steps + 2}: final checkpoint)")
     if pinner:
@@ -196,6 +199,7 @@ def main(argv=None) -> None:
           f"ratio {mean_step[0] / mean_step[1]:.2f}x")
     print(f"   steps/s per run (median step), in run order: {per_run}")
     print(f"   (actor start-up {start_s[0]:.1f} s / {start_s[1]:.1f} s, not counted)")
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
