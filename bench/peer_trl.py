@@ -24,7 +24,7 @@ Step time: the median over the steps after ``--warmup``; avar-ray's from its ``m
 generation (``GRPOTrainer._generate``, timed) split from the rest. The machine may be shared:
 read the ratio and the phases, not the absolute seconds. TRL's ``--cpus 2`` is one process with
 two OpenMP threads: while another job holds a core, every parallel op waits for the descheduled
-thread and its steps take 10-40 s instead of 0.4-0.8 s (``bench/results/peer_trl.md``);
+thread and its steps take 10-45 s instead of 0.4-0.8 s (``bench/results/peer_trl.md``);
 ``--cpus 1`` gives TRL one thread, the figure to read on a shared machine.
 """
 from __future__ import annotations
