@@ -46,10 +46,11 @@ def record_combines(log: list) -> None:
 
 def check_step(rows: list, reward) -> dict:
     """The step's per-rollout figures and the recomputed total (SPEC.md §5)."""
-    from rewards import combine_rewards
+    from rewards import combine_rewards, is_correct
 
     gid = np.array([g for g, *_ in rows])
     acc = np.array([s.accuracy for _, _, s, *_ in rows])
+    correct = is_correct(acc)
     fmt = np.array([s.format for _, _, s, *_ in rows])
     vis = np.array([s.visual for _, _, s, *_ in rows])
     total = np.array([s.total for _, _, s, *_ in rows])
@@ -57,15 +58,15 @@ def check_step(rows: list, reward) -> dict:
                             visual_norm=reward.visual_norm, accuracy_weight=reward.accuracy_weight, group_ids=gid)
     spreads, distinct = [], []
     for g in np.unique(gid):
-        ok = (gid == g) & (acc >= 0.5)
+        ok = (gid == g) & correct
         if ok.sum() >= 2:
             spreads.append(float(vis[ok].std()))
         distinct.append(len({t for gg, t, *_ in rows if gg == g}))
     vas = np.array([s.vas for _, _, s, *_ in rows], dtype=float)
     return {"acc": float(acc.mean()), "visual_nonzero": int((vis > 0).sum()),
-            "visual_mean_correct": float(vis[acc >= 0.5].mean()) if (acc >= 0.5).any() else float("nan"),
+            "visual_mean_correct": float(vis[correct].mean()) if correct.any() else float("nan"),
             "visual_sd_in_group": float(np.mean(spreads)) if spreads else float("nan"),
-            "visual_cv_in_group": float(np.mean(spreads) / vis[acc >= 0.5].mean()) if spreads else float("nan"),
+            "visual_cv_in_group": float(np.mean(spreads) / vis[correct].mean()) if spreads else float("nan"),
             "vas_finite": int(np.isfinite(vas).sum()),
             "distinct_per_group": float(np.mean(distinct)),
             "total_check_max_err": float(np.abs(total - again).max())}
@@ -82,6 +83,7 @@ def rollout_alpha(model_dir, prompts: list, rows: list) -> str:
     from avar_ray.attention.vas import compute_vas
     from avar_ray.data.schema import build_messages, pil_images
     from avar_ray.modeling import encode_batch, load_model, load_processor
+    from rewards import is_correct
 
     by_id = {s.id: s for s in prompts}
     processor, model = load_processor(str(model_dir)), load_model(str(model_dir)).eval()
@@ -96,20 +98,20 @@ def rollout_alpha(model_dir, prompts: list, rows: list) -> str:
         alpha += res.alpha_img.tolist()
         sys_mass += res.alpha_sys.tolist()
     gid = np.array([g for g, *_ in rows])
-    acc = np.array([s.accuracy for _, _, s, *_ in rows])
+    correct = is_correct(np.array([s.accuracy for _, _, s, *_ in rows]))
     vas, alpha, sys_mass = np.array(vas), np.array(alpha), np.array(sys_mass)
 
     def centred(x, among=None):  # deviations from the mean of the rollout's group of equal correctness
         among = np.ones(len(x), bool) if among is None else among
         return np.concatenate([x[sel] - x[sel].mean() for g in np.unique(gid) for ok in (True, False)
-                               if (sel := among & (gid == g) & ((acc >= 0.5) == ok)).sum() >= 2] or [np.zeros(0)])
+                               if (sel := among & (gid == g) & (correct == ok)).sum() >= 2] or [np.zeros(0)])
 
     r_vis = np.array([s.vas for _, _, s, *_ in rows], dtype=float)  # the learner's r_visual (nan: not asked)
     dv, da, ds = centred(vas), centred(alpha), centred(sys_mass)
     keep = np.isfinite(r_vis)  # the rollouts whose r_visual the learner computed
     dr, dar = centred(np.where(keep, r_vis, 0.0), keep), centred(alpha, keep)
-    wrong = alpha[acc < 0.5].mean() if (acc < 0.5).any() else float("nan")
-    return (f"rollouts {len(rows)}: alpha_img mean {alpha.mean():.5f} (correct {alpha[acc >= 0.5].mean():.5f}, "
+    wrong = alpha[~correct].mean() if (~correct).any() else float("nan")
+    return (f"rollouts {len(rows)}: alpha_img mean {alpha.mean():.5f} (correct {alpha[correct].mean():.5f}, "
             f"wrong {wrong:.5f}); within groups (correct and wrong apart): "
             f"sd(vas) {dv.std():.4f} sd(alpha_img) {da.std():.6f} sd(alpha_sys) {ds.std():.6f}; "
             f"corr(vas, alpha_img) {corr(dv, da):.3f} corr(vas, alpha_sys) {corr(dv, ds):.3f} (n {len(dv)}); "
