@@ -47,17 +47,9 @@ def start_llm(model: ModelConfig, *, max_images: int, enforce_eager: bool, seed:
 
 
 def stop_llm(llm, timeout: float = 30.0) -> None:
-    """Shut an engine's processes down now, the one way every owner does: before a Ray actor
-    holding one is killed (an engine core killed with its actor leaves its shared-memory queues
-    behind, ``/dev/shm/psm_*``, two per engine, up to 250 MB each, which pile up on a node until
-    Ray's memory monitor kills jobs), and before eval's statistics pass needs the GPU memory."""
-    import gc
-
-    import torch
-
+    """Shut an engine's processes down cleanly before its owner goes: an engine core killed with
+    its actor (``ray.kill``) leaves its shared-memory queues behind (``/dev/shm/psm_*``, two per
+    engine, up to 250 MB each), which pile up on a node until Ray's memory monitor kills jobs."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown(timeout=timeout)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
