@@ -16,9 +16,16 @@
 #                max relative error of the V/S masses, and its cost against a plain SDPA forward.
 # 4 grpo-zero3   `avar rl` on the tiny model, 2 GRPO steps, ZeRO-3, learner and vLLM sharing the GPU
 #                (weight sync over nccl with >= 2 GPUs, else the object store).
+# 5 learner      bench/gpu_learner.py learner: one learner rank (DeepSpeed ZeRO-3, bf16) in-process: score-pass
+#                log-probs and r_visual vs float32, three GRPO updates move the log-probs the advantages' way,
+#                the bucket-wise ZeRO-3 gather (the weight-sync payload) reproduces the trained policy.
+# 6 broadcast    bench/gpu_learner.py broadcast: weight_sync's bucketed broadcast between two processes on
+#                the GPU (a 3B-wide layer + embedding, ~0.9 GiB), bit-exact, GiB/s next to the copy rates.
+# Pieces 1, 2 and 4 need Ray and vLLM; on an image without them they report "skip" and 3, 5 and 6 still run
+# (5 and 6 need deepspeed and verl importable, e.g. from wheels on PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 AVAR=${AVAR:-.venv/bin/avar}
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
@@ -33,10 +40,13 @@ if [[ $DRY == 0 ]] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_a
 fi
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} TOKENIZERS_PARALLELISM=false
 
+STACK=$($PY -c "import ray, vllm" >/dev/null 2>&1 && echo yes || echo no)  # Ray + vLLM importable?
+
 # ---- 1 + 2: pytest pieces (skip themselves without CUDA; a dry run only collects them)
 for piece in "weight-sync:tests/test_weight_sync.py::test_broadcast_into_vllm_on_cuda" \
              "vllm-parity:tests/test_rl_actors.py -k gpu"; do
   name=${piece%%:*}; target=${piece#*:}
+  if [[ $STACK == no ]]; then row "$name" skip 0 "no Ray + vLLM in this environment"; continue; fi
   if [[ $DRY == 1 ]]; then
     # shellcheck disable=SC2086
     if timed $PY -m pytest -q --collect-only $target; then row "$name" dry "$ELAPSED" "collected: $(grep -c '::' "$WORK/out.log") test(s)"
@@ -104,15 +114,26 @@ ref_v, ref_s = stats(f32)
 bf16 = build("avar", torch.bfloat16)
 v, s = stats(bf16)
 rel = max(((v - ref_v).abs().max() / ref_v.abs().max()).item(), ((s - ref_s).abs().max() / ref_s.abs().max()).item())
-t_stats = timeit(lambda: stats(bf16))
+def peak(fn):  # MiB above what was allocated before the pass (weights excluded)
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+    fn(); torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+del f32
+t_stats, m_stats = timeit(lambda: stats(bf16)), peak(lambda: stats(bf16))
 sdpa = build("sdpa", torch.bfloat16)
-with torch.no_grad():
-    t_sdpa = timeit(lambda: sdpa(input_ids=ids, use_cache=False))
+def plain():
+    with torch.no_grad():
+        sdpa(input_ids=ids, use_cache=False)
+t_sdpa, m_sdpa = timeit(plain), peak(plain)
 print(f"ATTN T={T} bf16-vs-f32 max rel err {rel:.2e}; stats {t_stats * 1e3:.1f} ms vs sdpa {t_sdpa * 1e3:.1f} ms "
-      f"= {t_stats / t_sdpa:.2f}x")
+      f"= {t_stats / t_sdpa:.2f}x; activation peak {m_stats:.0f} vs {m_sdpa:.0f} MiB")
 PY
 if timed timeout 240 $PY "$WORK/attn.py" "$DRY"; then row attention "$([[ $DRY == 1 ]] && echo dry || echo ok)" "$ELAPSED" "$(grep -m1 '^ATTN' "$WORK/out.log" | cut -c6-)"
 else row attention FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
+[[ -n "${GPU_CHECK_LOGS:-}" ]] && cp "$WORK/out.log" "$GPU_CHECK_LOGS/attention.log"
 
 # ---- 4: two GRPO steps with ZeRO-3 on the GPU (learner and vLLM share it). The weight sync is
 # nccl only with >= 2 GPUs: NCCL refuses a learner rank and an engine rank on the same device.
@@ -121,7 +142,9 @@ SYNC=$([[ $NGPU -ge 2 ]] && echo nccl || echo object_store)
 RL_ARGS=(rl.steps=2 rl.zero_stage=3 rl.prompts_per_step=2 rl.n_samples=4 rl.max_new_tokens=16 rl.save_every=0
          rl.placement.learner_gpus=0.4 rl.placement.rollout_gpus=0.4 rl.gpu_memory_utilization=0.3
          "rl.weight_sync_backend=$SYNC" "rl.out=$WORK/rl")
-if [[ $DRY == 1 ]]; then
+if [[ $STACK == no ]]; then
+  row grpo-zero3 skip 0 "no Ray + vLLM in this environment"
+elif [[ $DRY == 1 ]]; then
   if timed $PY -c "from avar_ray.config import load_config; import sys; load_config('configs/tiny_local.yaml', sys.argv[1:])" "${RL_ARGS[@]}"
   then row grpo-zero3 dry "$ELAPSED" "config with ZeRO-3 + GPU placement validates"
   else row grpo-zero3 FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
@@ -131,6 +154,15 @@ else
   then row grpo-zero3 ok "$ELAPSED" "sync $SYNC; $(grep -m1 -i 'step 2' "$WORK/out.log" | cut -c1-80)"
   else row grpo-zero3 FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log" | cut -c1-90)"; fi
 fi
+
+# ---- 5 + 6: the learner and the broadcast transport, in-process (no Ray cluster, no vLLM)
+for piece in learner broadcast; do
+  if timed timeout 300 $PY bench/gpu_learner.py $piece $([[ $DRY == 1 ]] && echo --dry-run); then
+    row $piece "$([[ $DRY == 1 ]] && echo dry || echo ok)" "$ELAPSED" "$(grep -m1 -E '^(LEARNER|BROADCAST)' "$WORK/out.log" | cut -d' ' -f2-)"
+    grep -m1 '^MEMCPY' "$WORK/out.log" >/dev/null && row memcpy ok 0 "$(grep -m1 '^MEMCPY' "$WORK/out.log" | cut -d' ' -f2-)"
+  else row $piece FAIL "$ELAPSED" "$(grep -m1 -E '^(LEARNER|BROADCAST)' "$WORK/out.log" || tail -1 "$WORK/out.log")"; fi
+  [[ -n "${GPU_CHECK_LOGS:-}" ]] && cp "$WORK/out.log" "$GPU_CHECK_LOGS/$piece.log"
+done
 
 echo
 echo "gpu_check $([[ $DRY == 1 ]] && echo '(dry run, CPU)') on $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")')"
