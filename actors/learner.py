@@ -1,13 +1,16 @@
 """The learner group: N Ray actors in one placement group forming a torch.distributed group
 (gloo on CPU, nccl on GPU), each running ``deepspeed.initialize`` (ZeRO stage ``rl.zero_stage``).
 
-Per step the learners make two passes over the step's rollouts, data-parallel (the rollouts
-split over the ranks by length, ``avar_ray.grpo.plan_step``):
+Per step the learners make up to two passes over the step's rollouts, data-parallel (the
+rollouts split over the ranks by length, ``avar_ray.grpo.plan_step`` / ``plan_score``):
 
-* ``score``: one no-grad forward through the ``avar`` attention gives the old log-probs of the
-  sampled tokens (the behaviour policy of the PPO ratio) and, for the rollouts that need it
-  (the correct ones under SPEC.md §5's gate), the response-span attention statistics: r_visual
-  before the gate. The same pass checks each prompt's token ids against vLLM's.
+* ``score``: a no-grad forward through the ``avar`` attention gives, for the rollouts that need
+  it (the correct ones under SPEC.md §5's gate), the response-span attention statistics (r_visual
+  before the gate) and, with several optimizer steps per update, the old log-probs of every
+  rollout (the policy before the update, the PPO ratio's denominator). With one optimizer step
+  (``LearnerGroup.old_from_train``) the update's own forward gives those, detached, and this
+  pass runs only on the rollouts that want statistics: none when no rollout does. Every prompt's
+  token ids are checked against vLLM's here (an encode, cached for the update: no forward).
 * ``train``: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps with verl's clipped loss
   (``avar_ray.grpo``), optional truncated IS correction (``rl.tis_cap``) and KL to a frozen
   reference (only when ``rl.kl_coef > 0``; a ZeRO-3 engine of its own, sharded like the policy).
@@ -15,7 +18,7 @@ split over the ranks by length, ``avar_ray.grpo.plan_step``):
 Memory: log-probs from the response positions' hidden states in LM-head chunks (``actors.policy``),
 token-budget micro-batches (``rl.max_tokens_per_micro_batch``), ``rl.gradient_checkpointing``,
 and under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` and filled tensor by tensor
-(``load_partitioned``): no rank ever holds the whole model. Rank 0 gathers the (trainable)
+(``actors.learner_load.load_partitioned``): no rank ever holds the whole model. Rank 0 gathers the (trainable)
 weights bucket-wise and publishes them for the weight sync.
 
 Data plane: each rank fetches, decodes and preprocesses a prompt (its images) once per step
@@ -45,60 +48,6 @@ log = logging.getLogger(__name__)
 CLIENT_STATE_KEY = "avar_client_state"
 
 
-def load_partitioned(path: str, dtype: str, ds_config: dict):
-    """The HF model built inside ``deepspeed.zero.Init`` (each rank allocates only its partition)
-    and filled from the checkpoint's safetensors one tensor at a time: rank 0 reads it (memory
-    mapped) into the gathered parameter, which is re-partitioned at once. No rank ever holds
-    the whole model (transformers' own ZeRO-3 loading would need ``accelerate``)."""
-    import json
-
-    import deepspeed
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.initialization import no_init_weights
-
-    from avar_ray.attention import register_attention
-    from avar_ray.modeling import torch_dtype
-
-    register_attention()
-    config = AutoConfig.from_pretrained(path)
-    # no random init (every weight comes from the checkpoint; it would index empty partitions)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights():
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation="avar",
-                                                        dtype=torch_dtype(dtype))
-    model.tie_weights()  # tied embeddings: the head shares the embedding's (partitioned) parameter
-    index = Path(path) / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    params = dict(model.named_parameters())
-    # checkpoint names -> module names, as from_pretrained renames them (e.g. Qwen2.5-VL's
-    # "model.layers.*" -> "model.language_model.layers.*")
-    renames = get_model_conversion_mapping(model)
-
-    def module_name(key: str) -> str:
-        for transform in renames:
-            key = transform.rename_source_key(key)[0]
-        return key
-
-    loaded = set()
-    for file in files:
-        with safe_open(str(Path(path) / file), framework="pt") as f:
-            for key in sorted(f.keys()):  # the same order on every rank: each gather is a collective
-                name = module_name(key)
-                if name not in params:
-                    raise KeyError(f"{path}/{file}: tensor {name!r} has no parameter in the model (a checkpoint "
-                                   "saved under another naming: re-save it with this transformers' save_pretrained)")
-                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-                    if dist.get_rank() == 0:
-                        params[name].data.copy_(f.get_tensor(key))
-                loaded.add(name)
-    missing = set(params) - loaded
-    if missing:
-        raise KeyError(f"{path}: no weights for {sorted(missing)[:5]} ({len(missing)} parameters)")
-    return model
-
-
 class Learner:
     """One rank of the learner group; ``rl``, ``model`` and ``attention`` are the config sections
     (r_visual's layers, epsilon and statistics method are ``attention.*``, as in eval and SFT)."""
@@ -119,6 +68,8 @@ class Learner:
 
         dtype = trained_dtype(config)  # model.dtype, or float32 where the accelerator lacks it
         if self.rl.zero_stage == 3:
+            from actors.learner_load import load_partitioned
+
             return load_partitioned(self.model_cfg.path, dtype, config)
         # attn "avar": plain SDPA unless a forward carries an attention context (the statistics)
         return load_model(self.model_cfg.path, dtype=dtype, attn_implementation="avar")
@@ -165,10 +116,23 @@ class Learner:
                                 self.banned, with_entropy, chunks, **kwargs)
 
     # ------------------------------------------------------------------ the no-grad pass
+    def _prompt_error(self, prompt, item: TrainItem) -> str:
+        """Non-empty when the learner's prompt ids differ from vLLM's (the rollout gets reward 0)."""
+        ids = prompt.ids
+        if not item.prompt_ids or ids == list(item.prompt_ids):
+            return ""
+        error = (f"sample {prompt.sample_id}: the learner's prompt ({len(ids)} tokens) differs from "
+                 f"vLLM's ({len(item.prompt_ids)} tokens)")
+        log.warning("learner %d: %s", self.rank, error)
+        return error
+
     @torch.no_grad()
-    def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]], chunks: list[int]) -> dict:
-        """Old log-probs of every rollout, r_visual (ungated) of those flagged True, and the
-        prompt-id check against vLLM. ``micro_batches``: (step index, item, wants statistics)."""
+    def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]], chunks: list[int],
+              checks: list[tuple[int, TrainItem]] = (), with_old: bool = True) -> dict:
+        """r_visual (ungated) of the rows flagged True, their old log-probs (``with_old``) and the
+        prompt-id check against vLLM. ``micro_batches``: (step index, item, wants statistics) to
+        forward; ``checks``: (step index, item) whose prompts are only encoded (cached for the
+        update) and checked."""
         from avar_ray.attention import AttentionContext
         from rewards import visual_ratio
 
@@ -191,29 +155,31 @@ class Learner:
             seconds["forward"] += time.perf_counter() - t
             stats = ctx.stats() if ctx is not None else None
             for b, ((index, item, want), prompt) in enumerate(zip(micro, prompts)):
-                error = ""
-                ids = prompt.ids
-                if item.prompt_ids and ids != list(item.prompt_ids):
-                    error = (f"sample {prompt.sample_id}: the learner's prompt ({len(ids)} tokens) differs from "
-                             f"vLLM's ({len(item.prompt_ids)} tokens)")
-                    log.warning("learner %d: %s", self.rank, error)
                 vas = math.nan
                 if want:
                     mass_v, mass_s = stats.sample(b)
                     vas = visual_ratio(mass_v, mass_s, eps=self.attention.eps)
-                out[index] = ScoredPass(logprob[b, :len(item.response_ids)].tolist(), vas, error)
+                old = logprob[b, :len(item.response_ids)].tolist() if with_old else None
+                out[index] = ScoredPass(old, vas, self._prompt_error(prompt, item))
+        for (index, item), prompt in zip(checks, self.prompts.prompts([it.sample for _, it in checks])):
+            out[index] = ScoredPass(None, math.nan, self._prompt_error(prompt, item))
         return {"passes": out, "seconds": seconds}
 
     # ------------------------------------------------------------------ training
     def train(self, minis: list[list[list[TrainItem]]], chunks: list[list[int]], infos: list[dict]) -> dict:
         """``rl.ppo_epochs`` passes over ``minis`` (mini-batch -> micro-batches of items), one
-        optimizer step per mini-batch; ``infos``: verl's global batch info per mini-batch."""
+        optimizer step per mini-batch; ``infos``: verl's global batch info per mini-batch. Items
+        without old log-probs (one optimizer step in all: ``LearnerGroup.old_from_train``) take
+        this forward's own, detached: the policy before the step, as a separate no-grad pass
+        would compute them (TRL at ``num_iterations=1``, verl); their vLLM-vs-learner log-prob
+        difference is measured here then."""
         from avar_ray.grpo import kl_loss, policy_loss, tis_weights
 
         rl, engine = self.rl, self.engine
         engine.train()
         stats = {"pg_loss": 0.0, "kl_loss": 0.0, "entropy_sum": 0.0, "tokens": 0, "clipfrac_sum": 0.0,
-                 "ppo_kl_sum": 0.0, "update_tokens": 0, "tis_sum": 0.0, "tis_capped": 0, "updates": 0}
+                 "ppo_kl_sum": 0.0, "update_tokens": 0, "tis_sum": 0.0, "tis_capped": 0, "updates": 0,
+                 "diff_max": 0.0, "diff_sum": 0.0, "diff_tokens": 0}
         grad_norm = math.nan
         for epoch in range(rl.ppo_epochs):
             for m, mini in enumerate(minis):
@@ -223,8 +189,15 @@ class Learner:
                     logprob, entropy, mask = self._logprobs(engine, encoded, items, chunks[m][k],
                                                             with_entropy=epoch == 0)
                     width = logprob.shape[1]
-                    old = pad_rows([it.old_logprobs for it in items], width).to(logprob.device)
                     rollout = pad_rows([it.rollout_logprobs for it in items], width).to(logprob.device)
+                    if items[0].old_logprobs is None:  # on-policy at the only optimizer step
+                        old = logprob.detach()
+                        diff = torch.where(mask.bool(), (old - rollout).abs(), 0.0)
+                        stats["diff_max"] = max(stats["diff_max"], float(diff.max()))
+                        stats["diff_sum"] += float(diff.sum())
+                        stats["diff_tokens"] += int(mask.sum())
+                    else:
+                        old = pad_rows([it.old_logprobs for it in items], width).to(logprob.device)
                     weights = tis_weights(old, rollout, rl.tis_cap)
                     advantages = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logprob.device)
                     pg_loss, metrics = policy_loss(old, logprob, advantages, mask, rl.clip_ratio, rl.n_samples,
@@ -392,29 +365,48 @@ class LearnerGroup:
         return plan_step(lengths, self.world_size, mini_batches, self.rl.micro_batch_size,
                          self.rl.max_tokens_per_micro_batch)
 
-    def score(self, items: list[TrainItem], want_stats: list[bool]) -> tuple[list[ScoredPass], dict]:
-        """The no-grad pass over the step's rollouts, data-parallel: one ``ScoredPass`` per item
-        (in order) and the pass's metrics."""
+    @property
+    def old_from_train(self) -> bool:
+        """One optimizer step per update (``rl.ppo_epochs`` = ``rl.mini_batches`` = 1): it is
+        exactly on-policy, so the old log-probs are the train forward's own and the no-grad pass
+        runs only where attention statistics are wanted."""
+        return self.rl.ppo_epochs == 1 and self.rl.mini_batches == 1
+
+    def score(self, items: list[TrainItem], want_stats: list[bool],
+              with_old: Optional[bool] = None) -> tuple[list[ScoredPass], dict]:
+        """The no-grad pass over the step's rollouts, data-parallel (``grpo.plan_score``): one
+        ``ScoredPass`` per item (in order) and the pass's metrics. ``with_old``: the old log-probs
+        of every rollout too (None: unless ``old_from_train``; else ``old_logprobs`` is None).
+        Every rollout's prompt ids are checked against vLLM's."""
         import ray
 
-        plan = [rank[0] for rank in self._plan(items, 1)]
-        chunks = [_chunk_counts([[len(items[i].response_ids) for i in plan[r][k]] for r in range(self.world_size)])
-                  for k in range(len(plan[0]))]
-        calls = [a.score.remote([[(i, items[i], want_stats[i]) for i in micro] for micro in plan[r]], chunks)
+        from avar_ray.grpo import plan_score
+
+        lengths = [len(it.prompt_ids) + len(it.response_ids) for it in items]
+        with_old = not self.old_from_train if with_old is None else with_old
+        forward, check = plan_score(lengths, want_stats, self.world_size, self.rl.micro_batch_size,
+                                    self.rl.max_tokens_per_micro_batch, old_from_train=not with_old)
+        chunks = [_chunk_counts([[len(items[i].response_ids) for i in forward[r][k]] for r in range(self.world_size)])
+                  for k in range(len(forward[0]))]
+        calls = [a.score.remote([[(i, items[i], want_stats[i]) for i in micro] for micro in forward[r]], chunks,
+                                [(i, items[i]) for i in check[r]], with_old)
                  for r, a in enumerate(self.actors)]
         passes: dict[int, ScoredPass] = {}
         results = ray.get(calls)
         for result in results:
             passes.update(result["passes"])
         ordered = [passes[i] for i in range(len(items))]
-        diffs = [abs(a - b) for it, p in zip(items, ordered) for a, b in zip(p.old_logprobs, it.rollout_logprobs)]
-        return ordered, {
-            "actor/logprob_diff_max": max(diffs, default=0.0),
-            "actor/logprob_diff_mean": sum(diffs) / max(len(diffs), 1),
+        metrics = {
             "learner/prompt_mismatch": sum(1 for p in ordered if p.error),
             "learner/visual_stats_rollouts": sum(want_stats),
+            "learner/score_rollouts": sum(len(micro) for rank in forward for micro in rank),
             "time/old_logprob_forward": max(r["seconds"]["forward"] for r in results),
         }
+        if with_old:  # else measured by the update's forward (train_step)
+            diffs = [abs(a - b) for it, p in zip(items, ordered) for a, b in zip(p.old_logprobs, it.rollout_logprobs)]
+            metrics["actor/logprob_diff_max"] = max(diffs, default=0.0)
+            metrics["actor/logprob_diff_mean"] = sum(diffs) / max(len(diffs), 1)
+        return ordered, metrics
 
     def train_step(self, items: list[TrainItem]) -> dict:
         """The GRPO update: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps."""
@@ -422,8 +414,10 @@ class LearnerGroup:
 
         from avar_ray.grpo import batch_info
 
-        if any(it.old_logprobs is None for it in items):
-            raise ValueError("train_step: run score() first (the old log-probs are the learners' own)")
+        missing = sum(it.old_logprobs is None for it in items)
+        if missing and (missing < len(items) or not self.old_from_train):
+            raise ValueError(f"train_step: {missing} of {len(items)} rollouts have no old log-probs: with "
+                             "rl.ppo_epochs or rl.mini_batches > 1 every rollout needs the score() pass's")
         plan = self._plan(items, self.rl.mini_batches)
         minis = range(self.rl.mini_batches)
         infos = []
@@ -450,6 +444,10 @@ class LearnerGroup:
             "learner/prompt_encodes": sum(r["prompt_encodes"] for r in per_rank),
             "learner/prompt_encode_s": max(r["prompt_encode_s"] for r in per_rank),
         }
+        diff_tokens = sum(r["diff_tokens"] for r in per_rank)
+        if diff_tokens:  # the old log-probs were the update's own: vLLM's vs them, over its tokens
+            out["actor/logprob_diff_max"] = max(r["diff_max"] for r in per_rank)
+            out["actor/logprob_diff_mean"] = sum(r["diff_sum"] for r in per_rank) / diff_tokens
         if self.rl.tis_cap is not None:
             out["actor/tis_weight_mean"] = sum(r["tis_sum"] for r in per_rank) / n_upd
             out["actor/tis_capped_frac"] = sum(r["tis_capped"] for r in per_rank) / n_upd

@@ -55,14 +55,14 @@ class TrainItem:
     advantage: float
     rollout_logprobs: list[float]
     prompt_ids: list[int] = field(default_factory=list)  # vLLM's; [] = not checked
-    old_logprobs: Optional[list[float]] = None  # None: the learners' own pass has not run
+    old_logprobs: Optional[list[float]] = None  # None: the update's own forward gives them (one optimizer step)
 
 
 @dataclass
 class ScoredPass:
     """What the learners' no-grad pass gives back for one rollout."""
 
-    old_logprobs: list[float]
+    old_logprobs: Optional[list[float]]  # None: not computed (the update computes them)
     vas: float  # response-span VAS (SPEC.md §5's r_visual before the gate); nan if not asked for
     error: str = ""  # non-empty: the prompt ids differed from vLLM's, or the forward raised
 

@@ -152,3 +152,29 @@ def plan_step(lengths: Sequence[int], ranks: int, mini_batches: int, max_rows: i
         for r, part in enumerate(parts):
             plan[r].append([[part[i] for i in micro] for micro in balanced_split([lengths[i] for i in part], count)])
     return plan
+
+
+def plan_score(lengths: Sequence[int], want: Sequence[bool], ranks: int, max_rows: int, max_tokens: int,
+               old_from_train: bool) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """The learners' no-grad pass over a step's rollouts as ``(forward, check)``: ``forward[rank]
+    [micro] -> row indices`` to run through the model, ``check[rank] -> row indices`` whose
+    prompt ids are only compared with vLLM's (no forward). Every row is in exactly one of them.
+
+    ``old_from_train`` (one optimizer step per update: the train forward's own detached
+    log-probs are the old ones) forwards only the rows that ``want`` attention statistics,
+    topped up with other rows to one per rank (ZeRO-3: every rank runs the same forwards), and
+    none when no row wants them; otherwise every row (its old log-probs). The check rows go to
+    the rank that trains on them (``balanced_split``, as ``plan_step``): its prompt cache then
+    serves the update."""
+    n = len(lengths)
+    rows = [i for i in range(n) if want[i]] if old_from_train else list(range(n))
+    if rows and len(rows) < ranks:
+        chosen = set(rows)
+        rows = sorted(rows + [i for i in range(n) if i not in chosen][:ranks - len(rows)])
+    forward: list = [[] for _ in range(ranks)]
+    if rows:
+        sub = plan_step([lengths[i] for i in rows], ranks, 1, max_rows, max_tokens)
+        forward = [[[rows[j] for j in micro] for micro in rank[0]] for rank in sub]
+    skipped = set(range(n)) - set(rows)
+    check = [[i for i in share if i in skipped] for share in balanced_split(lengths, ranks)]
+    return forward, check

@@ -11,8 +11,8 @@ import torch
 
 from verl.trainer.ppo import core_algos
 
-from avar_ray.grpo import (balanced_split, batch_info, grpo_advantages, informative_groups, kl_loss, plan_step,
-                           policy_loss, tis_weights)
+from avar_ray.grpo import (balanced_split, batch_info, grpo_advantages, informative_groups, kl_loss, plan_score,
+                           plan_step, policy_loss, tis_weights)
 
 # Three groups of four rollouts: mixed rewards, all-identical rewards, and a group of one.
 SCORES = np.array([1.0, 0.0, 0.5, 1.3, 0.7, 0.7, 0.7, 0.7, 2.0], dtype=np.float32)
@@ -194,3 +194,28 @@ def test_balanced_split_and_step_plan():
     assert [len(mini) for mini in plan_step(lengths, 2, 2, 4, 0)[0]] == [1, 1]
     with pytest.raises(ValueError, match="mini_batches"):
         plan_step([5, 5], ranks=2, mini_batches=2, max_rows=4, max_tokens=0)
+
+
+def _rows(plan) -> list[int]:
+    return sorted(i for rank in plan for micro in rank for i in micro)
+
+
+def test_score_plan_forwards_only_the_rows_that_want_statistics():
+    lengths = [100, 10, 90, 20, 50, 50, 30, 70]
+    want = [False, True, False, False, True, True, False, False]
+    forward, check = plan_score(lengths, want, ranks=2, max_rows=4, max_tokens=0, old_from_train=True)
+    assert _rows(forward) == [1, 4, 5]
+    assert len(forward[0]) == len(forward[1]) >= 1  # the same forwards on every rank (ZeRO-3)
+    assert sorted(i for rank in check for i in rank) == [0, 2, 3, 6, 7]  # checked, not forwarded
+    shares = balanced_split(lengths, 2)  # a check row goes to the rank that trains on it
+    assert all(set(check[r]) <= set(shares[r]) for r in range(2))
+    # no row wants statistics: no forward at all, every row only checked
+    forward, check = plan_score(lengths, [False] * 8, 2, 4, 0, old_from_train=True)
+    assert forward == [[], []] and sorted(i for rank in check for i in rank) == list(range(8))
+    # one wanted row, two ranks: topped up with one other row so that each rank runs one forward
+    forward, _ = plan_score(lengths, [False, False, False, True, False, False, False, False], 2, 4, 0, True)
+    assert 3 in _rows(forward) and len(_rows(forward)) == 2 and all(len(rank) == 1 for rank in forward)
+    # several optimizer steps: every row's old log-probs come from this pass
+    forward, check = plan_score(lengths, want, 2, 4, 0, old_from_train=False)
+    assert _rows(forward) == list(range(8)) and check == [[], []]
+    assert forward == [rank[0] for rank in plan_step(lengths, 2, 1, 4, 0)]  # today's plan

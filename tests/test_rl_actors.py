@@ -152,6 +152,66 @@ def test_grpo_update_moves_the_policy(synced):
 
 
 @slow
+def test_update_without_the_score_pass_equals_the_update_after_it(ray_local, tiny_model_dir, synced, tmp_path):
+    """One optimizer step per update: the old log-probs taken from the update's own forward
+    (no score pass) give the update the score pass's old log-probs give, with TIS and the KL
+    term on. The rollouts come from the synced policy (version 1) and this group holds version 0:
+    vLLM's log-probs are a version behind the old ones, as under ``rl.max_staleness`` 1, so the
+    TIS weights are not 1."""
+    group = make_learners(tiny_model_dir, zero_stage=2, lr=1e-3, tis_cap=1.5, kl_coef=0.05)
+    try:
+        advantages = np.resize(np.array([1.0, -1.0, 0.5, -0.5]), len(synced.after))
+        group.train_step(train_items(synced.after, synced.by_id, -advantages))  # away from the KL reference
+        start = group.logprobs(train_items(synced.after, synced.by_id))
+        group.save_checkpoint(str(tmp_path), "start", {})
+        runs = []
+        for with_old in (True, False):
+            group.load_checkpoint(str(tmp_path), "start")
+            items = train_items(synced.after, synced.by_id, advantages)
+            passes, scored = group.score(items, [False] * len(items), with_old=with_old)
+            assert scored["learner/score_rollouts"] == (len(items) if with_old else 0)
+            assert all((p.old_logprobs is not None) == with_old for p in passes)
+            for it, p in zip(items, passes):
+                it.old_logprobs = p.old_logprobs
+            metrics = {**scored, **group.train_step(items)}
+            runs.append((metrics, group.logprobs(items)))
+        (score_pass, after_a), (own, after_b) = runs
+        assert max_diff(after_a, start) > 1e-2  # the update moved the policy ...
+        assert max_diff(after_a, after_b) < 1e-5  # ... to the same place both ways
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/entropy", "actor/tis_weight_mean",
+                    "actor/logprob_diff_max", "actor/logprob_diff_mean"):
+            assert own[key] == pytest.approx(score_pass[key], rel=1e-4, abs=1e-6), key
+        assert own["actor/kl_loss"] > 0 and abs(own["actor/tis_weight_mean"] - 1) > 1e-3
+        assert own["actor/logprob_diff_max"] > 0.05  # a version apart
+        assert own["actor/ppo_kl"] == 0.0 and own["actor/pg_clipfrac"] == 0.0  # the ratio is exactly 1
+        assert abs(score_pass["actor/ppo_kl"]) < 1e-6
+    finally:
+        group.shutdown()
+
+
+@slow
+def test_score_pass_runs_on_the_rollouts_that_want_statistics_only(learners, synced):
+    import dataclasses
+    import math
+
+    items = train_items(synced.after, synced.by_id)
+    want = [i % 3 == 0 for i in range(len(items))]
+    passes, metrics = learners.score(items, want)
+    assert metrics["learner/score_rollouts"] == metrics["learner/visual_stats_rollouts"] == sum(want)
+    assert all(math.isfinite(p.vas) == w and p.old_logprobs is None for p, w in zip(passes, want))
+    assert "actor/logprob_diff_max" not in metrics  # the update measures it
+    # the prompt check needs no forward: a prompt vLLM saw differently is caught all the same
+    items[1] = dataclasses.replace(items[1], prompt_ids=items[1].prompt_ids[:-1])
+    passes, metrics = learners.score(items, [False] * len(items))
+    assert metrics["learner/score_rollouts"] == 0 and metrics["time/old_logprob_forward"] == 0.0
+    assert [bool(p.error) for p in passes] == [i == 1 for i in range(len(items))]
+    assert metrics["learner/prompt_mismatch"] == 1
+    with pytest.raises(ValueError, match="no old log-probs"):  # all or none
+        learners.train_step([dataclasses.replace(it, old_logprobs=[0.0] * len(it.response_ids)) if i else it
+                             for i, it in enumerate(items)])
+
+
+@slow
 def test_weight_sync_uses_several_buckets(synced, learners):
     import ray
 

@@ -134,6 +134,19 @@ def test_reward_actor_combines_parts_gates_and_isolates_failures(procedural_parq
     assert scorer.errors_total == 1
 
 
+def test_statistics_are_wanted_only_where_r_visual_can_change_a_reward():
+    """The learners' no-grad pass (with one optimizer step: its only work) runs on the rollouts
+    the gate lets through, and on none when lambda_v is 0."""
+    from avar_ray.config import RewardConfig
+    from avar_ray.rl.driver import visual_wanted
+
+    text = [(1.0, 1.0, ""), (0.0, 1.0, ""), (1.0, 0.0, "ValueError: x"), (0.0, 0.0, "")]
+    assert visual_wanted(text, RewardConfig()) == [True, False, False, False]  # the paper's gate
+    assert visual_wanted(text, RewardConfig(visual_gate=False)) == [True, True, False, True]
+    assert visual_wanted(text, RewardConfig(lambda_v=0.0)) == [False] * 4
+    assert visual_wanted(text, RewardConfig(lambda_v=0.0, visual_gate=False)) == [False] * 4
+
+
 # ----------------------------------------------------------------------------- shared runs
 def _overrides(tiny_model_dir, procedural_parquet, out: Path, steps: int) -> list[str]:
     return [f"model.path={tiny_model_dir}", f"data.train={procedural_parquet}", f"rl.out={out}",
@@ -225,6 +238,17 @@ def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, proce
     assert state["step"] == 7 and state["policy_version"] == 7
     assert state["sampler"] == {"epoch": 0, "position": 14, "drawn": 14}
     assert report.final_model == str(ckpts / "step_7" / "hf")
+
+
+@slow
+def test_the_score_pass_runs_on_the_gated_rollouts_and_the_update_measures_the_old_log_probs(resumed_run):
+    """One optimizer step per update: the learners' no-grad pass ran on the rollouts that want
+    statistics (all of them here: gate off, lambda_v 0.3), no more; the vLLM-vs-learner log-prob
+    difference came from the update's forward."""
+    for record in resumed_run["first"]:
+        rows = PROMPTS_PER_STEP * N_SAMPLES
+        assert record["learner/score_rollouts"] == record["learner/visual_stats_rollouts"] == rows
+        assert record["actor/ppo_kl"] == 0.0 and record["actor/pg_clipfrac"] == 0.0  # old = the update's own
 
 
 def _actor_pids(class_name: str) -> list[int]:

@@ -1,11 +1,13 @@
 """The RL driver: ``run_rl(cfg)`` runs GRPO with the visual-attention reward (SPEC.md §5).
 
 Each step: draw prompts (seeded; the position is checkpointed) -> n rollouts per prompt on
-the vLLM workers -> the text rewards (reward actor) -> the learners' no-grad pass (old
-log-probs; r_visual from the attention statistics of the rollouts the gate lets through) ->
-the combined reward (reward actor) -> [dynamic sampling: drop equal-reward groups, draw more]
--> group advantages (``avar_ray.grpo``) -> the learners' DeepSpeed update -> weight sync to
-the rollout workers -> metrics -> a checkpoint every ``rl.save_every`` steps and at the last one.
+the vLLM workers -> the text rewards (reward actor) -> the learners' no-grad pass (r_visual
+from the attention statistics of the rollouts the gate lets through, when ``lambda_v > 0``; the
+old log-probs of every rollout only with several optimizer steps per update, else the update's
+own forward gives them; every prompt's ids checked against vLLM's) -> the combined reward
+(reward actor) -> [dynamic sampling: drop equal-reward groups, draw more] -> group advantages
+(``avar_ray.grpo``) -> the learners' DeepSpeed update -> weight sync to the rollout workers ->
+metrics -> a checkpoint every ``rl.save_every`` steps and at the last one.
 With ``rl.max_staleness = k >= 1`` the rollouts of the next k steps are generated meanwhile
 (``avar_ray.rl.pipeline``). Outputs under ``rl.out``: ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/step_N/`` (DeepSpeed + ``hf/``) and ``rl_report.json``.
@@ -61,6 +63,15 @@ SUMMARY_KEYS = (("reward", "reward/total"), ("accuracy", "reward/accuracy"), ("r
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3g}"
+
+
+def visual_wanted(text: list[tuple[float, float, str]], reward) -> list[bool]:
+    """The rollouts whose attention statistics the learners compute: those SPEC.md §5's gate lets
+    through, when r_visual can change a reward (``reward.lambda_v > 0``); with one optimizer step
+    per update the learners' no-grad pass runs on these alone (``LearnerGroup.score``)."""
+    from actors.reward import needs_visual
+
+    return needs_visual(text, reward.visual_gate) if reward.lambda_v > 0 else [False] * len(text)
 
 
 class PhaseClock:
@@ -131,12 +142,10 @@ class Run:
         scored, passes, counts)``, ``batch`` holding ``(sample, object ref)`` per kept prompt. With ``rl.dynamic_sampling`` groups whose rewards are all
         equal are dropped and more prompts drawn, up to ``rl.dynamic_sampling_max_refills``
         times (DAPO); ``prompt_index`` is then renumbered over the kept groups."""
-        from actors.reward import needs_visual
-
         rl, system = self.cfg.rl, self.system
         batch, rollouts, scored, passes = [], [], [], []
         counts = {"dynamic/dropped_groups": 0, "dynamic/refills": 0, "rollout/failed_prompts": 0, "data/image_bytes": 0,
-                  "learner/prompt_mismatch": 0, "learner/visual_stats_rollouts": 0}
+                  "learner/prompt_mismatch": 0, "learner/visual_stats_rollouts": 0, "learner/score_rollouts": 0}
         learner_metrics: dict = {}
         draws = 1 + (rl.dynamic_sampling_max_refills if rl.dynamic_sampling else 0)
         for draw in range(draws):
@@ -158,11 +167,11 @@ class Run:
             with clock.phase("reward"):
                 text = system.reward.text(got, {s.id: replace(s, images=[]) for s in drawn})
                 items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
-                want = needs_visual(text, rl.reward.visual_gate)
+                want = visual_wanted(text, rl.reward)
                 got_passes, learner_metrics = system.learners.score(items, want) if items else ([], {})
                 got_scored = system.reward.combine(got, text, [p.vas for p in got_passes],
                                                    [p.error for p in got_passes])
-            for key in ("learner/prompt_mismatch", "learner/visual_stats_rollouts"):
+            for key in ("learner/prompt_mismatch", "learner/visual_stats_rollouts", "learner/score_rollouts"):
                 counts[key] += learner_metrics.get(key, 0)
             groups = sorted({r.prompt_index for r in got})
             if rl.dynamic_sampling:

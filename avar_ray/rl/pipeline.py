@@ -10,7 +10,8 @@ driver waits for the generation in flight (``settle``): vLLM reloads between gen
 a draw made for step ``t`` while the workers hold version ``v`` must stay at ``v`` for the run
 to be a function of its seed. In the steady state step ``t`` then trains (learners at version
 ``t-1``) on rollouts of version ``t-1-k``: staleness ``k``; the behaviour log-probs and
-``rl.tis_cap`` cover the gap (the old log-probs are the learners' own, from the score pass).
+``rl.tis_cap`` cover the gap (the old log-probs are the learners' own at version ``t-1``: from
+the score pass, or with one optimizer step from the update's forward, before that step).
 A step trains only on rollouts with ``version >= current - k`` (older ones: dropped, counted).
 
 Checkpoints record the prompt indices of the draws in flight (not their rollouts); a resumed run
