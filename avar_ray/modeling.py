@@ -54,6 +54,36 @@ def load_model(path: str, dtype: str = "float32", attn_implementation: str = "av
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
 
 
+def float32_rope(model: torch.nn.Module) -> int:
+    """Recompute every rotary embedding's inverse frequencies in float32, in place; returns how
+    many modules it fixed. DeepSpeed casts them to the training dtype with everything else
+    (ZeRO-3's ``zero.Init`` as the module is built, ``engine.bfloat16()`` below ZeRO-3), and RoPE's
+    angle is ``position * inv_freq``: in bf16 (8 mantissa bits) the angle of position 4096 is off
+    by up to ~16 rad, so the learner's log-probs and attention statistics drift from vLLM's (whose
+    RoPE angles are float32) the further a token is from the start. A cast back to float32
+    (DeepSpeed's ``keep_in_fp32_modules``) restores the dtype, not the lost bits: the values are
+    recomputed with transformers' own rule (``PreTrainedModel._init_weights``)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fixed = 0
+    for name, module in model.named_modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if not torch.is_tensor(inv_freq) or "RotaryEmbedding" not in type(module).__name__:
+            continue
+        rope_type = getattr(module, "rope_type", "default")
+        init = {"axial": getattr(module, "compute_axial_rope_parameters", None),
+                "default": getattr(module, "compute_default_rope_parameters", None), **ROPE_INIT_FUNCTIONS}.get(rope_type)
+        if init is None or not hasattr(module, "config"):
+            raise ValueError(f"{name}: cannot recompute the RoPE frequencies of {type(module).__name__} "
+                             f"(rope_type {rope_type!r})")
+        value = init(module.config)[0].to(device=inv_freq.device, dtype=torch.float32)
+        module.inv_freq = value  # replaces the buffer (nn.Module.__setattr__), non-persistent as before
+        if torch.is_tensor(getattr(module, "original_inv_freq", None)):
+            module.original_inv_freq = value.clone()
+        fixed += 1
+    return fixed
+
+
 @dataclass
 class Encoded:
     """A padded batch: model inputs, the spans of each row and where each response starts."""
