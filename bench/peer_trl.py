@@ -1,7 +1,7 @@
 """avar-ray's GRPO step next to TRL's ``GRPOTrainer`` on the same CPU work.
 
     .venv/bin/python bench/peer_trl.py [--steps 3] [--warmup 1] [--prompts 2] [--n 4]
-                                       [--max-new-tokens 32] [--lr 1e-5] [--cpus 2]
+                                       [--max-new-tokens 32] [--lr 1e-5] [--cpus 2] [--set KEY=VALUE ...]
 
 TRL is not a dependency of the package: ``make bench`` installs ``trl==1.16.0`` (with
 accelerate, datasets, multiprocess; nothing already installed changes). Both sides get:
@@ -18,10 +18,15 @@ accelerate, datasets, multiprocess; nothing already installed changes). Both sid
   rollout worker, a reward actor and a learner need 3 slots).
 
 Rewards: TRL gets avar-ray's accuracy and format functions (``rewards``); avar-ray also computes
-r_visual from its learners' statistics pass (part of its step, named in the phase table).
+r_visual from its learners' statistics pass for the rollouts SPEC.md §5's gate lets through (the
+correct ones: none for the random tiny model, so its step runs no such pass; with one optimizer
+step its old log-probs come from the update's forward, as TRL's at ``num_iterations=1``).
 Step time: the median over the steps after ``--warmup``; avar-ray's from its ``metrics.jsonl``
-(``time/step`` and the phases), TRL's from a callback around each optimizer step, with its
-generation (``GRPOTrainer._generate``, timed) split from the rest. The machine may be shared:
+(``time/step`` less ``time/checkpoint``: the last step saves one and TRL saves none, so the
+compared step is the same work; the raw figure is printed too), TRL's from a callback around
+each optimizer step, with its generation (``GRPOTrainer._generate``, timed) split from the rest.
+The weight sync is split into the learners' publish and the vLLM worker's load
+(``sync/publish_s``, ``sync/load_s``). The load average is printed before and after. The machine may be shared:
 read the ratio and the phases, not the absolute seconds. TRL's ``--cpus 2`` is one process with
 two OpenMP threads: while another job holds a core, every parallel op waits for the descheduled
 thread and its steps take 10-45 s instead of 0.4-0.8 s (``bench/results/peer_trl.md``);
@@ -55,7 +60,8 @@ def run_avar(args, model: Path, data: Path, out: Path) -> dict:
     overrides = [f"model.path={model}", f"data.train={data}", f"rl.out={out}", f"rl.steps={args.steps}",
                  f"rl.prompts_per_step={args.prompts}", f"rl.n_samples={args.n}",
                  f"rl.max_new_tokens={args.max_new_tokens}", f"rl.lr={args.lr}", "rl.kl_coef=0.0", "rl.ppo_epochs=1",
-                 "rl.temperature=1.0", "rl.save_every=0", f"ray.num_cpus={max(args.cpus, 4)}", f"rl.seed={args.seed}"]
+                 "rl.temperature=1.0", "rl.save_every=0", f"ray.num_cpus={max(args.cpus, 4)}", f"rl.seed={args.seed}",
+                 *args.set]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "avar_ray", "rl", "-c", str(REPO / "configs" / "tiny_local.yaml"),
                            *overrides], capture_output=True, text=True, cwd=REPO)
@@ -164,6 +170,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more avar-ray config overrides (e.g. rl.weight_sync_backend=nccl)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "peer_trl.json"))
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -174,6 +182,7 @@ def main() -> None:
     from avar_ray.rl.metrics import PHASES
     from avar_ray.tiny_model import build_tiny_model
 
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(tmp / "tiny", seed=0)
@@ -184,28 +193,46 @@ def main() -> None:
         avar = run_avar(args, model, data, tmp / "avar")
         trl = run_trl(args, model, data, tmp / "trl", order)
 
+    load = [load, os.getloadavg()]
     drawn = [r.get("data/prompt_ids") for r in avar["rows"]]
     same = [i for step in drawn for i in (step or [])] == trl_ids
-    avar_steps = [r["time/step"] for r in avar["rows"]][args.warmup:]
+    timed = avar["rows"][args.warmup:]
+    raw_steps = [r["time/step"] for r in timed]
+    avar_steps = [r["time/step"] - r["time/checkpoint"] for r in timed]  # TRL saves no checkpoint
     trl_steps = trl["step_s"][args.warmup:]
     a, t = statistics.median(avar_steps), statistics.median(trl_steps)
+
+    def median(key: str) -> float:
+        return statistics.median(r.get(key, 0.0) for r in timed)
     print(f"\nGRPO step on the tiny model, {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
           f"float32, lr {args.lr:g}, {args.cpus} CPUs; median of steps {args.warmup + 1}..{args.steps}")
-    print(f"  avar-ray  {a:7.2f} s/step   ({avar['actors_line'] or 'actors start: n/a'})")
+    print(f"  avar-ray  {a:7.2f} s/step   without its checkpoint ({statistics.median(raw_steps):.2f} with it; "
+          f"{avar['actors_line'] or 'actors start: n/a'})")
     print(f"  TRL       {t:7.2f} s/step   (trainer built in {trl['start_s']:.1f} s)")
     print(f"  ratio avar-ray / TRL: {a / t:.2f}x  ({'avar-ray slower' if a > t else 'avar-ray faster'})")
     print("avar-ray's step by phase (median s):")
     phases = {p: statistics.median([r[f"time/{p}"] for r in avar["rows"]][args.warmup:]) for p in PHASES}
     for p, s in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"  {p:12} {s:7.2f}  {100 * s / a:5.1f}%")
-    print(f"  other        {a - sum(phases.values()):7.2f}  (driver, scheduling)")
+    print(f"  other        {a + phases['checkpoint'] - sum(phases.values()):7.2f}  (driver, scheduling)")
+    print("  (the step compared with TRL's leaves out the checkpoint)")
+    detail = {k: median(k) for k in ("learner/score_rollouts", "time/old_logprob_forward", "sync/publish_s",
+                                      "sync/load_s", "sync/mb", "sync/buckets", "actor/logprob_diff_max")}
+    print(f"  score pass: {detail['learner/score_rollouts']:.0f} of {args.prompts * args.n} rollouts forwarded "
+          f"({detail['time/old_logprob_forward']:.3f} s); weight sync of {detail['sync/mb']:.1f} MiB in "
+          f"{detail['sync/buckets']:.0f} bucket(s): learners' publish {detail['sync/publish_s']:.3f} s, vLLM load "
+          f"{detail['sync/load_s']:.3f} s")
     trl_gen = statistics.median(trl["generate_s"][args.warmup:])
     print(f"TRL's step (median s): generate {trl_gen:.2f}, the rest (rewards, log-probs, loss, backward, optimizer) "
           f"{t - trl_gen:.2f}; avar-ray: rollout {phases['rollout']:.2f}, the rest {a - phases['rollout']:.2f}")
     print(f"same prompts in the same order on both sides: {same}")
+    print(f"load average (1, 5, 15 min) before: {load[0][0]:.2f} {load[0][1]:.2f} {load[0][2]:.2f}, "
+          f"after: {load[1][0]:.2f} {load[1][1]:.2f} {load[1][2]:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "avar_step_s": avar_steps, "trl_step_s": trl_steps,
-                                          "ratio": a / t, "avar_phases_s": phases,
+    Path(args.out).write_text(json.dumps({"args": vars(args), "avar_step_s": avar_steps,
+                                          "avar_step_with_checkpoint_s": raw_steps, "trl_step_s": trl_steps,
+                                          "ratio": a / t, "avar_phases_s": phases, "avar_detail": detail,
+                                          "loadavg_before_after": load,
                                           "trl_generate_s": trl["generate_s"][args.warmup:], "order": order,
                                           "same_prompts": same,
                                           "avar_actors": avar["actors_line"], "trl_start_s": trl["start_s"]},
