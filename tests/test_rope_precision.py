@@ -1,7 +1,8 @@
 """RoPE's inverse frequencies stay float32 where DeepSpeed trains in bf16 (``modeling.float32_rope``).
 
 Found on an H200 (bench/gpu_check.sh): ZeRO-3's ``zero.Init`` built the learner's rotary buffers in
-bf16, and a model cast to bf16 (DeepSpeed's half copy in SFT) does the same. The angle of position p
+bf16, as a plain ``.to(bfloat16)`` does (``deepspeed.initialize`` on a built model, as in SFT, casts
+only the parameters). The angle of position p
 is ``p * inv_freq``, so bf16's rounding puts long positions whole turns off, and the learner's
 log-probs drift from vLLM's with the position."""
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_half_cast_rope_is_recomputed_exactly(tiny_model_dir):
     from avar_ray.modeling import float32_rope, load_model
 
     reference = _rope_buffers(load_model(str(tiny_model_dir), "float32"))
-    model = load_model(str(tiny_model_dir), "float32").to(torch.bfloat16)  # what engine.bfloat16() does
+    model = load_model(str(tiny_model_dir), "float32").to(torch.bfloat16)  # rounds the RoPE buffers, as zero.Init does
     cast = _rope_buffers(model)
     assert set(cast) == set(reference) and len(reference) == 4  # text and vision: inv_freq, original_inv_freq
     assert all(cast[n].dtype == torch.bfloat16 for n in cast)

@@ -87,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from avar_ray import checkpoints
     from avar_ray.deepspeed_config import trained_dtype
-    from avar_ray.modeling import export_hf, float32_rope, load_model, load_processor
+    from avar_ray.modeling import export_hf, load_model, load_processor
 
     sft, model_path, total = config["sft"], config["model_path"], config["total_steps"]
     out = Path(config["out"])
@@ -108,7 +108,6 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            lr_scheduler=lr_scheduler(sft, total))
-    float32_rope(engine.module)  # DeepSpeed's half copy cast RoPE's frequencies too
     engine.train()
 
     ckpt_dir = out / "checkpoints"
