@@ -9,7 +9,8 @@ image may have neither): the learner and the broadcast transport, on CUDA, in-pr
 procedural prompts. Prints one line ``LEARNER ...`` with
   * parity: the score pass's old log-probs (bf16, the ``avar`` attention with statistics on) and its
     r_visual against a float32 HF reference on the same weights;
-  * learning: three GRPO updates with advantage +1 on half the rollouts and -1 on the other half;
+  * learning: three GRPO updates with advantage +1 on half the rollouts and -1 on the other half
+    (the third with no score pass: the old log-probs from its own forward, as with one optimizer step);
     the mean log-prob gap (+ minus -) must grow (fails if the update does nothing or the wrong way);
   * the weight-sync payload: the ZeRO-3 bucket-wise gather loaded into a float32 model reproduces
     the trained policy's log-probs (and not the initial ones);
@@ -121,11 +122,15 @@ def learner(dry: bool) -> None:
         gaps.append(_mean_gap(old, advantages))
         if step == 3:
             break
-        for it, lp in zip(items, old):
-            it.old_logprobs = lp
+        for it, lp in zip(items, old):  # the third update takes its own forward's (one optimizer step: on-policy)
+            it.old_logprobs = None if step == 2 else lp
+            if step == 2:  # ... measured against this score pass's, the same policy: they must agree
+                it.rollout_logprobs = lp
         t = time.perf_counter()
         metrics = rank.train([[items]], [[chunks]], [info])
         seconds["train"] += time.perf_counter() - t
+        if step == 2:
+            own_diff = metrics["diff_sum"] / max(metrics["diff_tokens"], 1)
         if not all(map(lambda v: v == v and abs(v) < 1e6, (metrics["pg_loss"], metrics["grad_norm"]))):
             raise SystemExit(f"LEARNER FAIL: non-finite update metrics {metrics}")
 
@@ -138,10 +143,11 @@ def learner(dry: bool) -> None:
     sync_lp, _ = _reference_pass(synced, processor, items, cfg.model.system_prompt, cfg.attention, sorted(banned))
     sync_err, initial_err = _max_abs(sync_lp, trained), _max_abs(ref_lp, trained)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    ok = gaps[-1] > gaps[0] + 0.05 and sync_err < 0.5 * initial_err and lp_mean < 0.1 and vas_err < 0.05
+    ok = own_diff < 0.05 and gaps[-1] > gaps[0] + 0.05 and sync_err < 0.5 * initial_err and lp_mean < 0.1 and vas_err < 0.05
     print(f"LEARNER {'ok' if ok else 'FAIL'} zero3 {cfg.model.dtype} on {device}: "
           f"logprob |{cfg.model.dtype}-f32| max {lp_err:.3f} mean {lp_mean:.4f}, r_visual rel err {vas_err:.1e}; "
-          f"+/- logprob gap {' -> '.join(f'{g:.2f}' for g in gaps)}; "
+          f"+/- logprob gap {' -> '.join(f'{g:.2f}' for g in gaps)} (3rd update on its own old log-probs, "
+          f"|them - score pass's| mean {own_diff:.1e}); "
           f"gathered weights vs trained {sync_err:.3f} (initial {initial_err:.3f}, {len(missing)} tied keys); "
           f"setup {setup_s:.1f} s, score {seconds['score']:.2f} s, train {seconds['train']:.2f} s, "
           f"gather {gather_s:.2f} s, peak {peak:.0f} MiB")
