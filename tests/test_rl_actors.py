@@ -212,6 +212,27 @@ def test_score_pass_runs_on_the_rollouts_that_want_statistics_only(learners, syn
 
 
 @slow
+def test_statistics_pass_on_one_rollout_keeps_two_zero3_ranks_in_step(ray_local, tiny_model_dir, synced):
+    """ZeRO-3 forwards are collectives: with one rollout wanting statistics and two ranks, each
+    rank forwards one (the wanted one, topped up with another), and the update that takes its old
+    log-probs from its own forward then runs on both ranks."""
+    import math
+
+    group = make_learners(tiny_model_dir, zero_stage=3, placement={"learners": 2})
+    try:
+        items = train_items(synced.before, synced.by_id, np.resize(np.array([1.0, -1.0]), len(synced.before)))
+        every, _ = group.score(items, [True] * len(items))
+        passes, metrics = group.score(items, [i == 3 for i in range(len(items))])
+        assert metrics["learner/score_rollouts"] == 2 and metrics["learner/visual_stats_rollouts"] == 1
+        assert passes[3].vas == pytest.approx(every[3].vas, rel=1e-3) and every[3].vas > 0
+        assert all(math.isnan(p.vas) for i, p in enumerate(passes) if i != 3)
+        trained = group.train_step(items)
+        assert trained["actor/grad_norm"] > 0 and trained["actor/logprob_diff_max"] < TOL  # version 0 both sides
+    finally:
+        group.shutdown()
+
+
+@slow
 def test_weight_sync_uses_several_buckets(synced, learners):
     import ray
 
