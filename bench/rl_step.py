@@ -328,13 +328,13 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
     t["after/reward_text"] = time.perf_counter() - start
     items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in rollouts]
     start = time.perf_counter()
-    passes, _ = learners.score(items, [True] * len(items))
+    passes, _ = learners.score(items, [True] * len(items), with_old=True)  # a full pass: old log-probs too
     t["after/learner_pass_with_stats"] = time.perf_counter() - start
     start = time.perf_counter()
     scored = ray.get(reward.combine.remote(rollouts, text, [p.vas for p in passes], [p.error for p in passes]))
     t["after/reward_combine"] = time.perf_counter() - start
     start = time.perf_counter()
-    learners.score(items, [False] * len(items))
+    learners.score(items, [False] * len(items), with_old=True)  # (one optimizer step skips this pass: rl.md)
     t["learner_pass_without_stats"] = time.perf_counter() - start
     advantages = grpo_advantages(np.array([s.total for s in scored]), np.array([r.prompt_index for r in rollouts]))
     for it, a, p in zip(items, advantages, passes):

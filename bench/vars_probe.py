@@ -150,7 +150,7 @@ def main() -> None:
     for step, (m, rows) in enumerate(zip(metrics, log), 1):
         c = check_step(rows, reward)
         print(f"step {step:2d} acc {m['reward/accuracy']:.3f} visual {m['reward/visual']:.3f} "
-              f"vas {m['vas/response']:.3f} total {m['reward/total']:.3f} | " + json.dumps(
+              f"vas {m['vas/response'] if m['vas/response'] is not None else float('nan'):.3f} total {m['reward/total']:.3f} | " + json.dumps(
                   {k: round(v, 4) for k, v in c.items()}), flush=True)
     (tmp / "rollouts.json").write_text(json.dumps(
         [[{"group": g, "text": t, "sample_id": sid, "accuracy": sc.accuracy, "visual": sc.visual, "vas": sc.vas,
