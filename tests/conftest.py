@@ -5,6 +5,7 @@ Add fixtures here; do not duplicate them in test modules.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -94,6 +95,56 @@ def vllm_engine(tiny_model_dir):
                     gpu_memory_utilization=0.6)
     yield llm
     stop_llm(llm)
+
+
+@pytest.fixture
+def engines_stopped():
+    """A check to call after the code under test: every vLLM engine that this process or a
+    descendant (Ray's workers) started meanwhile is gone with its ``/dev/shm/psm_*`` queues
+    unlinked and its record in ``avar_ray.engine_janitor.REGISTRY`` removed, within ``timeout``
+    s (a Ray Data actor ends after its pipeline has returned). Records are told apart by their
+    owner while it runs, so other engines on the machine do not count."""
+    import threading
+    import time
+
+    import psutil
+
+    from avar_ray.engine_janitor import REGISTRY
+
+    before = set(REGISTRY.glob("*.json"))
+    ours: dict[Path, list[str]] = {}
+    done = threading.Event()
+
+    def watch():
+        me = psutil.Process()
+        while not done.is_set():
+            family = {me.pid} | {p.pid for p in me.children(recursive=True)}
+            for record in set(REGISTRY.glob("*.json")) - before - set(ours):
+                if int(record.name.split("-")[0]) in family:
+                    try:
+                        ours[record] = json.loads(record.read_text())["segments"]
+                    except (OSError, ValueError):  # already removed
+                        pass
+            done.wait(1.0)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def check(at_least: int, timeout: float = 60.0) -> None:
+        time.sleep(1.5)  # one more round of the watcher
+        deadline = time.monotonic() + timeout
+        while True:
+            left = {r: [s for s in segs if os.path.exists(s)] for r, segs in ours.items()}
+            left = {r: segs for r, segs in left.items() if r.exists() or segs}
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        assert len(ours) >= at_least, f"expected {at_least} engines started here, saw {sorted(ours)}"
+        assert not left, f"engines whose queues stayed behind (record: queues): {left}"
+
+    yield check
+    done.set()
+    thread.join()
 
 
 @pytest.fixture(scope="session")

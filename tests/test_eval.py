@@ -171,10 +171,11 @@ def _engine_processes() -> list[int]:
 
 
 @pytest.mark.slow
-def test_repeated_in_process_evals_under_ray_free_their_engines(ray_local, tiny_model_dir, bench_files, tmp_path):
+def test_repeated_in_process_evals_under_ray_free_their_engines(ray_local, tiny_model_dir, bench_files, tmp_path,
+                                                               engines_stopped):
     """What the demo does: run_eval three times in one process with Ray initialised, each
     starting its own vLLM engine. Each must shut its engine down (no EngineCore process, no
-    `vllm.LLM` object left behind) before returning."""
+    `vllm.LLM` object, no /dev/shm queue left behind) before returning."""
     import gc
 
     import vllm
@@ -194,6 +195,7 @@ def test_repeated_in_process_evals_under_ray_free_their_engines(ray_local, tiny_
         assert results["generation"] == "vllm" and results["overall"]["n"] == 1
         assert results["timings"]["engine_start_s"] < results["timings"]["generate_s"]
         assert alive() == before, f"call {k} left a vLLM engine behind"
+    engines_stopped(at_least=2)
 
 
 def test_unsegmentable_response_is_skipped_and_counted(tiny_model_dir, bench_files):

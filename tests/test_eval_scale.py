@@ -77,7 +77,7 @@ def assert_same_eval(out: Path, results: dict, ref_out: Path, ref: dict) -> None
 
 @pytest.mark.slow
 def test_ray_data_eval_with_two_engines_equals_the_single_process_eval(ray_local, tiny_model_dir, bench, reference,
-                                                                      tmp_path):
+                                                                      tmp_path, engines_stopped):
     from avar_ray.eval import run_eval
 
     cfg = load_config(None, OVERRIDES + ["eval.num_engines=2", "eval.stats_workers=1"])
@@ -85,6 +85,7 @@ def test_ray_data_eval_with_two_engines_equals_the_single_process_eval(ray_local
     assert results["engines"] == 2 and results["resumed"] == 0 and "pools_s" in results["timings"]
     assert len(progress_lines(tmp_path)) == N
     assert_same_eval(tmp_path, results, *reference)
+    engines_stopped(at_least=1)  # the stage's engines (the second may be killed starting: the first did all)
 
 
 @pytest.mark.slow

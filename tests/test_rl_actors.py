@@ -367,14 +367,71 @@ def test_close_stops_the_engine_and_frees_its_shared_memory(ray_local, rollout_w
     """``RolloutWorker.close`` (``ActorSet.shutdown`` calls it before ``ray.kill``) shuts the vLLM
     engine's processes down: killed with the actor, they left their two ``/dev/shm/psm_*`` queues
     behind, measured 2 per engine start (39 after one suite run, 13 GB on this machine after a day
-    of runs, until Ray's memory monitor killed the RL tests). The last test of this module to use
-    the worker."""
-    import glob
+    of runs, until Ray's memory monitor killed the RL tests). The queues checked are this
+    engine's own (its record in ``avar_ray.engines.REGISTRY``), not other engines' on the machine.
+    The last test of this module to use the worker."""
+    import json
+    import os
 
-    before = set(glob.glob("/dev/shm/psm_*"))
+    from avar_ray.engine_janitor import REGISTRY
+
+    pid = ray_local.get(rollout_worker.ready.remote())["pid"]
+    (record,) = REGISTRY.glob(f"{pid}-*.json")
+    queues = json.loads(record.read_text())["segments"]
+    assert len(queues) == 2 and all(os.path.exists(q) for q in queues), queues
     ray_local.get(rollout_worker.close.remote(), timeout=120)
-    after = set(glob.glob("/dev/shm/psm_*"))
-    assert len(before - after) >= 2 and not after - before, (len(before), len(after))
+    assert not record.exists() and not any(os.path.exists(q) for q in queues)
+
+
+def test_janitor_unlinks_a_killed_engines_queues_and_the_sweep_no_live_ones():
+    """An engine's janitor (``avar_ray.engine_janitor``, started by ``start_llm``) unlinks its
+    queues once its processes are killed; the sweep at every engine start leaves the queues of
+    an engine with a running process, and those recorded in another pid namespace. The engine
+    here is a stand-in process mapping a real tmpfs file (a real one: the test above)."""
+    import json
+    import mmap
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from avar_ray import engine_janitor
+
+    def queue() -> str:
+        path = f"/dev/shm/psm_avartest_{uuid.uuid4().hex[:12]}"
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * mmap.PAGESIZE)
+        return path
+
+    mapper = ("import mmap, sys, time\nfh = open(sys.argv[1], 'r+b')\nm = mmap.mmap(fh.fileno(), 0)\n"
+              "print('mapped', flush=True)\ntime.sleep(600)")
+    killed_queue, live_queue, other_queue = queue(), queue(), queue()
+    engine = subprocess.Popen([sys.executable, "-c", mapper, killed_queue], stdout=subprocess.PIPE, text=True)
+    records = []
+    try:
+        assert engine.stdout.readline().strip() == "mapped"
+        records.append(engine_janitor.write_record(os.getpid(), [engine.pid], [killed_queue]))
+        engine_janitor.start_janitor(records[0])
+        records.append(engine_janitor.write_record(os.getpid(), [os.getpid()], [live_queue]))
+        other = engine_janitor.REGISTRY / f"{engine.pid}-other.json"
+        other.write_text(json.dumps({"pidns": "pid:[0]", "pids": [engine.pid], "segments": [other_queue]}))
+        records.append(other)
+        time.sleep(2 * engine_janitor.POLL_S)
+        assert os.path.exists(killed_queue) and records[0].exists()  # its engine runs
+        engine.kill()
+        engine.wait()
+        deadline = time.monotonic() + 30
+        while os.path.exists(killed_queue) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not os.path.exists(killed_queue) and not records[0].exists()
+        engine_janitor.sweep()
+        assert all(os.path.exists(q) for q in (live_queue, other_queue)) and records[1].exists() and other.exists()
+    finally:
+        engine.kill()
+        for path in (killed_queue, live_queue, other_queue, *records):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl weight broadcast needs CUDA GPUs (untested on CPU)")

@@ -242,7 +242,10 @@ def test_oracle_pipeline_counts_bad_rows_and_a_killed_rerun_equals_one_run(tmp_p
     assert kept_rows(out) == got
 
 
-def test_vllm_teacher_captions_with_images(tmp_path, procedural_parquet, tiny_model_dir, ray_local):
+def test_vllm_teacher_captions_with_images(tmp_path, procedural_parquet, tiny_model_dir, ray_local, engines_stopped):
+    """The caption step on a vLLM teacher in a Ray Data stage; the stage's actor shuts the
+    teacher's engine down when the pipeline ends (killed unstopped, its two /dev/shm queues,
+    up to 250 MB each, stayed behind)."""
     rows = pq.read_table(procedural_parquet).to_pylist()[:4]
     data = write_rows(tmp_path / "four.parquet", rows)
     cfg = synth_config(data, tmp_path / "synth", "synth.caption.kind=vllm", f"synth.caption.model={tiny_model_dir}",
@@ -258,6 +261,7 @@ def test_vllm_teacher_captions_with_images(tmp_path, procedural_parquet, tiny_mo
         assert row["caption"].strip() and row["caption"] != meta["caption"]  # the model wrote it
         assert json.loads(row["teachers"])["caption"] == f"vllm:{tiny_model_dir}"
         assert TARGET_RE.match(row["target"])
+    engines_stopped(at_least=1)
 
 
 def test_openai_teacher_pipeline_retries_and_never_leaks_the_key(tmp_path, procedural_parquet, ray_local,

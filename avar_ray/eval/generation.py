@@ -9,7 +9,6 @@ pass then reads vLLM's exact token ids.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -31,18 +30,6 @@ class Generation:
     text: str  # avar_ray.decoding.decode_response: template tokens dropped, reasoning tags kept
     finish_reason: str  # "stop" or "length"
     prompt_ids: Optional[list[int]] = None  # the engine's own prompt ids (vLLM), to check alignment
-
-
-def stop_vllm(llm) -> None:
-    """Shut an engine down now (its GPU memory is needed by the statistics pass)."""
-    engine = getattr(llm, "llm_engine", None)
-    core = getattr(engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def vllm_generate(llm, items: Sequence[EvalItem], max_new_tokens: int, temperature: float, seed: int) -> list[Generation]:

@@ -74,7 +74,9 @@ class _Prepared:
 
 
 class GenerateStage(_Prepared):
-    """One vLLM engine per actor (``avar_ray.engines``: the model section's resolution)."""
+    """One vLLM engine per actor (``avar_ray.engines``: the model section's resolution). Ray
+    ends the stage's actors by killing their child processes, so no shutdown runs here: the
+    engine's janitor (``avar_ray.engine_janitor``) then unlinks its shared-memory queues."""
 
     def __init__(self, model_dir: str, model_cfg, eval_cfg, max_images: int) -> None:
         from avar_ray.engines import start_llm

@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 from avar_ray.attention import Intervention
 from avar_ray.config import RunConfig, to_dict
 from avar_ray.data.fields import RowError
-from avar_ray.engines import start_llm
+from avar_ray.engines import start_llm, stop_llm
 from avar_ray.eval import plots
 from avar_ray.eval.attention_pass import SPANS
 from avar_ray.eval.benchmarks import Benchmark, EvalItem, load_benchmarks
 from avar_ray.eval.files import PLOTS, REPORT, RESULTS, SAMPLES, jsonable
-from avar_ray.eval.generation import Generation, hf_generate, stop_vllm, vllm_generate
+from avar_ray.eval.generation import Generation, hf_generate, vllm_generate
 from avar_ray.eval.pool import finish_batch, run_on_ray
 from avar_ray.eval.progress import ProgressStore, item_keys
 from avar_ray.eval.report import eval_report
@@ -133,7 +133,7 @@ def _run_here(model_dir: str, processor, items: list[EvalItem], keys: list[str],
             gens = vllm_generate(llm, items, ecfg.max_new_tokens, ecfg.temperature, ecfg.seed)
         finally:
             if own:
-                stop_vllm(llm)
+                stop_llm(llm)
                 llm = None
         timings["generate_s"] = time.perf_counter() - t0
     device = resolve_device(ecfg.device)

@@ -10,7 +10,7 @@ import logging
 
 from avar_ray.config import ModelConfig, TeacherConfig
 from avar_ray.decoding import ResponseCodec
-from avar_ray.engines import start_llm
+from avar_ray.engines import start_llm, stop_llm
 from avar_ray.synth.teachers import ChatRequest, TeacherError, teacher_name
 
 log = logging.getLogger("avar_ray.synth")
@@ -54,4 +54,4 @@ class VLLMTeacher:
         return results
 
     def close(self) -> None:
-        del self.llm
+        stop_llm(self.llm)
