@@ -41,7 +41,7 @@ def _mean_gap(logprobs, advantages) -> float:
     return sum(pos) / len(pos) - sum(neg) / len(neg)
 
 
-def _reference_pass(model, processor, items, system_prompt, attention, banned):
+def reference_pass(model, processor, items, system_prompt, attention, banned):
     """float32 HF forward on the same prompts: log-probs and ungated response r_visual."""
     from actors.learner_batches import PromptCache
     from actors.policy import forward_logprobs
@@ -101,7 +101,7 @@ def learner(dry: bool) -> None:
     advantages = [1.0 if i % 2 == 0 else -1.0 for i in range(len(items))]
 
     ref_model = load_model(str(model_dir), "float32", attn_implementation="avar").to(device).eval()
-    ref_lp, ref_vas = _reference_pass(ref_model, processor, items, cfg.model.system_prompt, cfg.attention, sorted(banned))
+    ref_lp, ref_vas = reference_pass(ref_model, processor, items, cfg.model.system_prompt, cfg.attention, sorted(banned))
     items = [TrainItem(it.sample, it.response_ids, a, lp) for it, a, lp in zip(items, advantages, ref_lp)]
 
     t = time.perf_counter()
@@ -140,7 +140,7 @@ def learner(dry: bool) -> None:
     trained = rank.logprobs(items)
     synced = load_model(str(model_dir), "float32", attn_implementation="avar").to(device).eval()
     missing = synced.load_state_dict(gathered, strict=False).missing_keys
-    sync_lp, _ = _reference_pass(synced, processor, items, cfg.model.system_prompt, cfg.attention, sorted(banned))
+    sync_lp, _ = reference_pass(synced, processor, items, cfg.model.system_prompt, cfg.attention, sorted(banned))
     sync_err, initial_err = _max_abs(sync_lp, trained), _max_abs(ref_lp, trained)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     ok = own_diff < 0.05 and gaps[-1] > gaps[0] + 0.05 and sync_err < 0.5 * initial_err and lp_mean < 0.1 and vas_err < 0.05
