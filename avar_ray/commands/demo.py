@@ -24,9 +24,8 @@ DEFAULT_CONFIG = "configs/tiny_local.yaml"
 # stages start from the warm base (it answers its easy procedural tasks well above chance) and
 # the chains are the short oracle ones. 200 eval samples: a 95% interval of about +-7 points on
 # an accuracy near 50%. r_visual is squashed (SPEC §5's scale warning). GRPO at lr 1e-4 with 8
-# rollouts per prompt (measured: the rollouts' accuracy reward 19% -> 55% over the 12 steps, see
-# docs/results/demo.md); at 3e-4 one update broke the answer format and the accuracy reward fell
-# to 0 (tests/test_learning.py's docstring). Two SFT epochs: the short chains' anchors re-read the
+# rollouts per prompt; at 3e-4 one update broke the answer format and the accuracy reward fell to 0
+# (tests/test_learning.py's docstring). Two SFT epochs: the short chains' anchors re-read the
 # answer's fact in the chain's words (captions.py), which one epoch leaves half learned (measured on
 # the 200 eval rows: 58% with the answer format broken in 55 of them, against 64% and none with
 # two; base 65%).
@@ -41,6 +40,12 @@ DEMO_SETTINGS = [
     "rl.gpu_memory_utilization=0.1", "eval.gpu_memory_utilization=0.1",
 ]
 CHAIN = "short"
+# GRPO cycles a fixed pool of this many training prompts (the first rows of data.train) for several
+# epochs, as tests/test_learning.py does. On fresh prompts drawn 8 per step the rollouts' accuracy
+# reward has no trend in 12 steps (0.41 0.33 0.36 0.33 0.39 0.52 0.48 0.36 0.55 0.38 0.33 0.41):
+# the per-step figure is dominated by which prompts were drawn.
+RL_PROMPTS = 16
+TREND_STEPS = 3  # the RL reward trend: mean of the first k steps -> mean of the last k
 STAGES = ("model", "data", "synth", "sft", "rl", "eval", "analyze")
 
 
@@ -50,6 +55,8 @@ def add_arguments(parser) -> None:
                         help=f"run config (default: {DEFAULT_CONFIG} when it exists, else built-in defaults)")
     parser.add_argument("--keep", action="store_true",
                         help="reuse the outputs of stages an earlier demo run in --out finished")
+    parser.add_argument("--rl-prompts", type=int, default=RL_PROMPTS,
+                        help=f"RL cycles the first N training prompts (default {RL_PROMPTS}; 0: all of data.train)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rl.steps=3")
 
 
@@ -93,6 +100,53 @@ def demo_config(config_path: str | None, out: Path, overrides: list[str]):
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def rl_prompt_pool(train: str, path: Path, n: int) -> str:
+    """The RL prompts: the first ``n`` rows of ``train`` written to ``path`` (``n`` 0: ``train`` itself)."""
+    from avar_ray.data.schema import read_parquet, write_parquet
+
+    if n <= 0:
+        return train
+    samples = read_parquet(train)
+    if n > len(samples):
+        raise ValueError(f"--rl-prompts {n}: {train} has only {len(samples)} rows")
+    return str(write_parquet(samples[:n], path))
+
+
+def rl_trend(metrics_path: str | Path, k: int = TREND_STEPS) -> dict:
+    """The rollouts' rewards over the RL steps: the mean of the first ``k`` steps and of the last
+    ``k``, with one binomial sd of such a k-step mean of the accuracy reward (its sampling noise)."""
+    from avar_ray.tracking import read_metrics
+
+    rows = read_metrics(Path(metrics_path))
+    if len(rows) < 2 * k:
+        return {"steps": len(rows)}
+    trend = {"steps": len(rows), "k": k}
+    for key in ("reward/accuracy", "reward/format", "reward/total"):
+        values = [r[key] for r in rows]
+        trend[key] = {"first": sum(values[:k]) / k, "last": sum(values[-k:]) / k,
+                      "per_step": [round(v, 3) for v in values]}
+    acc = trend["reward/accuracy"]
+    n = sum(r["rollout/count"] for r in rows[:k]) or 1
+    p = acc["first"]
+    trend["sd_of_k_step_mean"] = (p * (1 - p) / n) ** 0.5
+    return trend
+
+
+def trend_section(trend: dict, pool: int) -> str:
+    """Markdown: what RL moved on the prompts it trained on."""
+    if "k" not in trend:
+        return f"## RL reward trend\n\nToo few RL steps ({trend['steps']}) for a trend.\n"
+    acc, fmt, k = trend["reward/accuracy"], trend["reward/format"], trend["k"]
+    pool_text = f"a fixed pool of {pool} training prompts" if pool else "prompts drawn from all of data.train"
+    return "\n".join([
+        "## RL reward trend (the rollouts, on the prompts RL trains on)", "",
+        f"GRPO cycled {pool_text} for {trend['steps']} steps; the evaluation rows above are held out.", "",
+        f"- accuracy reward, first {k} steps -> last {k}: {acc['first']:.3f} -> {acc['last']:.3f} "
+        f"({acc['last'] - acc['first']:+.3f}; one sd of a {k}-step mean: {trend['sd_of_k_step_mean']:.3f})",
+        f"- format reward: {fmt['first']:.3f} -> {fmt['last']:.3f}",
+        f"- accuracy reward per step: {' '.join(f'{v:.2f}' for v in acc['per_step'])}", ""])
 
 
 def _done(out: Path, name: str) -> dict | None:
@@ -167,10 +221,12 @@ def run(args) -> int:
 
         rl_cfg = copy.deepcopy(cfg)
         rl_cfg.model.path = sft_model  # RL starts from the cold-start model, as in the paper
+        rl_cfg.data.train = rl_prompt_pool(cfg.data.train, out / "data" / "rl_prompts.parquet", args.rl_prompts)
         rl_cfg.rl.resume = args.keep  # --keep: a run killed mid-stage goes on from its newest checkpoint
         report = run_rl(rl_cfg)
         print(report.summary())
-        return {"model": str(report.final_model), "steps": report.steps, "metrics": str(report.metrics_path)}
+        return {"model": str(report.final_model), "steps": report.steps, "metrics": str(report.metrics_path),
+                "prompts": rl_cfg.data.train, "pool": args.rl_prompts}
 
     def evaluate(models: dict) -> dict:
         from avar_ray.attention import Intervention
@@ -191,13 +247,15 @@ def run(args) -> int:
             runs[label] = str(run_dir)
         return runs
 
-    def analyze(runs: dict, base: dict) -> dict:
+    def analyze(runs: dict, base: dict, rl_info: dict) -> dict:
         from avar_ray.eval.analyze import baselines_section, run_analyze
 
         summary = run_analyze(list(runs.values()), out / "analysis", labels=list(runs))
         report = out / "analysis" / "analysis.md"
-        report.write_text(report.read_text() + baselines_section(cfg.data.eval[0], base))
-        return {"report": str(report), "correlation": summary["correlation"]}
+        trend = rl_trend(rl_info["metrics"])
+        report.write_text(report.read_text() + baselines_section(cfg.data.eval[0], base)
+                          + "\n" + trend_section(trend, rl_info.get("pool", 0)))
+        return {"report": str(report), "correlation": summary["correlation"], "rl_trend": trend}
 
     init_ray(cfg.ray)
     base = stage("model", "warm base: the tiny Qwen2.5-VL pre-trained on short procedural answers (cached)",
@@ -210,7 +268,7 @@ def run(args) -> int:
                     lambda: rl(sft_info["model"]))
     runs = stage("eval", "accuracy and VAS of the base, intervened, cold-start and RL models",
                  lambda: evaluate({"base": cfg.model.path, "sft": sft_info["model"], "rl": rl_info["model"]}))
-    analysis = stage("analyze", "VAS vs accuracy across the stages", lambda: analyze(runs, base))
+    analysis = stage("analyze", "VAS vs accuracy across the stages", lambda: analyze(runs, base, rl_info))
 
     summary = {"out": str(out), "stage_seconds": clock.seconds,
                "total_seconds": round(time.perf_counter() - clock.start, 1), "analysis": analysis, "eval_runs": runs}
