@@ -159,7 +159,7 @@ def test_vllm_cpu_greedy_equals_transformers(models, tiny_qwen3_vl_dir):
     from vllm import SamplingParams
 
     from avar_ray.config import ModelConfig
-    from avar_ray.engines import start_llm
+    from avar_ray.engines import start_llm, stop_llm
 
     processor, avar, _ = models
     prompt = processor.apply_chat_template(_conv(SYSTEM, 1, "What colour is the shape?"), add_generation_prompt=True,
@@ -177,7 +177,7 @@ def test_vllm_cpu_greedy_equals_transformers(models, tiny_qwen3_vl_dir):
         outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": im}} for im in images],
                             SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
     finally:
-        del llm
+        stop_llm(llm)
     got = [list(o.outputs[0].token_ids) for o in outs]
     assert got == want
     assert got[0] != got[1], "the two images give different answers: the image reaches the text layers"

@@ -42,7 +42,7 @@ def test_vllm_prompt_and_statistics_pass_agree_on_visual_tokens(tagged_model_dir
     whose tokenizer marks the reasoning tags special (tests/test_special_tokens.py): the same
     engine shows that generated tags survive decoding and that no banned id is ever sampled."""
     from avar_ray.decoding import REASONING_TAGS, ResponseCodec, decode_response
-    from avar_ray.engines import start_llm
+    from avar_ray.engines import start_llm, stop_llm
     from avar_ray.eval.benchmarks import prepare_item
     from avar_ray.eval.generation import vllm_generate
     from avar_ray.spans import TemplateIds
@@ -59,7 +59,7 @@ def test_vllm_prompt_and_statistics_pass_agree_on_visual_tokens(tagged_model_dir
     try:
         gens = vllm_generate(llm, items, max_new_tokens=24, temperature=0.0, seed=0)
     finally:
-        del llm
+        stop_llm(llm)
     visual = set(TemplateIds.from_tokenizer(processor).visual)
     assert [sum(t in visual for t in g.prompt_ids) for g in gens] == hf
 
