@@ -172,7 +172,7 @@ def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, pr
     from safetensors.torch import load_file
     from vllm import SamplingParams
 
-    from avar_ray.engines import start_llm
+    from avar_ray.engines import start_llm, stop_llm
 
     from avar_ray.data.schema import build_messages, from_row, pil_images
 
@@ -192,7 +192,7 @@ def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, pr
                               SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
         assert len(out.outputs[0].token_ids) > 0
     finally:
-        del llm
+        stop_llm(llm)
 
 
 def test_rows_longer_than_max_length_are_skipped_and_counted(tiny_model_dir, oracle_synth_dir, ray_local):
