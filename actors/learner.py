@@ -78,7 +78,7 @@ class Learner:
         import deepspeed
 
         from avar_ray.deepspeed_config import deepspeed_config
-        from avar_ray.modeling import float32_rope, load_processor
+        from avar_ray.modeling import load_processor
 
         rl = self.rl
         start = time.perf_counter()
@@ -108,9 +108,6 @@ class Learner:
                 self.reference, _, _, _ = deepspeed.initialize(model=reference, config=ref_config)
             else:
                 self.reference = reference.to(self.engine.device)
-        for policy in (self.engine, self.reference):  # RoPE frequencies back to float32 (vLLM's)
-            if policy is not None:
-                float32_rope(getattr(policy, "module", policy))
         return {"rank": self.rank, "pid": os.getpid(), "setup_s": time.perf_counter() - start,
                 "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
 

@@ -19,7 +19,7 @@ def load_partitioned(path: str, dtype: str, ds_config: dict):
     from transformers.initialization import no_init_weights
 
     from avar_ray.attention import register_attention
-    from avar_ray.modeling import torch_dtype
+    from avar_ray.modeling import float32_rope, torch_dtype
 
     register_attention()
     config = AutoConfig.from_pretrained(path)
@@ -28,6 +28,7 @@ def load_partitioned(path: str, dtype: str, ds_config: dict):
         model = AutoModelForImageTextToText.from_config(config, attn_implementation="avar",
                                                         dtype=torch_dtype(dtype))
     model.tie_weights()  # tied embeddings: the head shares the embedding's (partitioned) parameter
+    float32_rope(model)  # zero.Init built RoPE's frequencies in the training dtype
     index = Path(path) / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     params = dict(model.named_parameters())

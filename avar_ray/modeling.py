@@ -57,12 +57,14 @@ def load_model(path: str, dtype: str = "float32", attn_implementation: str = "av
 def float32_rope(model: torch.nn.Module) -> int:
     """Recompute every rotary embedding's inverse frequencies in float32, in place; returns how
     many modules it fixed. ZeRO-3's ``zero.Init`` builds every floating tensor of a module in the
-    training dtype, these non-persistent buffers too (``deepspeed.initialize`` on a built model
-    casts only the parameters; a plain ``.to(bfloat16)`` casts them as well), and RoPE's angle is ``position * inv_freq``: in bf16 (8 mantissa bits) the angle of position 4096 is off
-    by up to ~16 rad, so the learner's log-probs and attention statistics drift from vLLM's (whose
-    RoPE angles are float32) the further a token is from the start. A cast back to float32
-    (DeepSpeed's ``keep_in_fp32_modules``) restores the dtype, not the lost bits: the values are
-    recomputed with transformers' own rule (``PreTrainedModel._init_weights``)."""
+    training dtype, these non-persistent buffers too (``actors.learner_load.load_partitioned``
+    calls this; ``deepspeed.initialize`` on a built model casts only the parameters, a plain
+    ``.to(bfloat16)`` casts them as well). RoPE's angle is ``position * inv_freq``: in bf16 (8
+    mantissa bits) the angle of position 4096 is off by up to ~16 rad, so the learner's log-probs
+    and attention statistics drift from vLLM's (whose RoPE angles are float32) the further a token
+    is from the start. A cast back to float32 (DeepSpeed's ``keep_in_fp32_modules``) restores the
+    dtype, not the lost bits: the values are recomputed with transformers' own rule
+    (``PreTrainedModel._init_weights``)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     fixed = 0
