@@ -211,7 +211,7 @@ def main() -> None:
     print(f"  TRL       {t:7.2f} s/step   (trainer built in {trl['start_s']:.1f} s)")
     print(f"  ratio avar-ray / TRL: {a / t:.2f}x  ({'avar-ray slower' if a > t else 'avar-ray faster'})")
     print("avar-ray's step by phase (median s):")
-    phases = {p: statistics.median([r[f"time/{p}"] for r in avar["rows"]][args.warmup:]) for p in PHASES}
+    phases = {p: median(f"time/{p}") for p in PHASES}
     for p, s in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"  {p:12} {s:7.2f}  {100 * s / a:5.1f}%")
     print(f"  other        {a + phases['checkpoint'] - sum(phases.values()):7.2f}  (driver, scheduling)")

@@ -137,15 +137,19 @@ def rl_trend(metrics_path: str | Path, k: int = TREND_STEPS) -> dict:
     return trend
 
 
+def pool_text(n: int) -> str:
+    """The RL prompts, in words (``--rl-prompts n``)."""
+    return f"a fixed pool of {n} training prompts" if n > 0 else "prompts drawn from all of data.train"
+
+
 def trend_section(trend: dict, pool: int) -> str:
     """Markdown: what RL moved on the prompts it trained on."""
     if "k" not in trend:
         return f"## RL reward trend\n\nToo few RL steps ({trend['steps']}) for a trend.\n"
     acc, fmt, k = trend["reward/accuracy"], trend["reward/format"], trend["k"]
-    pool_text = f"a fixed pool of {pool} training prompts" if pool else "prompts drawn from all of data.train"
     return "\n".join([
         "## RL reward trend (the rollouts, on the prompts RL trains on)", "",
-        f"GRPO cycled {pool_text} for {trend['steps']} steps; the evaluation rows above are held out.", "",
+        f"GRPO cycled {pool_text(pool)} for {trend['steps']} steps; the evaluation rows above are held out.", "",
         f"- accuracy reward, first {k} steps -> last {k}: {acc['first']:.3f} -> {acc['last']:.3f} "
         f"({acc['last'] - acc['first']:+.3f}; one sd of a {k}-step mean: {trend['sd_of_k_step_mean']:.3f})",
         f"- format reward: {fmt['first']:.3f} -> {fmt['last']:.3f}",
@@ -267,8 +271,8 @@ def run(args) -> int:
     stage("synth", "VARD synthesis with the oracle teacher (Ray Data)", synth)
     sft_info = stage("sft", f"cold-start SFT with AGTO (alpha={cfg.sft.alpha}, beta={cfg.sft.beta}; "
                             f"Ray Train + DeepSpeed ZeRO-{cfg.sft.zero_stage})", sft)
-    pool = f"a fixed pool of {args.rl_prompts} training prompts" if args.rl_prompts > 0 else "all training prompts"
-    rl_info = stage("rl", f"{cfg.rl.steps} GRPO steps on {pool} with the visual-attention reward (Ray actors)",
+    rl_info = stage("rl", f"{cfg.rl.steps} GRPO steps on {pool_text(args.rl_prompts)} with the visual-attention "
+                          "reward (Ray actors)",
                     lambda: rl(sft_info["model"]))
     runs = stage("eval", "accuracy and VAS of the base, intervened, cold-start and RL models",
                  lambda: evaluate({"base": cfg.model.path, "sft": sft_info["model"], "rl": rl_info["model"]}))
