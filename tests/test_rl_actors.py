@@ -368,7 +368,7 @@ def test_close_stops_the_engine_and_frees_its_shared_memory(ray_local, rollout_w
     engine's processes down: killed with the actor, they left their two ``/dev/shm/psm_*`` queues
     behind, measured 2 per engine start (39 after one suite run, 13 GB on this machine after a day
     of runs, until Ray's memory monitor killed the RL tests). The queues checked are this
-    engine's own (its record in ``avar_ray.engines.REGISTRY``), not other engines' on the machine.
+    engine's own (its record in ``avar_ray.engine_janitor.REGISTRY``), not other engines' on the machine.
     The last test of this module to use the worker."""
     import json
     import os
