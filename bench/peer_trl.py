@@ -1,6 +1,6 @@
 """avar-ray's GRPO step next to TRL's ``GRPOTrainer`` on the same CPU work.
 
-    .venv/bin/python bench/peer_trl.py [--steps 3] [--warmup 1] [--prompts 2] [--n 4]
+    .venv/bin/python bench/peer_trl.py [--steps 8] [--warmup 1] [--repeats 3] [--prompts 2] [--n 4]
                                        [--max-new-tokens 32] [--lr 1e-5] [--cpus 2] [--set KEY=VALUE ...]
 
 TRL is not a dependency of the package: ``make bench`` installs ``trl==1.16.0`` (with
@@ -21,7 +21,9 @@ Rewards: TRL gets avar-ray's accuracy and format functions (``rewards``); avar-r
 r_visual from its learners' statistics pass for the rollouts SPEC.md §5's gate lets through (the
 correct ones: none for the random tiny model, so its step runs no such pass; with one optimizer
 step its old log-probs come from the update's forward, as TRL's at ``num_iterations=1``).
-Step time: the median over the steps after ``--warmup``; avar-ray's from its ``metrics.jsonl``
+Step time: the median over the steps after ``--warmup`` of all ``--repeats`` runs (the sides
+alternate: avar-ray, TRL, avar-ray, TRL, ...), beside each run's median and the spread of the
+per-run ratios; avar-ray's from its ``metrics.jsonl``
 (``time/step`` less ``time/checkpoint``: the last step saves one and TRL saves none, so the
 compared step is the same work; the raw figure is printed too), TRL's from a callback around
 each optimizer step, with its generation (``GRPOTrainer._generate``, timed) split from the rest.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -125,7 +128,11 @@ def timed_generate(self, *a, **k):  # the step's generation seconds, the rest be
 GRPOTrainer._generate = timed_generate
 
 model = AutoModelForImageTextToText.from_pretrained(args["model"], dtype=torch.float32)
-processor = AutoProcessor.from_pretrained(args["model"])
+# Left padding, as TRL's own processor loading sets it: GRPOTrainer pads prompt_ids on the left but
+# takes mm_token_type_ids from the processor's call, so a right-padding processor shifts the image
+# positions of the shorter prompt in a batch (wrong M-RoPE positions, or get_rope_index's "shape
+# mismatch" once the shift passes the image; huggingface/trl#5785).
+processor = AutoProcessor.from_pretrained(args["model"], padding_side="left", truncation_side="left")
 # One optimizer step per step of P prompts x n samples, as avar-ray: one generation batch, then
 # micro-batches of n rollouts (avar-ray's rl.micro_batch_size is 4 = n here).
 config = GRPOConfig(output_dir=args["out"], per_device_train_batch_size=args["n"],
@@ -158,12 +165,17 @@ def run_trl(args, model: Path, data: Path, out: Path, order: list[int]) -> dict:
     return json.loads(lines[-1].removeprefix("TRL_RESULT "))
 
 
+def actors_up_s(line: str) -> float | None:
+    """The seconds of avar-ray's ``rl: actors up in 41.3s (...)`` line."""
+    found = re.search(r"actors up in ([0-9.]+)s", line)
+    return float(found.group(1)) if found else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # 3: TRL 1.16 + transformers 5.19 stop at this prompt order's 4th step inside Qwen2.5-VL's
-    # get_rope_index ("shape mismatch: value tensor of shape [3, 110] ... [3, 105]"; not diagnosed).
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="steps per run (8 - 1 warm-up: a median of 7 per run)")
     parser.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating avar-ray, TRL, ...")
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -174,15 +186,16 @@ def main() -> None:
                         help="more avar-ray config overrides (e.g. rl.weight_sync_backend=nccl)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "peer_trl.json"))
     args = parser.parse_args()
-    if args.steps <= args.warmup:
-        raise SystemExit("--steps must exceed --warmup")
+    if args.steps <= args.warmup or args.repeats < 1:
+        raise SystemExit("--steps must exceed --warmup and --repeats be at least 1")
 
     from avar_ray.data.procedural import write_procedural
     from avar_ray.data.readers import read_samples
     from avar_ray.rl.metrics import PHASES
     from avar_ray.tiny_model import build_tiny_model
 
-    load = os.getloadavg()
+    load = [os.getloadavg()]
+    runs = []  # (avar-ray's run, TRL's run) per repeat, alternating so that load drifts hit both sides
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_tiny_model(tmp / "tiny", seed=0)
@@ -190,27 +203,46 @@ def main() -> None:
         samples = read_samples(data)[0]
         order = prompt_order(len(samples), args.steps, args.prompts, args.seed)
         trl_ids = [samples[i].id for i in order]
-        avar = run_avar(args, model, data, tmp / "avar")
-        trl = run_trl(args, model, data, tmp / "trl", order)
+        for r in range(args.repeats):
+            avar = run_avar(args, model, data, tmp / f"avar{r}")
+            runs.append((avar, run_trl(args, model, data, tmp / f"trl{r}", order)))
+            load.append(os.getloadavg())
+            print(f"run {r + 1}/{args.repeats} done, load average {load[-1][0]:.2f}", flush=True)
 
-    load = [load, os.getloadavg()]
-    drawn = [r.get("data/prompt_ids") for r in avar["rows"]]
-    same = [i for step in drawn for i in (step or [])] == trl_ids
-    timed = avar["rows"][args.warmup:]
+    same = all([i for r in avar["rows"] for i in (r.get("data/prompt_ids") or [])] == trl_ids for avar, _ in runs)
+    timed = [r for avar, _ in runs for r in avar["rows"][args.warmup:]]  # all runs' timed steps
     raw_steps = [r["time/step"] for r in timed]
     avar_steps = [r["time/step"] - r["time/checkpoint"] for r in timed]  # TRL saves no checkpoint
-    trl_steps = trl["step_s"][args.warmup:]
+    trl_steps = [s for _, trl in runs for s in trl["step_s"][args.warmup:]]
+    trl_gen = [s for _, trl in runs for s in trl["generate_s"][args.warmup:]]
     a, t = statistics.median(avar_steps), statistics.median(trl_steps)
+    per_run = []
+    for (avar, trl), after in zip(runs, load[1:]):
+        rows = avar["rows"][args.warmup:]
+        ra = statistics.median(r["time/step"] - r["time/checkpoint"] for r in rows)
+        rt = statistics.median(trl["step_s"][args.warmup:])
+        per_run.append({"avar_s": ra, "trl_s": rt, "ratio": ra / rt, "load_after": after[0],
+                        "avar_rollout_s": statistics.median(r["time/rollout"] for r in rows),
+                        "trl_generate_s": statistics.median(trl["generate_s"][args.warmup:]),
+                        "avar_actors_up_s": actors_up_s(avar["actors_line"]), "trl_start_s": trl["start_s"]})
+    ratios = [p["ratio"] for p in per_run]
 
     def median(key: str) -> float:
         return statistics.median(r.get(key, 0.0) for r in timed)
     print(f"\nGRPO step on the tiny model, {args.prompts} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
-          f"float32, lr {args.lr:g}, {args.cpus} CPUs; median of steps {args.warmup + 1}..{args.steps}")
-    print(f"  avar-ray  {a:7.2f} s/step   without its checkpoint ({statistics.median(raw_steps):.2f} with it; "
-          f"{avar['actors_line'] or 'actors start: n/a'})")
-    print(f"  TRL       {t:7.2f} s/step   (trainer built in {trl['start_s']:.1f} s)")
-    print(f"  ratio avar-ray / TRL: {a / t:.2f}x  ({'avar-ray slower' if a > t else 'avar-ray faster'})")
-    print("avar-ray's step by phase (median s):")
+          f"float32, lr {args.lr:g}, {args.cpus} CPUs; median of steps {args.warmup + 1}..{args.steps} of "
+          f"{args.repeats} run(s) per side ({len(avar_steps)} steps each), the sides alternating")
+    actors = " / ".join(str(p["avar_actors_up_s"]) for p in per_run)
+    built = " / ".join(f"{p['trl_start_s']:.1f}" for p in per_run)
+    print(f"  avar-ray  {a:7.2f} s/step   without its checkpoint ({statistics.median(raw_steps):.2f} with it); "
+          f"actors up in {actors} s")
+    print(f"  TRL       {t:7.2f} s/step   (trainer built in {built} s)")
+    print(f"  ratio avar-ray / TRL: {a / t:.2f}x  ({'avar-ray slower' if a > t else 'avar-ray faster'}); "
+          f"per-run ratios {min(ratios):.2f}-{max(ratios):.2f}")
+    for k, p in enumerate(per_run, 1):
+        print(f"  run {k}: avar-ray {p['avar_s']:.2f} (rollout {p['avar_rollout_s']:.2f}), TRL {p['trl_s']:.2f} "
+              f"(generate {p['trl_generate_s']:.2f}), ratio {p['ratio']:.2f}, load after {p['load_after']:.2f}")
+    print("avar-ray's step by phase (median s over all runs):")
     phases = {p: median(f"time/{p}") for p in PHASES}
     for p, s in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"  {p:12} {s:7.2f}  {100 * s / a:5.1f}%")
@@ -222,21 +254,21 @@ def main() -> None:
           f"({detail['time/old_logprob_forward']:.3f} s); weight sync of {detail['sync/mb']:.1f} MiB in "
           f"{detail['sync/buckets']:.0f} bucket(s): learners' publish {detail['sync/publish_s']:.3f} s, vLLM load "
           f"{detail['sync/load_s']:.3f} s")
-    trl_gen = statistics.median(trl["generate_s"][args.warmup:])
-    print(f"TRL's step (median s): generate {trl_gen:.2f}, the rest (rewards, log-probs, loss, backward, optimizer) "
-          f"{t - trl_gen:.2f}; avar-ray: rollout {phases['rollout']:.2f}, the rest {a - phases['rollout']:.2f}")
-    print(f"same prompts in the same order on both sides: {same}")
-    print(f"load average (1, 5, 15 min) before: {load[0][0]:.2f} {load[0][1]:.2f} {load[0][2]:.2f}, "
-          f"after: {load[1][0]:.2f} {load[1][1]:.2f} {load[1][2]:.2f}")
+    diff = max(r.get("actor/logprob_diff_max", float("nan")) for r in timed)
+    print(f"  vLLM vs learner log-probs after each sync: max |diff| {diff:.2e}")
+    print(f"TRL's step (median s): generate {statistics.median(trl_gen):.2f}, the rest (rewards, log-probs, loss, "
+          f"backward, optimizer) {t - statistics.median(trl_gen):.2f}; avar-ray: rollout {phases['rollout']:.2f}, "
+          f"the rest {a - phases['rollout']:.2f}")
+    print(f"same prompts in the same order on both sides, every run: {same}")
+    print("load average (1, 5, 15 min) before, then after each run: "
+          + ", ".join(f"{x[0]:.2f} {x[1]:.2f} {x[2]:.2f}" for x in load))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "avar_step_s": avar_steps,
                                           "avar_step_with_checkpoint_s": raw_steps, "trl_step_s": trl_steps,
-                                          "ratio": a / t, "avar_phases_s": phases, "avar_detail": detail,
-                                          "loadavg_before_after": load,
-                                          "trl_generate_s": trl["generate_s"][args.warmup:], "order": order,
-                                          "same_prompts": same,
-                                          "avar_actors": avar["actors_line"], "trl_start_s": trl["start_s"]},
-                                         indent=1) + "\n")
+                                          "ratio": a / t, "ratio_per_run_min_max": [min(ratios), max(ratios)],
+                                          "runs": per_run, "avar_phases_s": phases, "avar_detail": detail,
+                                          "loadavg_before_after_each": load, "trl_generate_s": trl_gen,
+                                          "order": order, "same_prompts": same}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
