@@ -276,10 +276,13 @@ class Learner:
         return publish_object_store(named, version, bucket_mb)
 
     # ---- broadcast backend (nccl on GPU, gloo on CPU): the sender side of weight_sync.WeightSync
-    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
-        """Rank 0 joins the weight-broadcast group as its source (rank 0 of that group)."""
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str,
+                          timeout_s: Optional[float] = None) -> None:
+        """Rank 0 joins the weight-broadcast group as its source (rank 0 of that group); a
+        previous group (rebuilt after a receiver restarted) is dropped first."""
         if self.rank == 0:
-            self._weight_group = make_weight_group(host, port, 0, world_size, backend)
+            self._weight_group = None
+            self._weight_group = make_weight_group(host, port, 0, world_size, backend, timeout_s)
             self._weight_backend = backend
 
     def weight_table(self, version: int, bucket_mb: float) -> WeightHandle:
@@ -293,7 +296,16 @@ class Learner:
         start = time.perf_counter()
         named = self._full_parameters(handle.bucket_bytes)
         if self.rank == 0:
-            send_broadcast(self._weight_group, named, handle, self.engine.device)
+            try:
+                send_broadcast(self._weight_group, named, handle, self.engine.device)
+            except Exception:
+                # A receiver died mid-broadcast: leave the group (its sockets close, so receivers
+                # still waiting on rank 0 fail at once) and finish the walk (the other ranks'
+                # gathers are collectives); the driver rebuilds the group and redoes the sync.
+                self._weight_group = None
+                for _ in named:
+                    pass
+                raise
         else:
             for _ in named:  # the gathers are collectives: every rank walks them
                 pass

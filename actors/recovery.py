@@ -105,18 +105,25 @@ class ActorSet:
         self.actors = [remote_cls.options(**actor_options).remote(*a) for a in args]
         self.info = ray.get([a.ready.remote() for a in self.actors])
 
-    def _recover(self, index: int) -> None:
+    def _recover(self, index: int, load: bool = True) -> None:
         import ray
 
-        self.restarts += 1
         actor = self.actors[index]
         self.info[index] = ray.get(actor.ready.remote())
+        self.restarts += 1  # after ready: a restart still under way is asked again, not counted again
         # a handle, or a callable giving one (the broadcast sync publishes on demand)
-        handle = self.handle() if callable(self.handle) else self.handle
+        handle = None if not load else self.handle() if callable(self.handle) else self.handle
         if handle is not None:
             ray.get(actor.update_weights.remote(handle))
-        log.warning("%s %d restarted (pid %s), now at policy version %d", self.what, index, self.info[index]["pid"],
-                    handle.version if handle is not None else 0)
+        log.warning("%s %d restarted (pid %s), %s", self.what, index, self.info[index]["pid"],
+                    "weights to follow" if not load else f"now at policy version {handle.version if handle else 0}")
+
+    def revive(self, indices: Sequence[int]) -> None:
+        """Actors that died outside ``call`` (in a weight sync): wait until Ray restarted each,
+        loading no weights (the caller redoes the sync); counted in ``restarts``."""
+        deaths = actor_death_errors()
+        for i in indices:
+            _recover_with_retries(lambda i=i: self._recover(i, load=False), deaths, self.max_attempts, self.what, i)
 
     def call(self, calls: Sequence[tuple[int, str, tuple]]) -> list:
         """``(actor index, method, args)`` for several actors at once, redone after a death."""

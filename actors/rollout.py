@@ -64,8 +64,9 @@ class RolloutWorker:
         """Load a new policy version from the object store, bucket by bucket."""
         return self._load(handle, lambda: engine_update_object_store(self.llm, handle))
 
-    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        self._guard(lambda: engine_join_group(self.llm, host, port, rank, world_size, backend))
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float | None = None) -> None:
+        self._guard(lambda: engine_join_group(self.llm, host, port, rank, world_size, backend, timeout_s))
 
     def receive_broadcast(self, handle: WeightHandle) -> float:
         return self._load(handle, lambda: engine_receive_broadcast(self.llm, handle))

@@ -194,7 +194,11 @@ class RLConfig:
     max_staleness: int = 0
     max_image_pixels: int = 4096 * 4096  # per image; larger ones are filtered at load (counted)
     save_every: int = 5
-    weight_sync_backend: Literal["object_store", "nccl"] = "object_store"  # nccl: broadcast to rollout workers (gloo without GPUs)
+    # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both have GPUs, else
+    # gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no alias):
+    # it named one transport of the two the broadcast picks between.
+    weight_sync_backend: Literal["broadcast", "object_store"] = "broadcast"
+    weight_sync_timeout_s: float = 300.0  # broadcast group: rendezvous and each collective (a peer that hangs)
     weight_sync_bucket_mb: float = 64.0
     # GPUs one vLLM engine spans (tensor parallel); each rollout worker then asks for this many times
     # rl.placement.rollout_gpus. UNTESTED on GPUs here (no GPU in CI); on CPU only validated and counted.
@@ -466,7 +470,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rl.tis_cap is None or cfg.rl.tis_cap > 0, "rl.tis_cap: must be positive (or null: off)"),
         (cfg.rl.max_tokens_per_micro_batch >= 0 and cfg.rl.dynamic_sampling_max_refills >= 0,
          "rl.max_tokens_per_micro_batch, rl.dynamic_sampling_max_refills: must be >= 0"),
-        (cfg.rl.weight_sync_bucket_mb > 0, "rl.weight_sync_bucket_mb: must be positive"),
+        (cfg.rl.weight_sync_bucket_mb > 0 and cfg.rl.weight_sync_timeout_s > 0,
+         "rl.weight_sync_bucket_mb, rl.weight_sync_timeout_s: must be positive"),
         (cfg.rl.max_staleness >= 0, "rl.max_staleness: must be >= 0 (0: on-policy)"),
         (cfg.rl.rollout_tensor_parallel_size >= 1, "rl.rollout_tensor_parallel_size: must be >= 1"),
         (cfg.rl.rollout_tensor_parallel_size == 1 or cfg.rl.placement.rollout_gpus > 0,

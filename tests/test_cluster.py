@@ -280,8 +280,27 @@ def test_rollout_tensor_parallel_size_is_validated_and_counted():
         load_config(None, ["rl.rollout_tensor_parallel_size=2"])  # the default placement has no GPUs
 
 
+def test_weight_sync_defaults_to_the_broadcast_group_and_refuses_the_old_nccl_value():
+    """broadcast is gloo without GPUs (the default placement, the tests), nccl with them on both
+    sides; a config that still says nccl fails naming the field and the new value."""
+    from avar_ray.rl.system import transport
+
+    cfg = load_config(None)
+    assert cfg.rl.weight_sync_backend == "broadcast" and transport(cfg.rl) == "gloo"
+    half = load_config(None, ["rl.placement.learner_gpus=1"])  # learners on GPUs, rollouts on CPU
+    assert transport(half.rl) == "gloo"
+    assert transport(load_config(None, ["rl.weight_sync_backend=object_store"]).rl) == "object_store"
+    with pytest.raises(ValueError, match=r"rl\.weight_sync_backend: expected one of 'broadcast', 'object_store', "
+                                         r"got 'nccl'"):
+        load_config(None, ["rl.weight_sync_backend=nccl"])
+    with pytest.raises(ValueError, match=r"rl\.weight_sync_timeout_s: must be positive"):
+        load_config(None, ["rl.weight_sync_timeout_s=0"])
+
+
 # ----------------------------------------------------------------------------- paper config
 def test_paper_config_loads_with_the_papers_settings():
+    from avar_ray.rl.system import transport
+
     cfg = load_config(PAPER_CONFIG)
     assert cfg.model.dtype == "bfloat16"
     # AGTO cold start (SPEC.md §4)
@@ -292,7 +311,8 @@ def test_paper_config_loads_with_the_papers_settings():
     # GRPO with VARS (SPEC.md §5)
     assert (cfg.rl.lr, cfg.rl.prompts_per_step, cfg.rl.n_samples, cfg.rl.kl_coef) == (1e-6, 256, 8, 0.0)
     assert (cfg.rl.reward.lambda_v, cfg.rl.reward.lambda_f, cfg.rl.reward.visual_norm) == (0.3, 0.1, "none")
-    assert cfg.rl.weight_sync_backend == "nccl"
+    assert cfg.rl.weight_sync_backend == "broadcast"
+    assert transport(cfg.rl) == "nccl"  # both sides have GPUs
     # training-free intervention (SPEC.md §2) and eps
     assert (cfg.intervention.a_img, cfg.intervention.a_sys) == (0.15, 0.4)
     assert cfg.attention.eps == 1e-6 and cfg.attention.layers is None  # VAS, AGTO and r_visual

@@ -10,28 +10,38 @@ import torch
 from actors.weight_sync.buckets import WeightHandle, bucket_names
 
 
-def make_weight_group(host: str, port: int, rank: int, world_size: int, backend: str):
+def make_weight_group(host: str, port: int, rank: int, world_size: int, backend: str,
+                      timeout_s: float | None = None):
     """A process group apart from DeepSpeed's and vLLM's default groups: a TCPStore plus the
     backend's c10d process group class. Created once per run (persistent), rebuilt only when a
-    member restarts (a restarted process cannot rejoin a finished rendezvous)."""
+    member restarts (a restarted process cannot rejoin a finished rendezvous) or died during a
+    broadcast. ``timeout_s`` bounds the rendezvous and every collective (a peer alive but
+    never answering); a peer whose process died fails gloo's collectives at once (its socket
+    closes). NCCL: the same timeout, then its watchdog (untested here)."""
+    from datetime import timedelta
+
     from torch.distributed import PrefixStore, TCPStore
 
-    store = PrefixStore("avar-weights", TCPStore(host, port, world_size, is_master=(rank == 0), timeout=_timeout()))
+    timeout = timedelta(seconds=group_timeout_s(timeout_s))
+    store = PrefixStore("avar-weights", TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout))
     if backend == "nccl":
         from torch.distributed import ProcessGroupNCCL
 
-        return ProcessGroupNCCL(store, rank, world_size)
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return ProcessGroupNCCL(store, rank, world_size, options)
     if backend != "gloo":
         raise ValueError(f"weight broadcast backend must be 'nccl' or 'gloo', got {backend!r}")
     from torch.distributed import ProcessGroupGloo
 
-    return ProcessGroupGloo(store, rank, world_size)
+    return ProcessGroupGloo(store, rank, world_size, timeout)
 
 
-def _timeout():
-    from datetime import timedelta
+def group_timeout_s(timeout_s: float | None) -> float:
+    """``timeout_s``, or ``rl.weight_sync_timeout_s``'s default."""
+    from avar_ray.config import RLConfig
 
-    return timedelta(minutes=10)
+    return float(RLConfig.weight_sync_timeout_s if timeout_s is None else timeout_s)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -33,8 +33,10 @@ class ModuleSender:
 
         return "127.0.0.1", free_port(), ""
 
-    def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
-        self._group, self._backend = make_weight_group(host, port, 0, world_size, backend), backend
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str,
+                          timeout_s: float | None = None) -> None:
+        self._group = None  # the previous group's sockets close first
+        self._group, self._backend = make_weight_group(host, port, 0, world_size, backend, timeout_s), backend
 
     def publish_weights(self, version: int, bucket_mb: float) -> WeightHandle:
         return publish_object_store(self.named(), version, bucket_mb)
@@ -75,8 +77,9 @@ class EngineReceiver:
     def update_weights(self, handle: WeightHandle) -> float:
         return self._loaded(engine_update_object_store(self.llm, handle))
 
-    def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str) -> list[int]:
-        return engine_join_group(self.llm, host, port, rank, world, backend)
+    def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str,
+                          timeout_s: float | None = None) -> list[int]:
+        return engine_join_group(self.llm, host, port, rank, world, backend, timeout_s)
 
     def receive_broadcast(self, handle: WeightHandle) -> float:
         return self._loaded(engine_receive_broadcast(self.llm, handle))
@@ -97,3 +100,10 @@ class ReceiverPool:
 
         self.handle = handle
         return max(ray.get([a.update_weights.remote(handle) for a in self.actors]))
+
+    def revive(self, indices: list[int]) -> None:
+        """Receivers Ray restarted (created with ``max_restarts``): wait until they answer."""
+        import ray
+
+        ray.get([self.actors[i].ready.remote() for i in indices])
+        self.restarts += len(indices)

@@ -143,11 +143,13 @@ class VLLMWeightExtension:
         return stream.finish()
 
     # ---- broadcast: rank = the engine's rank offset + this worker's tensor-parallel rank
-    def avar_init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> int:
+    def avar_init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                               timeout_s: float | None = None) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         rank += get_tensor_model_parallel_rank()
-        self._avar_group = make_weight_group(host, port, rank, world_size, backend)
+        self._avar_group = None  # the previous group (if any) goes first: its sockets close
+        self._avar_group = make_weight_group(host, port, rank, world_size, backend, timeout_s)
         return rank
 
     def avar_receive_weight_broadcast(self, names: list, shapes: list) -> dict:
@@ -162,7 +164,19 @@ class VLLMWeightExtension:
                 meter.tensors += len(bucket)
                 yield from bucket
 
-        _reload(self, tensors())
+        try:
+            _reload(self, tensors())
+        except BaseException:
+            # A member died mid-broadcast. Leave the group (closing its sockets fails the peers
+            # still waiting on this rank at once) and vLLM's reload bookkeeping finished, so the
+            # next full reload starts clean: the layers not reloaded get their old tensors back,
+            # the half-received ones hold garbage until then (the driver redoes the sync before
+            # any sampling).
+            self._avar_group = None
+            from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+            raise
         return meter.stats()
 
 
@@ -198,9 +212,11 @@ def engine_update_object_store(llm, handle: WeightHandle) -> dict:
     return _first(llm.collective_rpc("avar_finish_weight_update"))
 
 
-def engine_join_group(llm, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
+def engine_join_group(llm, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                      timeout_s: float | None = None) -> list[int]:
     """Every worker of the engine joins the broadcast group at ``rank_offset + its TP rank``."""
-    return llm.collective_rpc("avar_init_weight_group", args=(host, port, rank_offset, world_size, backend))
+    return llm.collective_rpc("avar_init_weight_group", args=(host, port, rank_offset, world_size, backend,
+                                                              timeout_s))
 
 
 def engine_receive_broadcast(llm, handle: WeightHandle) -> dict:

@@ -25,6 +25,14 @@ def sampling_spec(cfg) -> SamplingSpec:
     return SamplingSpec(n=rl.n_samples, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
 
 
+def transport(rl) -> str:
+    """``rl.weight_sync_backend`` as a transport: broadcast is nccl when both the learners and the
+    rollout workers have GPUs, else gloo (the same code; how the CPU tests run it)."""
+    if rl.weight_sync_backend == "object_store":
+        return "object_store"
+    return "nccl" if rl.placement.rollout_gpus > 0 and rl.placement.learner_gpus > 0 else "gloo"
+
+
 class RLSystem:
     """Rollout pool + reward service + learner group, and the weight sync between them."""
 
@@ -61,12 +69,8 @@ class RLSystem:
         self.start_s = time.perf_counter() - start
 
     def _weight_sync(self) -> WeightSync:
-        rl = self.cfg.rl
-        backend = rl.weight_sync_backend
-        if backend == "nccl" and not (rl.placement.rollout_gpus > 0 and rl.placement.learner_gpus > 0):
-            backend = "gloo"  # the same broadcast without GPUs (how the CPU tests exercise this path)
-        tp = rl.rollout_tensor_parallel_size
-        return WeightSync(self.learners, self.rollout, backend, rl.weight_sync_bucket_mb, tp)
+        return WeightSync(self.learners, self.rollout, transport(self.cfg.rl), self.cfg.rl.weight_sync_bucket_mb,
+                          self.cfg.rl.rollout_tensor_parallel_size, self.cfg.rl.weight_sync_timeout_s)
 
     def learner_died(self, exc: BaseException) -> bool:
         """Whether ``exc`` is (or came with) the death of a learner rank."""
