@@ -179,4 +179,7 @@ class WeightSync:
                 ray.kill(self.pool.actors[i], no_restart=False)
         if errors and not dead:
             raise next(iter(errors.values()))  # nobody died: a real failure, not a casualty of one
+        for ref, exc in errors.items():
+            if not isinstance(exc, deaths):
+                log.warning("weight sync: a member left the broken broadcast: %s", str(exc).splitlines()[-1][:300])
         return max((results[ref] for ref in loads if ref in results), default=0.0), dead
