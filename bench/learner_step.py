@@ -23,7 +23,9 @@ Prints the median seconds per step (after warm-up) and each variant's ratio to `
 largest parameter difference between the learner and the plain model after the same steps (the
 same maths lands on the same weights: ~1e-7 against an update of ~1e-5 per step); with
 ``--profile``, the top functions of ``learner``'s steps (cProfile by own time, or torch.profiler's
-op table), so the overheads are named. Threads: one (``--threads``), as a learner actor at
+op table), so the overheads are named; and what one ``get_vocab`` costs at a Qwen-sized vocabulary
+(a 151,665-entry tokenizer built here: ``modeling.collate`` read it for every padded batch before
+``actors.learner_batches.VocabOnce``; the tiny model's 769 tokens hide it). Threads: one (``--threads``), as a learner actor at
 ``--cpus 1``.
 """
 from __future__ import annotations
@@ -158,6 +160,21 @@ class PlainStep:
         return {"seconds": time.perf_counter() - start, "entropy_sum": entropy_sum}
 
 
+def vocab_seconds(size: int, repeats: int = 5) -> float:
+    """Median seconds of ``get_vocab`` on a fast tokenizer of ``size`` entries."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokenizer.get_vocab()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def param_gap(learner: dict, plain: dict, initial: dict) -> tuple[float, float]:
     """Largest |learner - plain| and largest |plain - initial| over the parameters."""
     gap = max(float((learner[n].detach() - p.detach()).abs().max()) for n, p in plain.items())
@@ -176,6 +193,8 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", choices=["none", "cprofile", "torch"], default="none",
                         help="profile the learner's timed steps")
     parser.add_argument("--top", type=int, default=25, help="rows of the profile")
+    parser.add_argument("--vocab-size", type=int, default=151665,
+                        help="time get_vocab at this vocabulary size (0: skip)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides (e.g. rl.micro_batch_size=8)")
     args = parser.parse_args(argv)
@@ -237,6 +256,10 @@ def main(argv=None) -> None:
         gap, moved = param_gap(steps["learner"].parameters(), dict(steps["plain"].model.named_parameters()), initial)
         print(f"  parameters after {args.warmup + args.steps} steps: max |learner - plain| {gap:.2e}, "
               f"max |plain - initial| {moved:.2e}")
+    if args.vocab_size:
+        batches = cfg.rl.prompts_per_step + len(steps["learner"].minis[0])
+        print(f"  get_vocab at {args.vocab_size} tokens: {vocab_seconds(args.vocab_size) * 1e3:.0f} ms; before "
+              f"VocabOnce a step's learner read it {batches} times (each prompt encode, each micro-batch)")
     if profiler is not None and args.profile == "cprofile":
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)

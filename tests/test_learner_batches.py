@@ -87,3 +87,25 @@ def test_logprobs_are_bit_identical(setup, tiny_model_dir):
         before = forward_logprobs(model, _per_rollout(processor, items), lengths, 0.7, banned)[0]
         after = forward_logprobs(model, PromptCache(processor).encode(items)[0], lengths, 0.7, banned)[0]
     assert torch.equal(before, after) and before.abs().sum() > 0
+
+
+def test_the_vocabulary_is_read_once_per_cache(setup, monkeypatch):
+    """``collate`` reads the whole vocabulary for the template's markers of every batch it pads
+    (~0.1 s at Qwen's 151k tokens): the cache's batches read it once, across steps too, and
+    still carry the same spans (see the test above)."""
+    from actors.learner_batches import PromptCache
+
+    processor, _, items = setup
+    calls = []
+    get_vocab = type(processor.tokenizer).get_vocab
+    monkeypatch.setattr(type(processor.tokenizer), "get_vocab", lambda self: calls.append(1) or get_vocab(self))
+    _per_rollout(processor, items[:3])
+    _per_rollout(processor, items[3:])
+    assert len(calls) == 2  # without the cache: once per padded batch
+    calls.clear()
+    cache = PromptCache(processor)
+    cache.encode(items[:3])
+    cache.encode(items[3:])
+    cache.clear()
+    encoded = cache.encode(items[:2])[0]  # the next step
+    assert len(calls) == 1 and encoded.spans.response.any()
