@@ -172,14 +172,17 @@ class Learner:
         without old log-probs (one optimizer step in all: ``LearnerGroup.old_from_train``) take
         this forward's own, detached: the policy before the step, as a separate no-grad pass
         would compute them (TRL at ``num_iterations=1``, verl); their vLLM-vs-learner log-prob
-        difference is measured here then."""
+        difference is measured here then.
+
+        The sums stay tensors on the device until the end: a ``float()`` per micro-batch would
+        make the host wait for the GPU's backward before it builds the next micro-batch."""
         from avar_ray.grpo import kl_loss, policy_loss, tis_weights
 
         rl, engine = self.rl, self.engine
         engine.train()
         stats = {"pg_loss": 0.0, "kl_loss": 0.0, "entropy_sum": 0.0, "tokens": 0, "clipfrac_sum": 0.0,
                  "ppo_kl_sum": 0.0, "update_tokens": 0, "tis_sum": 0.0, "tis_capped": 0, "updates": 0,
-                 "diff_max": 0.0, "diff_sum": 0.0, "diff_tokens": 0}
+                 "diff_max": torch.zeros((), device=engine.device), "diff_sum": 0.0, "diff_tokens": 0}
         grad_norm = math.nan
         for epoch in range(rl.ppo_epochs):
             for m, mini in enumerate(minis):
@@ -188,14 +191,14 @@ class Learner:
                     encoded = self.prompts.encode(items)[0]  # from the step's cached prompts
                     logprob, entropy, mask = self._logprobs(engine, encoded, items, chunks[m][k],
                                                             with_entropy=epoch == 0)
-                    width = logprob.shape[1]
+                    width, n_tok = logprob.shape[1], sum(len(it.response_ids) for it in items)  # = mask.sum()
                     rollout = pad_rows([it.rollout_logprobs for it in items], width).to(logprob.device)
                     if items[0].old_logprobs is None:  # on-policy at the only optimizer step
                         old = logprob.detach()
                         diff = torch.where(mask.bool(), (old - rollout).abs(), 0.0)
-                        stats["diff_max"] = max(stats["diff_max"], float(diff.max()))
-                        stats["diff_sum"] += float(diff.sum())
-                        stats["diff_tokens"] += int(mask.sum())
+                        stats["diff_max"] = torch.maximum(stats["diff_max"], diff.max())
+                        stats["diff_sum"] += diff.sum()
+                        stats["diff_tokens"] += n_tok
                     else:
                         old = pad_rows([it.old_logprobs for it in items], width).to(logprob.device)
                     weights = tis_weights(old, rollout, rl.tis_cap)
@@ -208,23 +211,23 @@ class Learner:
                             ref = self._logprobs(self.reference, encoded, items, chunks[m][k])[0]
                         kl = kl_loss(logprob, ref, mask, rl.kl_type, infos[m], rl.loss_agg_mode)
                         loss = loss + rl.kl_coef * kl
-                        stats["kl_loss"] += float(kl.detach()) if epoch == 0 else 0.0
+                        stats["kl_loss"] += kl.detach() if epoch == 0 else 0.0
                     engine.backward(loss, scale_wrt_gas=False)  # already scaled by the global token count
-                    n_tok = int(mask.sum())
                     stats["clipfrac_sum"] += metrics["actor/pg_clipfrac"] * n_tok
                     stats["ppo_kl_sum"] += metrics["actor/ppo_kl"] * n_tok
                     stats["update_tokens"] += n_tok
                     if weights is not None:
-                        stats["tis_sum"] += float((weights * mask).sum())
-                        stats["tis_capped"] += int(((weights >= rl.tis_cap) & mask).sum())
+                        stats["tis_sum"] += (weights * mask).sum()
+                        stats["tis_capped"] += ((weights >= rl.tis_cap) & mask).sum()
                     if epoch == 0:
-                        stats["pg_loss"] += float(pg_loss.detach())
+                        stats["pg_loss"] += pg_loss.detach()
                         stats["tokens"] += n_tok
-                        stats["entropy_sum"] += float((entropy * mask).sum())
+                        stats["entropy_sum"] += (entropy * mask).sum()
                 engine.step()
                 stats["updates"] += 1
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else math.nan
+        stats = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()}  # the one sync
         stats["pg_loss"] /= len(minis)
         stats["kl_loss"] /= len(minis)
         stats["grad_norm"] = grad_norm
