@@ -5,9 +5,11 @@ A vLLM engine's processes (engine core, workers) talk over two ``/dev/shm/psm_*`
 (SIGKILL, an OOM kill, ``ray.kill``; Ray also kills an actor's child processes when the actor
 ends, e.g. a Ray Data stage's) leaves them behind, and they pile up on a node until Ray's memory
 monitor kills jobs. So ``avar_ray.engines.start_llm`` writes each engine's processes and queue
-names into REGISTRY (on the same tmpfs: a reboot clears both) and starts a janitor, a detached
+names, and the directory of its ZeroMQ IPC sockets (``start_llm`` gives each engine its own:
+vLLM never unlinks those, 7 socket files per engine start, even after a clean shutdown), into
+REGISTRY (on the same tmpfs: a reboot clears both) and starts a janitor, a detached
 process (``python engine_janitor.py RECORD``, outside the owner's process tree, so that nothing
-that kills the owner kills it), which unlinks the queues once the engine's processes are all gone
+that kills the owner kills it), which removes them once the engine's processes are all gone
 and exits; ``stop_llm`` does the same at once. Every engine start also sweeps the records of
 engines long dead (their janitor killed too). A queue is never unlinked while a process of its
 engine runs. No project imports here: the janitor starts in milliseconds.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,19 +48,22 @@ def alive(pid: int) -> bool:
         return False
 
 
-def write_record(owner: int, pids: list[int], segments: list[str]) -> Path:
-    """Record an engine's processes (those that map its queues) and its queues."""
+def write_record(owner: int, pids: list[int], segments: list[str], dirs: tuple[str, ...] = (),
+                 record: Path | None = None) -> Path:
+    """Record an engine's processes (those that map its queues), its queues and the
+    directories only it uses (its IPC sockets); ``record``: rewrite that record (its janitor
+    reads the new one at its next poll)."""
     REGISTRY.mkdir(exist_ok=True)
-    record = REGISTRY / f"{owner}-{pids[0]}.json"
+    record = record or REGISTRY / f"{owner}-{pids[0]}.json"
     part = record.with_suffix(".part")
-    part.write_text(json.dumps({"pidns": pid_namespace(), "pids": pids, "segments": segments}))
+    part.write_text(json.dumps({"pidns": pid_namespace(), "pids": pids, "segments": segments, "dirs": list(dirs)}))
     os.replace(part, record)
     return record
 
 
 def release(record: Path) -> bool:
-    """Unlink the record's queues and the record if none of its engine's processes runs (in
-    this pid namespace); True once the record is gone."""
+    """Unlink the record's queues, its directories and the record if none of its engine's
+    processes runs (in this pid namespace); True once the record is gone."""
     try:
         entry = json.loads(record.read_text())
     except FileNotFoundError:
@@ -71,6 +77,8 @@ def release(record: Path) -> bool:
             os.unlink(path)
         except FileNotFoundError:
             pass
+    for path in entry.get("dirs", ()):
+        shutil.rmtree(path, ignore_errors=True)
     record.unlink(missing_ok=True)
     return True
 

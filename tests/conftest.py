@@ -101,7 +101,7 @@ def vllm_engine(tiny_model_dir):
 def engines_stopped():
     """A check to call after the code under test: every vLLM engine that this process or a
     descendant (Ray's workers) started meanwhile is gone with its ``/dev/shm/psm_*`` queues
-    unlinked and its record in ``avar_ray.engine_janitor.REGISTRY`` removed, within ``timeout``
+    and its IPC socket directory removed and its record in ``avar_ray.engine_janitor.REGISTRY`` removed, within ``timeout``
     s (a Ray Data actor ends after its pipeline has returned). Records are told apart by their
     owner while it runs, so other engines on the machine do not count."""
     import threading
@@ -122,7 +122,8 @@ def engines_stopped():
             for record in set(REGISTRY.glob("*.json")) - before - set(ours):
                 if int(record.name.split("-")[0]) in family:
                     try:
-                        ours[record] = json.loads(record.read_text())["segments"]
+                        entry = json.loads(record.read_text())
+                        ours[record] = entry["segments"] + entry.get("dirs", [])
                     except (OSError, ValueError):  # already removed
                         pass
             done.wait(1.0)
