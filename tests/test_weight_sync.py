@@ -170,6 +170,52 @@ def test_trainable_only_sync_moves_only_language_weights(ray_local, ends, tiny_m
         ray.kill(sender, no_restart=True)
 
 
+class DyingSender(Sender):
+    """A sender whose process exits after half the buckets of a broadcast: a learner rank that
+    dies mid-sync (test-only)."""
+
+    def broadcast_weights(self, handle) -> float:
+        import os
+
+        from actors.weight_sync import broadcast_bucket
+
+        lookup = dict(self.named())
+        for names, shapes in list(zip(handle.names, handle.shapes))[:handle.num_buckets // 2]:
+            broadcast_bucket(self._group, [lookup[n] for n in names], shapes, "cpu")
+        os._exit(1)
+
+
+@slow
+def test_sender_dying_mid_broadcast_leaves_the_engine_usable(ray_local, ends, tiny_model_dir):
+    """The engine's side of a death in the middle of a broadcast: half the buckets arrived (vLLM's
+    reload half done) when the sender's process exits. The engine's receive fails at once (the
+    peer's socket closed; no wait for the group's timeout), leaves the group and finishes vLLM's
+    reload bookkeeping; the sender's death is raised as is (in a run: the learner recovery). A
+    new group from a new sender then syncs the engine fully: log-probs equal to that sender's."""
+    import time
+
+    from actors.weight_sync import WeightSync
+
+    ray = ray_local
+    _, pool = ends
+    dying = ray.remote(DyingSender).options(num_cpus=1).remote(str(tiny_model_dir))
+    ray.get(dying.perturb.remote(7))
+    sync = WeightSync(sender_group(dying), pool, "gloo", BUCKET_MB, timeout_s=120)
+    start = time.monotonic()
+    with pytest.raises(ray.exceptions.RayActorError):
+        sync.sync(7)
+    assert time.monotonic() - start < 60  # the receiver failed on the closed socket, not at the 120 s timeout
+    sender = ray.remote(Sender).options(num_cpus=1).remote(str(tiny_model_dir))
+    try:
+        ray.get(sender.perturb.remote(8))
+        m = WeightSync(sender_group(sender), pool, "gloo", BUCKET_MB).sync(8)
+        assert m["sync/redone"] == 0 and m["sync/buckets"] > 5
+        check_streamed(ray.get(pool.actors[0].last_stats.remote()), ray.get(sender.weight_table.remote(8, BUCKET_MB)))
+        check_parity(ray, sender, pool.actors[0])
+    finally:
+        ray.kill(sender, no_restart=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_check.sh on a GPU machine)")
 @slow
 def test_broadcast_into_vllm_on_cuda(ray_local, tiny_model_dir):  # pragma: no cover - GPU only, untested here

@@ -170,7 +170,7 @@ class WeightSync:
             if isinstance(errors.get(ref), deaths):
                 raise errors[ref]
         if any(ref in pending for ref in sends):
-            raise RuntimeError("weight sync: learner rank 0 still in the broadcast after a member failed "
+            raise RuntimeError("weight sync: a learner rank still in the broadcast after a member failed "
                                f"({next(iter(errors.values()))!r})")
         dead = [i for i, ref in enumerate(loads) if isinstance(errors.get(ref), deaths) or ref in pending]
         for i in dead:
