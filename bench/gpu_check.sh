@@ -142,9 +142,10 @@ else row attention FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
 [[ -n "${GPU_CHECK_LOGS:-}" ]] && cp "$WORK/out.log" "$GPU_CHECK_LOGS/attention.log"
 
 # ---- 4: two GRPO steps with ZeRO-3 on the GPU (learner and vLLM share it). The weight sync is
-# nccl only with >= 2 GPUs: NCCL refuses a learner rank and an engine rank on the same device.
+# the broadcast group with >= 2 GPUs (gloo over CUDA: with fractional GPU shares RLSystem does not
+# pick nccl, which refuses a learner rank and an engine rank on the same device).
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-SYNC=$([[ $NGPU -ge 2 ]] && echo nccl || echo object_store)
+SYNC=$([[ $NGPU -ge 2 ]] && echo broadcast || echo object_store)
 RL_ARGS=(rl.steps=2 rl.zero_stage=3 rl.prompts_per_step=2 rl.n_samples=4 rl.max_new_tokens=16 rl.save_every=0
          rl.placement.learner_gpus=0.4 rl.placement.rollout_gpus=0.4 rl.gpu_memory_utilization=0.3
          "rl.weight_sync_backend=$SYNC" "rl.out=$WORK/rl")

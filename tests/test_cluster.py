@@ -281,14 +281,18 @@ def test_rollout_tensor_parallel_size_is_validated_and_counted():
 
 
 def test_weight_sync_defaults_to_the_broadcast_group_and_refuses_the_old_nccl_value():
-    """broadcast is gloo without GPUs (the default placement, the tests), nccl with them on both
-    sides; a config that still says nccl fails naming the field and the new value."""
+    """broadcast is gloo without GPUs (the default placement, the tests), nccl with whole GPUs on
+    both sides; a config that still says nccl fails naming the field and the new value."""
     from avar_ray.rl.system import transport
 
     cfg = load_config(None)
     assert cfg.rl.weight_sync_backend == "broadcast" and transport(cfg.rl) == "gloo"
     half = load_config(None, ["rl.placement.learner_gpus=1"])  # learners on GPUs, rollouts on CPU
     assert transport(half.rl) == "gloo"
+    shared = load_config(None, ["rl.placement.learner_gpus=0.5", "rl.placement.rollout_gpus=0.4"])
+    assert transport(shared.rl) == "gloo"  # maybe one GPU for both: NCCL refuses two ranks on one
+    whole = load_config(None, ["rl.placement.learner_gpus=1", "rl.placement.rollout_gpus=1"])
+    assert transport(whole.rl) == "nccl"
     assert transport(load_config(None, ["rl.weight_sync_backend=object_store"]).rl) == "object_store"
     with pytest.raises(ValueError, match=r"rl\.weight_sync_backend: expected one of 'broadcast', 'object_store', "
                                          r"got 'nccl'"):

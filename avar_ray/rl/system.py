@@ -26,11 +26,13 @@ def sampling_spec(cfg) -> SamplingSpec:
 
 
 def transport(rl) -> str:
-    """``rl.weight_sync_backend`` as a transport: broadcast is nccl when both the learners and the
-    rollout workers have GPUs, else gloo (the same code; how the CPU tests run it)."""
+    """``rl.weight_sync_backend`` as a transport: broadcast is nccl when the learners and the
+    rollout workers each have whole GPUs, else gloo (the same code, over CUDA tensors too; how
+    the CPU tests run it). Fractional shares may put two ranks on one GPU, which NCCL refuses
+    ("Duplicate GPU detected")."""
     if rl.weight_sync_backend == "object_store":
         return "object_store"
-    return "nccl" if rl.placement.rollout_gpus > 0 and rl.placement.learner_gpus > 0 else "gloo"
+    return "nccl" if rl.placement.rollout_gpus >= 1 and rl.placement.learner_gpus >= 1 else "gloo"
 
 
 class RLSystem:
