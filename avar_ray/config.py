@@ -194,9 +194,9 @@ class RLConfig:
     max_staleness: int = 0
     max_image_pixels: int = 4096 * 4096  # per image; larger ones are filtered at load (counted)
     save_every: int = 5
-    # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both have GPUs, else
-    # gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no alias):
-    # it named one transport of the two the broadcast picks between.
+    # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both sides have whole
+    # GPUs, else gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no
+    # alias): it named one transport of the two the broadcast picks between.
     weight_sync_backend: Literal["broadcast", "object_store"] = "broadcast"
     weight_sync_timeout_s: float = 300.0  # broadcast group: rendezvous and each collective (a peer that hangs)
     weight_sync_bucket_mb: float = 64.0
