@@ -25,7 +25,9 @@ same maths lands on the same weights: ~1e-7 against an update of ~1e-5 per step)
 ``--profile``, the top functions of ``learner``'s steps (cProfile by own time, or torch.profiler's
 op table), so the overheads are named; and what one ``get_vocab`` costs at a Qwen-sized vocabulary
 (a 151,665-entry tokenizer built here: ``modeling.collate`` read it for every padded batch before
-``actors.learner_batches.VocabOnce``; the tiny model's 769 tokens hide it). Threads: one (``--threads``), as a learner actor at
+``actors.learner_batches.VocabOnce``; the tiny model's 769 tokens hide it); with ``--vision``, the
+vision tower's forward + backward on every rollout's image (what each micro-batch runs: a prompt's
+image once per rollout) against each distinct image once. Threads: one (``--threads``), as a learner actor at
 ``--cpus 1``.
 """
 from __future__ import annotations
@@ -175,6 +177,28 @@ def vocab_seconds(size: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def vision_seconds(cfg, items, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of the vision tower's forward + backward on the images of all ``items``
+    (one per rollout) and on the distinct prompts' images only."""
+    from actors.learner_batches import PromptCache
+    from avar_ray.modeling import load_model, load_processor
+
+    model = load_model(cfg.model.path, dtype="float32", attn_implementation="sdpa").train()
+    cache = PromptCache(load_processor(cfg.model.path, cfg.model), cfg.model.system_prompt)
+    every = cache.encode(items)[0].inputs
+    distinct = cache.encode(list({id(it.sample): it for it in items}.values()))[0].inputs
+
+    def run(inputs) -> float:
+        start = time.perf_counter()
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        torch.cat(list(out)).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = [(run(every), run(distinct)) for _ in range(repeats + 1)][1:]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
 def param_gap(learner: dict, plain: dict, initial: dict) -> tuple[float, float]:
     """Largest |learner - plain| and largest |plain - initial| over the parameters."""
     gap = max(float((learner[n].detach() - p.detach()).abs().max()) for n, p in plain.items())
@@ -195,6 +219,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=25, help="rows of the profile")
     parser.add_argument("--vocab-size", type=int, default=151665,
                         help="time get_vocab at this vocabulary size (0: skip)")
+    parser.add_argument("--vision", action="store_true",
+                        help="time the vision tower on every rollout's image vs each distinct image")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides (e.g. rl.micro_batch_size=8)")
     args = parser.parse_args(argv)
@@ -260,6 +286,10 @@ def main(argv=None) -> None:
         batches = cfg.rl.prompts_per_step + len(steps["learner"].minis[0])
         print(f"  get_vocab at {args.vocab_size} tokens: {vocab_seconds(args.vocab_size) * 1e3:.0f} ms; before "
               f"VocabOnce a step's learner read it {batches} times (each prompt encode, each micro-batch)")
+    if args.vision:
+        every, distinct = vision_seconds(cfg, items)
+        print(f"  vision tower forward + backward: {every:.3f} s on the {len(items)} rollouts' images, "
+              f"{distinct:.3f} s on the {cfg.rl.prompts_per_step} distinct ones")
     if profiler is not None and args.profile == "cprofile":
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
