@@ -108,6 +108,56 @@ def hidden_only(module):
         module.lm_head = head
 
 
+def distinct_images(inputs: dict) -> Optional[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """A batch's rollouts of one prompt carry its images once per row: the distinct images'
+    ``pixel_values`` and ``image_grid_thw`` and, per image of the batch, its distinct image's
+    index; None when every image is distinct."""
+    grid = inputs.get("image_grid_thw")
+    if grid is None or grid.shape[0] < 2:
+        return None
+    grids = grid.tolist()
+    pieces = torch.split(inputs["pixel_values"], [t * h * w for t, h, w in grids])
+    keep, index = [], []
+    for i, piece in enumerate(pieces):
+        same = (j for j, k in enumerate(keep) if grids[k] == grids[i] and torch.equal(pieces[k], piece))
+        index.append(next(same, len(keep)))
+        if index[-1] == len(keep):
+            keep.append(i)
+    if len(keep) == len(pieces):
+        return None
+    return torch.cat([pieces[k] for k in keep]), grid[keep], index
+
+
+@contextmanager
+def each_image_once(module, inputs: dict, device):
+    """Inside the block a forward of ``module`` on the yielded inputs (``inputs`` on ``device``,
+    with the distinct images' ``pixel_values`` only) runs the vision tower once per distinct
+    image and gives every image placeholder its image's features (the gradient sums over the
+    uses, as when each row's copy was encoded; Qwen3-VL's DeepStack features alike). The
+    duplicates are found before the copy to ``device`` (no GPU sync)."""
+    found = distinct_images(inputs)
+    if found is None:
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return
+    pixel_values, grid, index = found[0].to(device), found[1].to(device), found[2]
+    moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k != "pixel_values"}
+    model = module.model
+    encode = model.get_image_features
+
+    def get_image_features(_pixel_values, _grid, **kwargs):  # called once per forward, on the distinct images
+        out = encode(pixel_values, grid, **kwargs)
+        out.pooler_output = tuple(out.pooler_output[j] for j in index)
+        if getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [tuple(layer[j] for j in index) for layer in out.deepstack_features]
+        return out
+
+    model.get_image_features = get_image_features
+    try:
+        yield {**moved, "pixel_values": pixel_values}
+    finally:
+        del model.get_image_features
+
+
 def forward_logprobs(model, encoded: Encoded, response_lengths: Sequence[int], temperature: float = 1.0,
                      banned_ids: Sequence[int] = (), with_entropy: bool = False, chunks: int = 0, **kwargs):
     """One forward of ``model`` (an HF ...ForConditionalGeneration, or a DeepSpeed engine around
@@ -115,11 +165,10 @@ def forward_logprobs(model, encoded: Encoded, response_lengths: Sequence[int], t
     ``[B, R]`` mask. ``kwargs`` reach the attention (e.g. ``avar_context``)."""
     module = getattr(model, "module", model)
     device = next(module.parameters()).device
-    encoded = encoded.to(device)
-    with hidden_only(module) as head:
-        hidden = model(**encoded.inputs, use_cache=False, **kwargs).logits
+    with hidden_only(module) as head, each_image_once(module, encoded.inputs, device) as inputs:
+        hidden = model(**inputs, use_cache=False, **kwargs).logits
     positions, mask = response_index(encoded.prompt_lengths, response_lengths)
-    logprobs, entropy = hidden_logprobs(head, hidden, encoded.inputs["input_ids"], positions, mask,
+    logprobs, entropy = hidden_logprobs(head, hidden, inputs["input_ids"], positions, mask,
                                         temperature, banned_ids, with_entropy, chunks)
     return logprobs, entropy, mask.to(device)
 

@@ -109,3 +109,35 @@ def test_the_vocabulary_is_read_once_per_cache(setup, monkeypatch):
     cache.clear()
     encoded = cache.encode(items[:2])[0]  # the next step
     assert len(calls) == 1 and encoded.spans.response.any()
+
+
+def test_each_image_is_encoded_once_with_the_same_logprobs_and_gradients(setup, tiny_model_dir, monkeypatch):
+    """A batch's rollouts of one prompt share its images: the vision tower runs on each distinct
+    image once (``policy.each_image_once``) and the log-probs and every gradient equal those of
+    encoding each row's copy."""
+    import actors.policy as policy
+    from actors.learner_batches import PromptCache
+    from avar_ray.modeling import load_model
+
+    processor, samples, items = setup
+    model = load_model(str(tiny_model_dir), attn_implementation="avar").train()
+    encoded = PromptCache(processor).encode(items)[0]
+    lengths = [len(it.response_ids) for it in items]
+    images = []
+    model.model.visual.register_forward_hook(lambda module, args, kwargs, out: images.append(kwargs["grid_thw"].shape[0]),
+                                             with_kwargs=True)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logprobs = policy.forward_logprobs(model, encoded, lengths, 0.7, policy.banned_token_ids(processor))[0]
+        (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+        return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    once, grads_once = run()
+    monkeypatch.setattr(policy, "distinct_images", lambda inputs: None)  # every row's copy encoded
+    every, grads_every = run()
+    assert images == [len(samples) + 1, len(items) + 2]  # 5 distinct images (one prompt has two) vs 10
+    assert torch.allclose(once, every, atol=1e-5) and once.abs().sum() > 0
+    assert grads_once.keys() == grads_every.keys() and any("visual" in n for n in grads_once)
+    for name, grad in grads_once.items():  # float32 sums in another order: ~1e-6 of the norm
+        assert (grad - grads_every[name]).norm() <= 1e-4 * grads_every[name].norm() + 1e-8, name
