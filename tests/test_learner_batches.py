@@ -111,16 +111,24 @@ def test_the_vocabulary_is_read_once_per_cache(setup, monkeypatch):
     assert len(calls) == 1 and encoded.spans.response.any()
 
 
-def test_each_image_is_encoded_once_with_the_same_logprobs_and_gradients(setup, tiny_model_dir, monkeypatch):
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_each_image_is_encoded_once_with_the_same_logprobs_and_gradients(setup, family, request, monkeypatch):
     """A batch's rollouts of one prompt share its images: the vision tower runs on each distinct
-    image once (``policy.each_image_once``) and the log-probs and every gradient equal those of
-    encoding each row's copy."""
+    image once (``policy.each_image_once``) and the log-probs and every gradient (Qwen3-VL: the
+    DeepStack features' too) equal those of encoding each row's copy."""
     import actors.policy as policy
     from actors.learner_batches import PromptCache
-    from avar_ray.modeling import load_model
+    from actors.records import TrainItem
+    from avar_ray.modeling import load_model, load_processor
 
-    processor, samples, items = setup
-    model = load_model(str(tiny_model_dir), attn_implementation="avar").train()
+    _, samples, items = setup
+    model_dir = str(request.getfixturevalue("tiny_model_dir" if family == "qwen2_5_vl" else "tiny_qwen3_vl_dir"))
+    processor = load_processor(model_dir)
+    banned = policy.banned_token_ids(processor)
+    allowed = [t for t in range(3, 300) if t not in banned]  # ids every tiny tokenizer has
+    items = [TrainItem(it.sample, [allowed[i % len(allowed)] for i in it.response_ids], 0.0, []) for it in items]
+    model = load_model(model_dir, attn_implementation="avar").train()
     encoded = PromptCache(processor).encode(items)[0]
     lengths = [len(it.response_ids) for it in items]
     images = []
@@ -129,7 +137,7 @@ def test_each_image_is_encoded_once_with_the_same_logprobs_and_gradients(setup, 
 
     def run():
         model.zero_grad(set_to_none=True)
-        logprobs = policy.forward_logprobs(model, encoded, lengths, 0.7, policy.banned_token_ids(processor))[0]
+        logprobs = policy.forward_logprobs(model, encoded, lengths, 0.7, banned)[0]
         (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
         return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
