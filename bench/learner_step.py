@@ -14,10 +14,13 @@ rl section) and 8 rollouts (2 procedural prompts x 4 responses of 16-32 random t
 * ``plain``: the same maths with no DeepSpeed and no avar code: an HF forward to the decoder's
   hidden states, the LM head on the response positions, temperature, the banned-token mask,
   log-softmax, the entropy (no grad), verl's clipped loss written out (token mean over the step),
-  backward, ``clip_grad_norm_``, ``torch.optim.AdamW``. The floor.
+  backward, ``clip_grad_norm_``, ``torch.optim.AdamW``. The floor, but for one thing: it encodes
+  every rollout's copy of its prompt's image, as TRL does.
 * ``zero0`` / ``zero1`` / ``zero3`` (optional): the learner at that ``rl.zero_stage`` (``zero0``: the
   same DeepSpeed engine without ZeRO; on one rank ZeRO partitions nothing, so this is its bookkeeping).
 * ``noentropy`` (optional): the learner with the entropy metric off (what the metric costs).
+* ``everyimage`` (optional): the learner encoding every rollout's copy of its prompt's image, as
+  before ``actors.policy.each_image_once`` (and as ``plain`` and TRL do).
 
 Prints the median seconds per step (after warm-up) and each variant's ratio to ``plain``; the
 largest parameter difference between the learner and the plain model after the same steps (the
@@ -73,7 +76,7 @@ def make_items(model_dir, prompts: int, samples: int, seed: int = 0):
 class LearnerStep:
     """One in-process learner rank and the arguments ``LearnerGroup.train_step`` would send it."""
 
-    def __init__(self, cfg, items, entropy: bool = True):
+    def __init__(self, cfg, items, entropy: bool = True, every_image: bool = False):
         from actors.learner import Learner, _chunk_counts
         from avar_ray.grpo import batch_info, plan_step
         from avar_ray.ray_utils import free_port
@@ -82,6 +85,7 @@ class LearnerStep:
         self.rank.setup("127.0.0.1", free_port("127.0.0.1"), 0, 1)
         if not entropy:  # the metric off (reported as 0): what computing it costs
             self.rank._logprobs = self._no_entropy(self.rank._logprobs)
+        self.every_image = every_image
         rl = cfg.rl
         plan = plan_step([len(it.prompt_ids) + len(it.response_ids) for it in items], 1, 1, rl.micro_batch_size,
                          rl.max_tokens_per_micro_batch)[0]
@@ -99,9 +103,17 @@ class LearnerStep:
 
     def __call__(self) -> dict:
         self.rank.prompts.prompts([it.sample for it in self.items])  # the score call's encode (reward phase)
-        start = time.perf_counter()
-        stats = self.rank.train(self.minis, self.chunks, self.infos)
-        stats["seconds"] = time.perf_counter() - start
+        import actors.policy as policy
+
+        distinct = policy.distinct_images
+        if self.every_image:
+            policy.distinct_images = lambda inputs: None
+        try:
+            start = time.perf_counter()
+            stats = self.rank.train(self.minis, self.chunks, self.infos)
+            stats["seconds"] = time.perf_counter() - start
+        finally:
+            policy.distinct_images = distinct
         return stats
 
     def parameters(self):
@@ -212,7 +224,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--variants", default="learner,plain",
-                        help="comma list of learner, plain, zero0, zero1, zero3, noentropy")
+                        help="comma list of learner, plain, zero0, zero1, zero3, noentropy, everyimage")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a learner actor at --cpus 1: 1)")
     parser.add_argument("--profile", choices=["none", "cprofile", "torch"], default="none",
                         help="profile the learner's timed steps")
@@ -225,7 +237,7 @@ def main(argv=None) -> None:
                         help="config overrides (e.g. rl.micro_batch_size=8)")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
-    unknown = set(variants) - {"learner", "plain", "zero0", "zero1", "zero3", "noentropy"}
+    unknown = set(variants) - {"learner", "plain", "zero0", "zero1", "zero3", "noentropy", "everyimage"}
     if unknown or "learner" not in variants:
         parser.error(f"--variants: must include learner; unknown {sorted(unknown)}")
 
@@ -249,6 +261,8 @@ def main(argv=None) -> None:
                                               overrides + [f"rl.zero_stage={name[4:]}"]), items)
     if "noentropy" in variants:
         steps["noentropy"] = LearnerStep(cfg, items, entropy=False)
+    if "everyimage" in variants:
+        steps["everyimage"] = LearnerStep(cfg, items, every_image=True)
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     profiler = None
