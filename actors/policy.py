@@ -5,7 +5,9 @@ Memory: the log-probs come from the decoder's hidden states at the response posi
 through the LM head in chunks of ``chunk`` tokens; no ``[B, T, V]`` logits are ever built
 (at V = 151,936 those are the learner's largest tensors). Under autograd each chunk is
 checkpointed, so the backward recomputes its ``[chunk, V]`` logits instead of keeping them.
-The entropy is a metric: computed without grad.
+The entropy is a metric: computed without grad. Compute: a batch's rollouts of one prompt
+carry its images once per row; the vision tower encodes each distinct image once
+(``each_image_once``).
 
 The sampler and the learner must define the same distribution: both divide the logits by the
 sampling temperature and both forbid the chat-template and vision tokens (see

@@ -132,8 +132,8 @@ def test_each_image_is_encoded_once_with_the_same_logprobs_and_gradients(setup, 
     encoded = PromptCache(processor).encode(items)[0]
     lengths = [len(it.response_ids) for it in items]
     images = []
-    model.model.visual.register_forward_hook(lambda module, args, kwargs, out: images.append(kwargs["grid_thw"].shape[0]),
-                                             with_kwargs=True)
+    model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: images.append(kwargs["grid_thw"].shape[0]), with_kwargs=True)
 
     def run():
         model.zero_grad(set_to_none=True)
