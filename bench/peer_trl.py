@@ -28,7 +28,7 @@ per-run ratios; avar-ray's from its ``metrics.jsonl``
 compared step is the same work; the raw figure is printed too), TRL's from a callback around
 each optimizer step, with its generation (``GRPOTrainer._generate``, timed) split from the rest.
 The weight sync is split into the learners' publish and the vLLM worker's load
-(``sync/publish_s``, ``sync/load_s``). The load average is printed before and after. The machine may be shared:
+(``sync/publish_s``, ``sync/load_s``). The load average is printed before and after each run. The machine may be shared:
 read the ratio and the phases, not the absolute seconds. TRL's ``--cpus 2`` is one process with
 two OpenMP threads: while another job holds a core, every parallel op waits for the descheduled
 thread and its steps take 10-45 s instead of 0.4-0.8 s (``bench/results/peer_trl.md``);
