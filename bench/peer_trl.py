@@ -10,8 +10,8 @@ accelerate, datasets, multiprocess; nothing already installed changes). Both sid
   (image + question), in the same order: avar-ray's seeded sampler (``PromptSampler``) decides
   the order, and TRL reads a dataset laid out in that order with shuffling off;
 * the same samples per prompt (``--n``), prompts per step, new tokens (both stop early only at
-  end of turn; both ban the template tokens of ``avar_ray.spans``), learning rate, temperature 1, no KL, one PPO epoch, token-mean loss
-  (TRL ``loss_type="dapo"``), group-normalised advantages;
+  end of turn; both ban the template tokens of ``avar_ray.spans``), learning rate, temperature 1,
+  no KL, one PPO epoch, token-mean loss (TRL ``loss_type="dapo"``), group-normalised advantages;
 * the same CPUs: each side runs alone (one after the other, each in a subprocess) on the same
   machine; TRL with ``torch.set_num_threads(--cpus)``, avar-ray's actors with Ray's one thread
   per actor (its local Ray gets ``max(--cpus, 4)`` logical CPUs: they only gate placement, and a
