@@ -141,13 +141,13 @@ class Learner:
         seconds = {"forward": 0.0}
         for micro, n_chunks in zip(micro_batches, chunks):
             items = [it for _, it, _ in micro]
-            encoded, prompts = self.prompts.encode(items)
-            encoded = encoded.to(self.engine.device)
+            encoded, prompts = self.prompts.encode(items)  # on the host: forward_logprobs moves it
             ctx = None
             if any(want for _, _, want in micro):
                 num_layers = self.engine.module.config.get_text_config().num_hidden_layers
-                ctx = AttentionContext.from_spans(encoded.spans, query="response", layers=self.attention.layers,
-                                                  chunk_size=self.attention.chunk_size, num_layers=num_layers)
+                ctx = AttentionContext.from_spans(encoded.spans.to(self.engine.device), query="response",
+                                                  layers=self.attention.layers, chunk_size=self.attention.chunk_size,
+                                                  num_layers=num_layers)
                 ctx.query_mask &= torch.tensor([want for _, _, want in micro], device=ctx.query_mask.device)[:, None]
             t = time.perf_counter()
             kwargs = {"avar_context": ctx} if ctx is not None else {}
