@@ -5,8 +5,7 @@ times in a step (the no-grad ``score`` pass, then every micro-batch of every PPO
 ``PromptCache`` fetches each prompt from the object store, decodes its images and runs the
 HF processor on it ONCE per rank and step; micro-batches are assembled from the cached
 tensors (the prompt's ids, ``pixel_values``, ``image_grid_thw``) plus each rollout's response
-ids; the tokenizer's vocabulary, which every padded batch reads for the chat template's markers,
-is read once per cache (``VocabOnce``). The learner clears the cache when its step's update is
+ids. The learner clears the cache when its step's update is
 done, so host memory holds one step's prompts at most (plus those of steps whose update was
 skipped, until the next update).
 """
@@ -55,49 +54,12 @@ def _key(sample) -> tuple:
     return ("ref", sample.binary()) if isinstance(sample, ray.ObjectRef) else ("obj", id(sample))
 
 
-class VocabOnce:
-    """A tokenizer whose ``get_vocab`` is read once. ``modeling.collate`` finds the chat
-    template's markers for every batch it pads (``spans.TemplateIds.from_tokenizer``), and
-    ``get_vocab`` builds a dict of the whole vocabulary each call: ~0.3 ms at the tiny model's
-    769 tokens, ~0.1 s at Qwen's 151k (``bench/learner_step.py``), for every prompt the cache
-    encodes and every micro-batch it assembles."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer, self._vocab = tokenizer, None
-
-    @property
-    def tokenizer(self):  # spans and collate take "a tokenizer or a processor": this is both
-        return self
-
-    def get_vocab(self) -> dict:
-        if self._vocab is None:
-            self._vocab = self._tokenizer.get_vocab()
-        return self._vocab
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
-class _Processor:
-    """``processor`` with its tokenizer behind ``VocabOnce`` (the processor call is its own)."""
-
-    def __init__(self, processor):
-        self._processor = processor
-        self.tokenizer = VocabOnce(getattr(processor, "tokenizer", processor))
-
-    def __call__(self, *args, **kwargs):
-        return self._processor(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._processor, name)
-
-
 class PromptCache:
     """Prompts of the current step, each encoded once; ``encodes`` / ``seconds``: processor
     calls and their time (fetch and image decoding included) since the last ``clear``."""
 
     def __init__(self, processor, system_prompt: str | None = None):
-        self.processor, self.system_prompt = _Processor(processor), system_prompt
+        self.processor, self.system_prompt = processor, system_prompt
         self.entries: dict[tuple, Prompt] = {}
         self.encodes, self.seconds = 0, 0.0
 

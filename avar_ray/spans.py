@@ -16,6 +16,7 @@ A tokenizer without these markers gets ``UnsupportedTemplateError``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,23 @@ def find_spans(input_ids: torch.Tensor, template: TemplateIds, attention_mask: t
     return Spans(*masks)
 
 
+# tokenizer -> (its size, its TemplateIds): every padded batch needs the markers, and reading
+# them builds a dict of the whole vocabulary (get_vocab: 74-155 ms at Qwen's 151k tokens,
+# bench/learner_step.py), once per prompt and micro-batch in the learner, per batch in SFT and eval.
+_TEMPLATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def template_ids(tokenizer) -> TemplateIds:
+    """``TemplateIds.from_tokenizer`` read once per tokenizer (or processor), again only if
+    tokens were added since."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    size = len(tokenizer)
+    hit = _TEMPLATES.get(tokenizer)
+    if hit is None or hit[0] != size:
+        hit = _TEMPLATES[tokenizer] = (size, TemplateIds.from_tokenizer(tokenizer))
+    return hit[1]
+
+
 def spans_for(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Spans:
-    """Convenience: ``find_spans`` with the markers read from a tokenizer or processor."""
-    return find_spans(input_ids, TemplateIds.from_tokenizer(tokenizer), attention_mask)
+    """Convenience: ``find_spans`` with the markers of a tokenizer or processor."""
+    return find_spans(input_ids, template_ids(tokenizer), attention_mask)

@@ -28,7 +28,7 @@ same maths lands on the same weights: ~1e-7 against an update of ~1e-5 per step)
 ``--profile``, the top functions of ``learner``'s steps (cProfile by own time, or torch.profiler's
 op table), so the overheads are named; and what one ``get_vocab`` costs at a Qwen-sized vocabulary
 (a 151,665-entry tokenizer built here: ``modeling.collate`` read it for every padded batch before
-``actors.learner_batches.VocabOnce``; the tiny model's 769 tokens hide it); with ``--vision``, the
+``spans.template_ids`` cached the markers per tokenizer; the tiny model's 769 tokens hide it); with ``--vision``, the
 vision tower's forward + backward on every rollout's image (what each micro-batch runs: a prompt's
 image once per rollout) against each distinct image once. Threads: one (``--threads``), as a learner actor at
 ``--cpus 1``.
@@ -299,7 +299,7 @@ def main(argv=None) -> None:
     if args.vocab_size:
         batches = cfg.rl.prompts_per_step + len(steps["learner"].minis[0])
         print(f"  get_vocab at {args.vocab_size} tokens: {vocab_seconds(args.vocab_size) * 1e3:.0f} ms; before "
-              f"VocabOnce a step's learner read it {batches} times (each prompt encode, each micro-batch)")
+              f"spans.template_ids a step's learner read it {batches} times (each prompt encode, each micro-batch)")
     if args.vision:
         every, distinct = vision_seconds(cfg, items)
         print(f"  vision tower forward + backward: {every:.3f} s on the {len(items)} rollouts' images, "

@@ -4,6 +4,7 @@ assembled from the cache are the tensors the per-rollout encoding gave, so the l
 bit-identical."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -89,27 +90,31 @@ def test_logprobs_are_bit_identical(setup, tiny_model_dir):
     assert torch.equal(before, after) and before.abs().sum() > 0
 
 
-def test_the_vocabulary_is_read_once_per_cache(setup, monkeypatch):
-    """``collate`` reads the whole vocabulary for the template's markers of every batch it pads
-    (~0.1 s at Qwen's 151k tokens): the cache's batches read it once, across steps too, and
-    still carry the same spans (see the test above)."""
+def test_the_vocabulary_is_read_once_per_tokenizer(setup, monkeypatch):
+    """``collate`` needs the template's markers for every batch it pads, and reading them reads
+    the whole vocabulary (~0.1 s at Qwen's 151k tokens): ``spans.template_ids`` reads it once per
+    tokenizer, across the cache's prompts, micro-batches and steps, and again only after tokens
+    were added; the batches still carry the same spans (see the test above)."""
     from actors.learner_batches import PromptCache
+    from avar_ray import spans
 
     processor, _, items = setup
     calls = []
     get_vocab = type(processor.tokenizer).get_vocab
     monkeypatch.setattr(type(processor.tokenizer), "get_vocab", lambda self: calls.append(1) or get_vocab(self))
-    _per_rollout(processor, items[:3])
-    _per_rollout(processor, items[3:])
-    assert len(calls) == 2  # without the cache: once per padded batch
-    calls.clear()
+    monkeypatch.setattr(spans, "_TEMPLATES", spans.weakref.WeakKeyDictionary())
     cache = PromptCache(processor)
     cache.encode(items[:3])
     cache.encode(items[3:])
     cache.clear()
     encoded = cache.encode(items[:2])[0]  # the next step
+    _per_rollout(processor, items[:3])
     assert len(calls) == 1 and encoded.spans.response.any()
-
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    spans.template_ids(tokenizer)
+    tokenizer.add_tokens(["<avar_new_token>"])
+    spans.template_ids(tokenizer)
+    assert len(calls) == 3  # a new tokenizer; the same one after it grew
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
