@@ -1,7 +1,7 @@
 """avar-ray's GRPO step next to TRL's ``GRPOTrainer`` on the same CPU work.
 
     .venv/bin/python bench/peer_trl.py [--steps 8] [--warmup 1] [--repeats 3] [--prompts 2] [--n 4]
-                                       [--max-new-tokens 32] [--lr 1e-5] [--cpus 2] [--set KEY=VALUE ...]
+                                       [--max-new-tokens 32] [--lr 1e-5] [--cpus 1] [--set KEY=VALUE ...]
 
 TRL is not a dependency of the package: ``make bench`` installs ``trl==1.16.0`` (with
 accelerate, datasets, multiprocess; nothing already installed changes). Both sides get:
@@ -32,7 +32,7 @@ The weight sync is split into the learners' publish and the vLLM worker's load
 read the ratio and the phases, not the absolute seconds. TRL's ``--cpus 2`` is one process with
 two OpenMP threads: while another job holds a core, every parallel op waits for the descheduled
 thread and its steps take 10-45 s instead of 0.4-0.8 s (``bench/results/peer_trl.md``);
-``--cpus 1`` gives TRL one thread, the figure to read on a shared machine.
+``--cpus 1`` (the default) gives TRL one thread, the figure to read on a shared machine.
 """
 from __future__ import annotations
 
@@ -180,10 +180,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--cpus", type=int, default=2)
+    # 1: with 2, TRL's one process runs two OpenMP threads, and on a shared machine each of its
+    # small ops waits for the descheduled one (10-45 s steps, bench/results/peer_trl.md)
+    parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="more avar-ray config overrides (e.g. rl.weight_sync_backend=nccl)")
+                        help="more avar-ray config overrides (e.g. rl.weight_sync_backend=object_store)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "peer_trl.json"))
     args = parser.parse_args()
     if args.steps <= args.warmup or args.repeats < 1:
