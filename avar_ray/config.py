@@ -93,7 +93,7 @@ class TeacherConfig:
     timeout_s: float = 60.0  # openai: per request
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # vllm engine dtype
     max_model_len: int = 4096  # vllm engine context
-    enforce_eager: bool = False  # vllm: skip graph capture/compile (faster start, tests)
+    enforce_eager: Optional[bool] = None  # vllm; None: compiled on GPUs, eager on CPU (engines.start_llm)
     max_images: int = 1  # vllm: images per prompt
     num_cpus: float = 1.0  # per actor of this step's Ray Data stage
     num_gpus: float = 0.0
@@ -203,7 +203,7 @@ class RLConfig:
     # GPUs one vLLM engine spans (tensor parallel); each rollout worker then asks for this many times
     # rl.placement.rollout_gpus. UNTESTED on GPUs here (no GPU in CI); on CPU only validated and counted.
     rollout_tensor_parallel_size: int = 1
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = None  # vLLM; None: CUDA graphs on GPUs, eager on CPU (engines.start_llm)
     seed: int = 0
     kl_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"  # verl's KL estimators
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
@@ -228,7 +228,7 @@ class EvalConfig:
     heatmaps: int = 3  # samples drawn with the response's attention over the image patches
     max_samples: int = -1  # per benchmark file; -1: all
     batch_size: int = 4  # rows per attention-statistics forward (and per transformers generate call)
-    enforce_eager: bool = True  # vLLM without compilation: faster start-up, slower decoding
+    enforce_eager: Optional[bool] = None  # vLLM; None: CUDA graphs on GPUs, eager on CPU (engines.start_llm)
     gpu_memory_utilization: float = 0.6  # vLLM's share of the GPU (freed before the statistics pass)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the transformers model's device; auto: cuda if present
     seed: int = 0

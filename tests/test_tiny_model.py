@@ -88,6 +88,7 @@ def test_vllm_greedy_equals_transformers(hf, vllm_engine):
     got = [list(o.outputs[0].token_ids) for o in vllm_engine.generate(requests, params, use_tqdm=False)]
     assert got == want
     assert len({tuple(g) for g in got}) == len(got), "different images/questions give different outputs"
+    assert vllm_engine.llm_engine.vllm_config.model_config.enforce_eager  # the default on CPU: eager
 
 
 def test_cli_family_qwen3_vl(tmp_path, capsys):
