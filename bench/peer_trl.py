@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 def prompt_order(n_rows: int, steps: int, prompts: int, seed: int) -> list[int]:
     """Row indices in the order avar-ray's sampler draws them, step after step."""
-    from avar_ray.rl.prompts import PromptSampler
+    from avar_ray.rl.pipeline import PromptSampler
 
     sampler = PromptSampler(size=n_rows, seed=seed)
     return [i for _ in range(steps) for i in sampler.next_indices(prompts)]
@@ -193,7 +193,7 @@ def main() -> None:
 
     from avar_ray.data.procedural import write_procedural
     from avar_ray.data.readers import read_samples
-    from avar_ray.rl.metrics import PHASES
+    from avar_ray.rl.driver import PHASES
     from avar_ray.tiny_model import build_tiny_model
 
     load = [os.getloadavg()]

@@ -117,7 +117,7 @@ def split_cores() -> dict[str, set[int]]:
 def run(model: str, data: Path, out: Path, staleness: int, args) -> dict:
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
-    from avar_ray.rl.metrics import read_metrics
+    from avar_ray.tracking import read_metrics
 
     cfg = load_config(str(REPO / "configs" / "tiny_local.yaml"), [
         f"model.path={model}", f"data.train={data}", f"rl.out={out}", f"rl.steps={args.steps + 2}",

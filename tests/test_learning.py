@@ -84,7 +84,7 @@ from pathlib import Path
 
 import pytest
 
-from avar_ray.rl.metrics import read_metrics
+from avar_ray.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_local.yaml")

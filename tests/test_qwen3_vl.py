@@ -189,7 +189,7 @@ def test_rl_step(tiny_qwen3_vl_dir, procedural_parquet, ray_local, tmp_path):
     sync) on the tiny Qwen3-VL: the learner's log-probs match vLLM's and r_visual is finite."""
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
-    from avar_ray.rl.metrics import read_metrics
+    from avar_ray.tracking import read_metrics
 
     cfg = load_config(REPO / "configs" / "tiny_local.yaml", [
         f"model.path={tiny_qwen3_vl_dir}", f"model.system_prompt={SYSTEM}", f"data.train={procedural_parquet}",

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 
 from actors.records import Rollout
-from avar_ray.rl.metrics import read_metrics
-from avar_ray.rl.pipeline import busy_within, stale
-from avar_ray.rl.prompts import PromptSampler
+from avar_ray.rl.pipeline import PromptSampler, busy_within, stale
+from avar_ray.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_local.yaml")

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from test_rl_run import _actor_pids  # noqa: E402 - tests/ is on sys.path under pytest
 
-from avar_ray.rl.metrics import read_metrics
-from avar_ray.rl.prompts import PromptSampler
+from avar_ray.rl.pipeline import PromptSampler
+from avar_ray.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_local.yaml")

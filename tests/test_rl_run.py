@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from avar_ray.rl.metrics import PHASES, MetricsWriter, read_metrics
-from avar_ray.rl.prompts import PromptSampler, request_seed
 from avar_ray.config import TrackingConfig
+from avar_ray.rl.driver import PHASES, MetricsWriter
+from avar_ray.rl.pipeline import PromptSampler, request_seed
+from avar_ray.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_local.yaml")

@@ -120,7 +120,7 @@ def test_scrub_and_config_errors(tmp_path):
 
 
 def test_rl_metrics_writer_keeps_its_api(tmp_path):
-    from avar_ray.rl.metrics import MetricsWriter
+    from avar_ray.rl.driver import MetricsWriter
 
     writer = MetricsWriter(tmp_path / "rl", total_steps=2, start_step=0, tracking=TrackingConfig(backends=["jsonl"]))
     writer.log(1, {"reward/total": float("inf"), "time/step": 1.5})

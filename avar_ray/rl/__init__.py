@@ -3,10 +3,9 @@
     from avar_ray.rl import run_rl
     report = run_rl(cfg)            # report.final_model: HF directory of the last step
 
-Kept import-light: ``avar_ray.rl.grpo`` (the maths, used by the learners too) must import
-without Ray or vLLM, so the driver (``avar_ray.rl.driver``) is imported on first use.
-Modules: ``driver`` (the loop, checkpoint/resume), ``system`` (the actors from the config),
-``prompts`` (data and the seeded sampler), ``metrics`` (JSONL/TensorBoard), ``checkpoint``.
+Kept import-light: the driver (``avar_ray.rl.driver``) is imported on first use.
+Modules: ``driver`` (the loop, its metrics, resume), ``pipeline`` (the prompts, the seeded
+sampler, generation on- or off-policy), ``system`` (the actors from the config), ``checkpoint``.
 """
 from __future__ import annotations
 
