@@ -5,9 +5,8 @@ times in a step (the no-grad ``score`` pass, then every micro-batch of every PPO
 ``PromptCache`` fetches each prompt from the object store, decodes its images and runs the
 HF processor on it ONCE per rank and step; micro-batches are assembled from the cached
 tensors (the prompt's ids, ``pixel_values``, ``image_grid_thw``) plus each rollout's response
-ids. The learner clears the cache when its step's update is
-done, so host memory holds one step's prompts at most (plus those of steps whose update was
-skipped, until the next update).
+ids. The learner clears the cache when its step's update is done, so host memory holds one
+step's prompts at most (plus those of steps whose update was skipped, until the next update).
 """
 from __future__ import annotations
 

@@ -49,7 +49,6 @@ class WeightSync:
         self.version = 0
         self.cold_publishes = 0
         self.group_builds = 0
-        self.redone = 0
         self._cold: WeightHandle | None = None
         self.last_handle: WeightHandle | None = None
         self._restarts_at_group = None
@@ -127,7 +126,6 @@ class WeightSync:
             self._cold = None
             # A receiver Ray restarts before the next sync loads the current weights from here.
             self.pool.handle = self.cold_handle
-        self.redone += redone
         self.version, self.last_handle = version, handle
         return {"sync/s": time.perf_counter() - start, "sync/publish_s": publish_s, "sync/load_s": load_s,
                 "sync/buckets": handle.num_buckets, "sync/mb": handle.total_bytes / 2**20,
