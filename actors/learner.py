@@ -340,6 +340,11 @@ class Learner:
         export_hf(self.engine, self.processor, directory, self.rl.zero_stage, self.rank)
 
 
+def row_lengths(items: list[TrainItem]) -> list[int]:
+    """Prompt + response tokens per rollout (the prompt length from vLLM; image tokens included)."""
+    return [len(it.prompt_ids) + len(it.response_ids) for it in items]
+
+
 def _chunk_counts(plan_lengths: list[list[int]]) -> int:
     """LM-head calls of one micro-batch position: enough for the rank with the most response
     tokens, the same on every rank (ZeRO-3 collectives)."""
@@ -375,9 +380,7 @@ class LearnerGroup:
     def _plan(self, items: list[TrainItem], mini_batches: int):
         from avar_ray.grpo import plan_step
 
-        # prompt + response tokens (the prompt length from vLLM; image tokens included)
-        lengths = [len(it.prompt_ids) + len(it.response_ids) for it in items]
-        return plan_step(lengths, self.world_size, mini_batches, self.rl.micro_batch_size,
+        return plan_step(row_lengths(items), self.world_size, mini_batches, self.rl.micro_batch_size,
                          self.rl.max_tokens_per_micro_batch)
 
     @property
@@ -397,7 +400,7 @@ class LearnerGroup:
 
         from avar_ray.grpo import plan_score
 
-        lengths = [len(it.prompt_ids) + len(it.response_ids) for it in items]
+        lengths = row_lengths(items)
         with_old = not self.old_from_train if with_old is None else with_old
         forward, check = plan_score(lengths, want_stats, self.world_size, self.rl.micro_batch_size,
                                     self.rl.max_tokens_per_micro_batch, old_from_train=not with_old)
@@ -427,7 +430,7 @@ class LearnerGroup:
         """The GRPO update: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps."""
         import ray
 
-        from avar_ray.grpo import batch_info
+        from avar_ray.grpo import batch_info, padding_fraction
 
         missing = sum(it.old_logprobs is None for it in items)
         if missing and (missing < len(items) or not self.old_from_train):
@@ -458,6 +461,9 @@ class LearnerGroup:
             # ranks: each rank encodes a prompt once however many of its rollouts and passes use it
             "learner/prompt_encodes": sum(r["prompt_encodes"] for r in per_rank),
             "learner/prompt_encode_s": max(r["prompt_encode_s"] for r in per_rank),
+            # the update's padded tokens that are padding (like lengths share a micro-batch: grpo.plan_step)
+            "learner/padding_fraction": padding_fraction(row_lengths(items),
+                                                         [micro for rank in plan for mini in rank for micro in mini]),
         }
         diff_tokens = sum(r["diff_tokens"] for r in per_rank)
         if diff_tokens:  # the old log-probs were the update's own: vLLM's vs them, over its tokens

@@ -16,7 +16,6 @@ mean over the whole mini-batch, whatever the split.
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -120,37 +119,83 @@ def balanced_split(lengths: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def micro_batch_count(lengths: Sequence[int], max_rows: int, max_tokens: int) -> int:
-    """Micro-batches one rank needs for ``lengths`` (tokens per row): at most ``max_rows`` rows
-    and, when ``max_tokens > 0``, about ``max_tokens`` tokens each (a longer row goes alone)."""
-    if not lengths:
-        return 0
-    count = math.ceil(len(lengths) / max_rows)
-    if max_tokens > 0:
-        count = max(count, math.ceil(sum(lengths) / max_tokens))
-    return min(count, len(lengths))
+def padded_tokens(lengths: Sequence[int], rows: Sequence[int]) -> int:
+    """Tokens a right-padded micro-batch of ``rows`` holds: rows x its longest row."""
+    return len(rows) * max((lengths[i] for i in rows), default=0)
+
+
+def padding_fraction(lengths: Sequence[int], micro_batches) -> float:
+    """Share of the padded tokens of ``micro_batches`` (lists of row indices) that are padding."""
+    padded = sum(padded_tokens(lengths, m) for m in micro_batches)
+    return 1.0 - sum(lengths[i] for m in micro_batches for i in m) / padded if padded else 0.0
+
+
+def _pack_sorted(lengths: Sequence[int], rows: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """``rows`` (longest first) cut into consecutive micro-batches of at most ``max_rows`` rows
+    and, when ``max_tokens > 0``, at most ``max_tokens`` padded tokens (a longer row goes alone):
+    rows of like length share a micro-batch, so little of it is padding."""
+    micros: list[list[int]] = []
+    for i in rows:
+        m = micros[-1] if micros else None
+        if m and len(m) < max_rows and (max_tokens <= 0 or (len(m) + 1) * lengths[m[0]] <= max_tokens):
+            m.append(i)
+        else:
+            micros.append([i])
+    return micros
+
+
+def _to_multiple(lengths: Sequence[int], micros: list[list[int]], ranks: int) -> list[list[int]]:
+    """As many micro-batches as a multiple of ``ranks`` (every rank runs the same forwards):
+    the fullest ones halved (halves of sorted rows pad no more), or where every micro-batch is
+    one row, neighbours merged (the only way left; the row cap may then be exceeded)."""
+    micros = [list(m) for m in micros]
+    while len(micros) % ranks or len(micros) < ranks:
+        k = max(range(len(micros)), key=lambda k: (len(micros[k]), padded_tokens(lengths, micros[k])))
+        if len(micros[k]) > 1:
+            half = (len(micros[k]) + 1) // 2
+            micros[k:k + 1] = [micros[k][:half], micros[k][half:]]
+            continue
+        while len(micros) % ranks:
+            k = min(range(len(micros) - 1), key=lambda k: padded_tokens(lengths, micros[k] + micros[k + 1]))
+            micros[k:k + 2] = [micros[k] + micros[k + 1]]
+    return micros
+
+
+def plan_micro_batches(lengths: Sequence[int], rows: Sequence[int], ranks: int, max_rows: int,
+                       max_tokens: int) -> list[list[list[int]]]:
+    """``rows`` as ``[rank][micro] -> row indices``: sorted by length and packed under the caps
+    (``_pack_sorted``), the micro-batches then dealt to the ranks largest first, each to the
+    least-loaded rank with a free place: every rank gets the same number of micro-batches and
+    near-equal padded tokens, and the k-th micro-batches of the ranks (which run together) are
+    of like size."""
+    if len(rows) < ranks:
+        raise ValueError(f"{len(rows)} rollouts cannot fill {ranks} learner ranks (rl.mini_batches, "
+                         "rl.placement.learners)")
+    ordered = sorted(rows, key=lambda i: (-lengths[i], i))
+    micros = _to_multiple(lengths, _pack_sorted(lengths, ordered, max_rows, max_tokens), ranks)
+    per_rank = len(micros) // ranks
+    loads, plan = [0] * ranks, [[] for _ in range(ranks)]
+    for m in sorted(micros, key=lambda m: -padded_tokens(lengths, m)):
+        r = min((r for r in range(ranks) if len(plan[r]) < per_rank), key=lambda r: (loads[r], r))
+        plan[r].append(sorted(m))
+        loads[r] += padded_tokens(lengths, m)
+    return plan
 
 
 def plan_step(lengths: Sequence[int], ranks: int, mini_batches: int, max_rows: int,
               max_tokens: int) -> list[list[list[list[int]]]]:
     """The step's rollouts (tokens per row, prompt + response) as ``plan[rank][mini][micro] ->
-    row indices``: length-balanced over ranks, each rank's share cut into ``mini_batches``
-    (one optimizer step each), each mini-batch into micro-batches under the token budget. Every
-    rank gets the same number of micro-batches per mini-batch (ZeRO-3 gathers are collectives:
-    all ranks must run the same forwards)."""
-    shares = balanced_split(lengths, ranks)
-    minis = [[[share[i] for i in part] for part in balanced_split([lengths[i] for i in share], mini_batches)]
-             for share in shares]
+    row indices``: cut into ``mini_batches`` of near-equal tokens (one optimizer step each),
+    each mini-batch into micro-batches of like-length rows under the caps and dealt over the
+    ranks (``plan_micro_batches``). Every rank gets the same number of micro-batches per
+    mini-batch (ZeRO-3 gathers are collectives: all ranks must run the same forwards)."""
+    if len(lengths) < ranks * mini_batches:
+        raise ValueError(f"{len(lengths)} rollouts cannot fill {ranks} learner ranks x {mini_batches} "
+                         "mini-batches (rl.mini_batches, rl.placement.learners)")
     plan: list = [[] for _ in range(ranks)]
-    for m in range(mini_batches):
-        parts = [minis[r][m] for r in range(ranks)]
-        count = max(micro_batch_count([lengths[i] for i in p], max_rows, max_tokens) for p in parts)
-        count = min([count] + [len(p) for p in parts])
-        if count < 1:
-            raise ValueError(f"{len(lengths)} rollouts cannot fill {ranks} learner ranks x {mini_batches} "
-                             "mini-batches (rl.mini_batches, rl.placement.learners)")
-        for r, part in enumerate(parts):
-            plan[r].append([[part[i] for i in micro] for micro in balanced_split([lengths[i] for i in part], count)])
+    for part in balanced_split(lengths, mini_batches):
+        for r, micros in enumerate(plan_micro_batches(lengths, part, ranks, max_rows, max_tokens)):
+            plan[r].append(micros)
     return plan
 
 
@@ -164,17 +209,16 @@ def plan_score(lengths: Sequence[int], want: Sequence[bool], ranks: int, max_row
     log-probs are the old ones) forwards only the rows that ``want`` attention statistics,
     topped up with other rows to one per rank (ZeRO-3: every rank runs the same forwards), and
     none when no row wants them; otherwise every row (its old log-probs). The check rows go to
-    the rank that trains on them (``balanced_split``, as ``plan_step``): its prompt cache then
+    the rank that trains on them (one mini-batch: ``plan_step``'s ranks): its prompt cache then
     serves the update."""
     n = len(lengths)
     rows = [i for i in range(n) if want[i]] if old_from_train else list(range(n))
     if rows and len(rows) < ranks:
         chosen = set(rows)
         rows = sorted(rows + [i for i in range(n) if i not in chosen][:ranks - len(rows)])
-    forward: list = [[] for _ in range(ranks)]
-    if rows:
-        sub = plan_step([lengths[i] for i in rows], ranks, 1, max_rows, max_tokens)
-        forward = [[[rows[j] for j in micro] for micro in rank[0]] for rank in sub]
+    forward = plan_micro_batches(lengths, rows, ranks, max_rows, max_tokens) if rows else [[] for _ in range(ranks)]
     skipped = set(range(n)) - set(rows)
-    check = [[i for i in share if i in skipped] for share in balanced_split(lengths, ranks)]
+    shares = [sorted(i for micro in rank for i in micro)
+              for rank in plan_micro_batches(lengths, range(n), ranks, max_rows, max_tokens)]
+    check = [[i for i in share if i in skipped] for share in shares]
     return forward, check

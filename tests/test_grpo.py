@@ -11,8 +11,8 @@ import torch
 
 from verl.trainer.ppo import core_algos
 
-from avar_ray.grpo import (balanced_split, batch_info, grpo_advantages, informative_groups, kl_loss, plan_score,
-                           plan_step, policy_loss, tis_weights)
+from avar_ray.grpo import (balanced_split, batch_info, grpo_advantages, informative_groups, kl_loss, padding_fraction,
+                           plan_score, plan_step, policy_loss, tis_weights)
 
 # Three groups of four rollouts: mixed rewards, all-identical rewards, and a group of one.
 SCORES = np.array([1.0, 0.0, 0.5, 1.3, 0.7, 0.7, 0.7, 0.7, 2.0], dtype=np.float32)
@@ -207,7 +207,8 @@ def test_score_plan_forwards_only_the_rows_that_want_statistics():
     assert _rows(forward) == [1, 4, 5]
     assert len(forward[0]) == len(forward[1]) >= 1  # the same forwards on every rank (ZeRO-3)
     assert sorted(i for rank in check for i in rank) == [0, 2, 3, 6, 7]  # checked, not forwarded
-    shares = balanced_split(lengths, 2)  # a check row goes to the rank that trains on it
+    # a check row goes to the rank that trains on it
+    shares = [[i for micro in rank[0] for i in micro] for rank in plan_step(lengths, 2, 1, 4, 0)]
     assert all(set(check[r]) <= set(shares[r]) for r in range(2))
     # no row wants statistics: no forward at all, every row only checked
     forward, check = plan_score(lengths, [False] * 8, 2, 4, 0, old_from_train=True)
@@ -219,3 +220,48 @@ def test_score_plan_forwards_only_the_rows_that_want_statistics():
     forward, check = plan_score(lengths, want, 2, 4, 0, old_from_train=False)
     assert _rows(forward) == list(range(8)) and check == [[], []]
     assert forward == [rank[0] for rank in plan_step(lengths, 2, 1, 4, 0)]  # today's plan
+
+
+def real_job_lengths(seed: int = 0, prompts: int = 256, n: int = 8) -> list[int]:
+    """Issue 24's 7B step: prompts of 300-1,500 tokens, n responses each, lognormal up to 2,048."""
+    rng = np.random.default_rng(seed)
+    prompt = np.repeat(rng.integers(300, 1501, prompts), n)
+    response = np.minimum(rng.lognormal(np.log(300), 1.0, prompts * n).astype(int) + 1, 2048)
+    return (prompt + response).tolist()
+
+
+def _padding_by_hand(lengths, micros) -> float:
+    padded = sum(len(m) * max(lengths[i] for i in m) for m in micros)
+    return (padded - sum(lengths[i] for m in micros for i in m)) / padded
+
+
+@pytest.mark.parametrize("max_rows,max_tokens,mini_batches", [(4, 0, 1), (8, 16384, 1), (4, 8192, 2)])
+def test_step_plan_at_the_real_job_shapes_pads_little_within_the_caps(max_rows, max_tokens, mini_batches):
+    """256 prompts x 8 rollouts over 8 ranks: like lengths share a micro-batch (issue 24: 34.5%
+    padding at 4 rows, 43.3% at 8 rows / 16k tokens when each micro-batch held one of the
+    longest rows), every rank runs as many micro-batches with near-equal tokens, no cap broken."""
+    lengths = real_job_lengths()
+    plan = plan_step(lengths, ranks=8, mini_batches=mini_batches, max_rows=max_rows, max_tokens=max_tokens)
+    assert sorted(i for rank in plan for mini in rank for micro in mini for i in micro) == list(range(len(lengths)))
+    micros = [micro for rank in plan for mini in rank for micro in mini]
+    assert padding_fraction(lengths, micros) == pytest.approx(_padding_by_hand(lengths, micros))
+    assert padding_fraction(lengths, micros) <= 0.10
+    assert max(len(m) for m in micros) <= max_rows
+    if max_tokens:  # a row longer than the budget goes alone
+        assert all(len(m) * max(lengths[i] for i in m) <= max_tokens or len(m) == 1 for m in micros)
+    for m in range(mini_batches):
+        assert len({len(rank[m]) for rank in plan}) == 1  # the same forwards on every rank (ZeRO-3)
+        tokens = [sum(lengths[i] for micro in rank[m] for i in micro) for rank in plan]
+        assert max(tokens) <= 1.05 * min(tokens)
+
+
+def test_step_plan_evens_out_micro_batch_counts_without_breaking_the_row_cap():
+    # 9 rows, 2 ranks, 4 rows each at most: 3 packed micro-batches -> 4, none above 4 rows
+    lengths = [90, 80, 70, 60, 50, 40, 30, 20, 10]
+    plan = plan_step(lengths, ranks=2, mini_batches=1, max_rows=4, max_tokens=0)
+    assert len(plan[0][0]) == len(plan[1][0]) == 2
+    assert max(len(micro) for rank in plan for micro in rank[0]) <= 4
+    # one row per micro-batch and an odd count: neighbours merge (the only way to even it out)
+    plan = plan_step([30, 20, 10], ranks=2, mini_batches=1, max_rows=1, max_tokens=0)
+    assert [len(rank[0]) for rank in plan] == [1, 1]
+    assert sorted(i for rank in plan for micro in rank[0] for i in micro) == [0, 1, 2]
