@@ -255,7 +255,8 @@ def summarise(args, evals: dict, seconds: float) -> str:
     pts_img, r_img, p_img = corr("alpha_img")
     trained = [x for x in pts if x[0] != "base"]
     r_trained, p_trained = pearson([x[1] for x in trained], [x[2] for x in trained])
-    vas_accuracy_scatter([x[0] for x in pts], [x[1] for x in pts], [x[2] for x in pts], r, p, figs / "vas_vs_accuracy.png")
+    vas_accuracy_scatter([x[0] for x in pts], [x[2] for x in pts], [("VAS (Q=U)", [x[1] for x in pts], r, p)],
+                         figs / "vas_vs_accuracy.png")
     scatter(pts_rob, "robust VAS (Q=U)", r_rob, p_rob, figs / "robust_vas_vs_accuracy.png")
     scatter(pts_img, "alpha_img (Q=U)", r_img, p_img, figs / "alpha_img_vs_accuracy.png")
     vas_values = [x[1] for x in pts]

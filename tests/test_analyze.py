@@ -56,7 +56,7 @@ def test_analyze_r_and_p_equal_scipy(tmp_path):
     assert "| rl | 56.1 [" in report and "| +7.0 | 18.90 |" in report
     # accuracy per benchmark (columns sorted by name: mathvista, mmstar)
     assert "| stage | mathvista | mmstar |" in report and "| cold start | 51.0 | 25.0 |" in report
-    for png in ("vas_vs_accuracy.png", "stage_table.png"):
+    for png in ("vas_vs_accuracy.png", "stage_chart.png"):
         assert f"({png})" in report
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 200
@@ -141,3 +141,44 @@ def test_vas_companions_count_what_explodes_the_mean_of_ratios():
     assert row["vas_robust"] == pytest.approx(expected, rel=1e-9) and row["vas_robust"] < 1.0
     assert (row["low_sys_heads"], row["low_sys_layers"], row["heads"]) == (1, 1, 8)
     assert row["low_sys_queries"] == pytest.approx(5 / 32)
+
+
+def test_figures_use_log_axes_where_values_span_decades(tmp_path):
+    """VAS of a tiny model spans 1e2-1e12: the profile, per-sample and scatter axes are then
+    logarithmic; values within two decades stay on a linear axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from avar_ray.eval.plots import log_scale_if_wide
+
+    wide, narrow = plt.subplots()[1], plt.subplots()[1]
+    assert log_scale_if_wide(wide, [1e2, 3e5, None, 1e12]) and wide.get_yscale() == "log"
+    assert not log_scale_if_wide(narrow, [7.5, 18.9, 40.0]) and narrow.get_yscale() == "linear"
+    zero = plt.subplots()[1]
+    assert not log_scale_if_wide(zero, [0.0, 1e9], axis="x") and zero.get_xscale() == "linear"
+    plt.close("all")
+
+
+def test_stage_chart_panels_carry_the_intervals_of_the_table(tmp_path):
+    """The stage chart's bars and error bars are the table's figures: accuracy in % with its
+    Wilson interval, alpha_img with its bootstrap interval (from samples.jsonl)."""
+    from avar_ray.eval.analyze import intervals, load_run, stage_figures
+
+    run_dir = write_run(tmp_path, "rl", 18.9, 0.561, "rl")
+    rng = np.random.default_rng(0)
+    alphas = rng.uniform(0.1, 0.3, 20)
+    (run_dir / "samples.jsonl").write_text("\n".join(json.dumps(
+        {"attention": {"user": {"vas": 1.0, "vas_robust": 1.0, "alpha_img": float(a)}, "response": {}}})
+        for a in alphas))
+    run = load_run(run_dir)
+    run["overall"]["alpha_img"] = float(alphas.mean())
+    run["intervals"] = intervals(run)
+    panels = dict(stage_figures([run]))
+    acc = panels["accuracy (%)"][0]
+    lo, hi = wilson(0.561, 20)
+    assert acc == pytest.approx((56.1, lo * 100, hi * 100))
+    value, low, high = panels["alpha_img (Q=U)"][0]
+    assert value == pytest.approx(alphas.mean()) and low < value < high
+    assert panels["alpha_img (Q=R)"] == [None]  # no response figure in this run: no bar, no invented interval

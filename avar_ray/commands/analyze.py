@@ -2,7 +2,7 @@
 
 Several ``avar eval`` output directories side by side (e.g. base → cold start → RL): the
 VAS-vs-accuracy scatter with Pearson's r and its p-value, and the stage table, as PNG and
-Markdown (OUT/analysis.md, OUT/analysis.json, OUT/vas_vs_accuracy.png, OUT/stage_table.png).
+Markdown (OUT/analysis.md, OUT/analysis.json, OUT/vas_vs_accuracy.png, OUT/stage_chart.png).
 Reads only results.json files: no model, no Ray, no GPU.
 """
 from __future__ import annotations

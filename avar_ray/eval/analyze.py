@@ -100,10 +100,25 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[Optional[float], Op
     return (r if math.isfinite(r) else None), (p if math.isfinite(p) else None)
 
 
+def stage_figures(runs: Sequence[dict]) -> list[tuple[str, list]]:
+    """The stage chart's panels: accuracy (%) and alpha_img of the user and response spans, each
+    per run as (value, low, high) of its 95% interval, or the bare value where it has none."""
+    def triple(value, ci, scale=1.0):
+        if value is None:
+            return None
+        low, high = (ci[-2], ci[-1]) if ci else (value, value)
+        return value * scale, low * scale, high * scale
+
+    return [("accuracy (%)", [triple(run["overall"]["accuracy"], run["intervals"].get("accuracy"), 100) for run in runs]),
+            ("alpha_img (Q=U)", [triple(run["overall"]["alpha_img"], run["intervals"].get("alpha_img")) for run in runs]),
+            ("alpha_img (Q=R)", [triple(run["overall"].get("alpha_img_response"),
+                                        run["intervals"].get("alpha_img_response")) for run in runs])]
+
+
 def run_analyze(run_dirs: Sequence[str | Path], out_dir: str | Path,
                 labels: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Read each run, write OUT/analysis.md, OUT/analysis.json, OUT/vas_vs_accuracy.png and
-    OUT/stage_table.png; return the summary (runs, r, p)."""
+    OUT/stage_chart.png; return the summary (runs, r, p)."""
     if not run_dirs:
         raise ValueError("analyze: no run directories given")
     if labels is not None and len(labels) != len(run_dirs):
@@ -111,16 +126,26 @@ def run_analyze(run_dirs: Sequence[str | Path], out_dir: str | Path,
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
     for run in runs:
         run["intervals"] = intervals(run)
+    for run in runs:  # the robust companion: the mean of the per-sample ratios of means
+        robust = run["intervals"].get("vas_robust")
+        run["overall"].setdefault("vas_robust", robust[0] if robust else None)
     points = [(run["label"], run["overall"]["vas"], run["overall"]["accuracy"]) for run in runs
               if run["overall"]["vas"] is not None and run["overall"]["accuracy"] is not None]
     r, p = pearson([pt[1] for pt in points], [pt[2] for pt in points])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots.vas_accuracy_scatter([pt[0] for pt in points], [pt[1] for pt in points], [pt[2] for pt in points], r, p,
-                               out / "vas_vs_accuracy.png")
-    plots.table_png(STAGE_HEADER, stage_rows(runs), "stages: accuracy and VAS", out / "stage_table.png")
+    scored = [run for run in runs if run["overall"]["accuracy"] is not None]
+    panels = [("VAS (Q=U)", [run["overall"]["vas"] for run in scored], r, p)]
+    robust_points = [(run["overall"]["vas_robust"], run["overall"]["accuracy"]) for run in scored
+                     if run["overall"]["vas_robust"] is not None]
+    if robust_points:
+        panels.append(("robust VAS (Q=U)", [run["overall"]["vas_robust"] for run in scored],
+                       *pearson([x for x, _ in robust_points], [y for _, y in robust_points])))
+    plots.vas_accuracy_scatter([run["label"] for run in scored], [run["overall"]["accuracy"] for run in scored],
+                               panels, out / "vas_vs_accuracy.png")
+    plots.stage_chart([run["label"] for run in runs], stage_figures(runs), out / "stage_chart.png")
     correlation = {"r": r, "p": p, "n": len(points)}
-    figures = {"scatter": "vas_vs_accuracy.png", "stage_table": "stage_table.png"}
+    figures = {"scatter": "vas_vs_accuracy.png", "stage_chart": "stage_chart.png"}
     (out / REPORT).write_text(analysis_report(runs, correlation, figures, SYS_FLOOR))
     summary = jsonable({
         "correlation": correlation,

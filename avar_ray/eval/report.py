@@ -142,7 +142,7 @@ def analysis_report(runs: Sequence[dict], correlation: dict[str, Any], figures: 
                           [[run["label"], *[fmt(run["benchmarks"][b]["accuracy"], percent=True)
                                             if b in run["benchmarks"] else "–" for b in names]] for run in runs])
         lines.append("")
-    if "stage_table" in figures:
-        lines += [f"![stage table]({figures['stage_table']})", ""]
+    if "stage_chart" in figures:
+        lines += [f"![accuracy and alpha_img per stage, 95% intervals]({figures['stage_chart']})", ""]
     lines += ["Runs:", ""] + [f"- {run['label']}: `{run['dir']}` (model `{run['model']}`)" for run in runs] + [""]
     return "\n".join(lines)
