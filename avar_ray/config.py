@@ -43,8 +43,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "runs/data/train.parquet"  # a file the readers understand (Parquet/JSONL/TSV/MathVista)
+    # A file the readers understand (Parquet/JSONL/TSV/MathVista), a folder or glob of Parquet/JSONL
+    # shards, or an HF `datasets` directory (save_to_disk), read as one source (also synth.input, data.eval).
+    train: str = "runs/data/train.parquet"
     eval: list[str] = field(default_factory=list)
+    # Columns of plain rows (EasyR1/verl data: problem, answer, images). `<image>` in the prompt marks
+    # where each image stands; images are paths (relative to the data file), bytes or {bytes, path}.
+    prompt_key: str = "question"
+    answer_key: str = "answer"  # an answer written as \boxed{x} is read as x
+    image_key: str = "images"
     n_train: int = 64  # rows `avar make-data` writes when the file is missing
     n_eval: int = 32
     seed: int = 0
@@ -321,6 +328,8 @@ class RunConfig:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is Union and type(None) not in get_args(tp):  # e.g. bool or "auto"
+        return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 

@@ -102,7 +102,24 @@ def image_value(value: Any, base_dir: Path) -> bytes:
     raise RowError("bad field type", f"image is a {type(value).__name__}")
 
 
+def check_placeholders(question: str, num_images: int) -> None:
+    """A prompt that marks its images with ``<image>`` marks each of them once."""
+    from avar_ray.data.schema import IMAGE_PLACEHOLDER
+
+    marks = question.count(IMAGE_PLACEHOLDER)
+    if marks and marks != num_images:
+        raise RowError("image placeholders", f"{marks} {IMAGE_PLACEHOLDER} in the prompt for {num_images} images")
+
+
 # ---------------------------------------------------------------- answers
+
+_BOXED = re.compile(r"^\\boxed\{(.*)\}$", re.DOTALL)
+
+
+def unboxed(answer: str) -> str:
+    """A ground truth written as ``\\boxed{x}`` (EasyR1/verl math data) is ``x``."""
+    match = _BOXED.match(answer.strip())
+    return match.group(1).strip() if match else answer
 
 
 def choice_letter(answer: str, choices: list[str]) -> str:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from avar_ray.data import fields as F
+from avar_ray.data import sources
 from avar_ray.data.fields import RowError
 from avar_ray.data.schema import LETTERS, Sample
 
@@ -49,6 +50,25 @@ class ReadReport:
 
 
 RowParser = Callable[[dict[str, Any], str], Sample]
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """The columns of a plain row (``data.prompt_key``, ``data.answer_key``, ``data.image_key``):
+    EasyR1/verl data names them e.g. ``problem``, ``answer``, ``images``."""
+
+    prompt: str
+    answer: str
+    image: str
+
+    @classmethod
+    def of(cls, data_cfg=None) -> "DataKeys":
+        """From a ``DataConfig`` (None: its defaults, this project's own column names)."""
+        if data_cfg is None:
+            from avar_ray.config import DataConfig
+
+            data_cfg = DataConfig()
+        return cls(data_cfg.prompt_key, data_cfg.answer_key, data_cfg.image_key)
 
 
 def _collect(
@@ -168,18 +188,18 @@ def read_mathvista(
 # ---------------------------------------------------------------- plain rows (JSONL / Parquet)
 
 
-def _plain_sample(row: dict[str, Any], key: str, base_dir: Path, source: str) -> Sample:
-    question = F.text_field(row, "question")
-    answer = F.text_field(row, "answer")
-    images_value = row.get("images")
-    if isinstance(images_value, (list, tuple)) and images_value:
-        images = [F.image_value(v, base_dir) for v in images_value]
-    elif not F.is_empty(row.get("image")):
-        images = [F.image_value(row["image"], base_dir)]
+def _plain_sample(row: dict[str, Any], key: str, base_dir: Path, source: str, keys: DataKeys) -> Sample:
+    question = F.text_field(row, keys.prompt)
+    answer = F.unboxed(F.text_field(row, keys.answer))
+    given = [row.get(k) for k in (keys.image, "image") if not F.is_empty(row.get(k)) and row.get(k) != []]
+    if given:  # a list of images, or one
+        images = [F.image_value(v, base_dir) for v in (given[0] if isinstance(given[0], (list, tuple)) else [given[0]])]
     elif not F.is_empty(row.get("image_path")):
         images = [F.image_from_path(str(row["image_path"]), base_dir)]
     else:
-        raise RowError("missing image", "none of 'images', 'image', 'image_path' is set")
+        raise RowError("missing image", f"none of '{keys.image}', 'image', 'image_path' is set (a text-only "
+                       "prompt: every stage needs an image, and a rank without one would hang ZeRO-3)")
+    F.check_placeholders(question, len(images))
     choices = F.string_list(row.get("choices"), "choices")
     answer_type = row.get("answer_type")
     if F.is_empty(answer_type):
@@ -202,8 +222,8 @@ def _plain_sample(row: dict[str, Any], key: str, base_dir: Path, source: str) ->
         except json.JSONDecodeError as exc:
             raise RowError("bad field", f"meta is not JSON: {exc}") from exc
     if not isinstance(meta, dict):
-        meta = F.clean_meta(row, {"id", "question", "answer", "answer_type", "choices",
-                                  "precision", "images", "image", "source", "meta"})
+        meta = F.clean_meta(row, {"id", "question", "answer", "answer_type", "choices", "precision", "images",
+                                  "image", "source", "meta", keys.prompt, keys.answer, keys.image})
     row_id = str(row["id"]) if not F.is_empty(row.get("id")) else f"{source}-{key}"
     return Sample(id=row_id, question=question, answer=answer,
                   answer_type=answer_type,  # type: ignore[arg-type]
@@ -212,33 +232,39 @@ def _plain_sample(row: dict[str, Any], key: str, base_dir: Path, source: str) ->
 
 
 def read_jsonl(
-    path: str | Path, image_root: str | Path | None = None
+    path: str | Path, image_root: str | Path | None = None, keys: DataKeys | None = None
 ) -> tuple[list[Sample], ReadReport]:
     """JSONL rows in our row format, or with an image / image_path field (paths resolve
-    against image_root, else the file's directory)."""
+    against image_root, else the file's directory); ``keys`` names the prompt, answer and image fields."""
     path, base = _located(path, image_root)
+    keys = keys or DataKeys.of()
     report = ReadReport()
     samples = _collect(path, json_rows(path),
-                       lambda row, key: _plain_sample(row, key, base, path.stem), report)
+                       lambda row, key: _plain_sample(row, key, base, path.stem, keys), report)
     return samples, report
 
 
 def read_table(
-    path: str | Path, image_root: str | Path | None = None
+    path: str | Path, image_root: str | Path | None = None, keys: DataKeys | None = None
 ) -> tuple[list[Sample], ReadReport]:
-    """Parquet in our row format (to_row), with an image / image_path column, or MathVista's
-    HF release (pid, question_type, decoded_image)."""
+    """Parquet (or an Arrow file of a ``datasets`` directory) in our row format (to_row), with
+    the columns ``keys`` names, an image / image_path column, or MathVista's HF release (pid,
+    question_type, decoded_image)."""
     path, base = _located(path, image_root)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable Parquet table: {exc}") from exc
+    if path.suffix.lower() == ".arrow":
+        table = sources.read_arrow(path)
+    else:
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{path}: not a readable Parquet table: {exc}") from exc
+    keys = keys or DataKeys.of()
     report = ReadReport()
     rows = ((str(i), r) for i, r in enumerate(table.to_pylist()))
     if {"pid", "question_type"} <= set(table.column_names):
         parse: RowParser = lambda row, key: _mathvista_sample(row, key, base, "mathvista")  # noqa: E731
     else:
-        parse = lambda row, key: _plain_sample(row, key, base, path.stem)  # noqa: E731
+        parse = lambda row, key: _plain_sample(row, key, base, path.stem, keys)  # noqa: E731
     samples = _collect(path, rows, parse, report)
     return samples, report
 
@@ -347,21 +373,36 @@ def _first_json_line(path: Path) -> Optional[dict[str, Any]]:
     return None
 
 
-def read_samples(path: str | Path, **kw: Any) -> tuple[list[Sample], ReadReport]:
-    """Dispatch on extension (and, for .jsonl, on content): .tsv VLMEvalKit, .parquet table,
-    .json MathVista, .jsonl MathVista-like when rows have a pid, else plain rows."""
+def read_file(path: str | Path, image_root: str | Path | None = None,
+              keys: DataKeys | None = None) -> tuple[list[Sample], ReadReport]:
+    """Dispatch on extension (and, for .jsonl, on content): .tsv VLMEvalKit, .parquet / .arrow
+    table, .json MathVista, .jsonl MathVista-like when rows have a pid, else plain rows."""
     path = _existing(path)
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        return read_vlmeval_tsv(path, **kw)
-    if suffix == ".parquet":
-        return read_table(path, **kw)
+        return read_vlmeval_tsv(path, image_root)
+    if suffix in (".parquet", ".arrow"):
+        return read_table(path, image_root, keys)
     if suffix == ".json":
-        return read_mathvista(path, **kw)
+        return read_mathvista(path, image_root)
     if suffix == ".jsonl":
         first = _first_json_line(path)
         if first is not None and "pid" in first:
-            return read_mathvista(path, **kw)
-        return read_jsonl(path, **kw)
+            return read_mathvista(path, image_root)
+        return read_jsonl(path, image_root, keys)
     raise ValueError(f"{path}: unknown data file type {suffix!r} (expected .tsv, .parquet, "
                      f".json or .jsonl)")
+
+
+def read_samples(source: str | Path, image_root: str | Path | None = None,
+                 keys: DataKeys | None = None) -> tuple[list[Sample], ReadReport]:
+    """One source (``sources.data_files``: a file, a folder of shards, a glob, a ``datasets``
+    directory) read as one: samples in file order, one report naming each bad row's file. Image
+    paths resolve against ``image_root``, else each file's directory."""
+    samples: list[Sample] = []
+    report = ReadReport()
+    for path in sources.data_files(source):
+        got, got_report = read_file(path, image_root, keys)
+        samples.extend(got)
+        report.merge(got_report)
+    return samples, report

@@ -199,7 +199,26 @@ def build_messages(sample: Sample, system_prompt: str | None = None) -> list[dic
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
     text = f"{format_question(sample)}\n{DEFAULT_INSTRUCTION}"
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in sample.images]
-    content.append({"type": "text", "text": text})
-    messages.append({"role": "user", "content": content})
+    messages.append({"role": "user", "content": user_content(text, len(sample.images), sample.id)})
     return messages
+
+
+IMAGE_PLACEHOLDER = "<image>"  # EasyR1/verl prompts mark where each image stands
+
+
+def user_content(text: str, num_images: int, sample_id: str = "") -> list[dict[str, Any]]:
+    """The user turn's parts: an image part at each ``<image>`` of ``text`` (as many as there are
+    images), or, with no placeholder, every image before the text (this project's own rows)."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:
+        return [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    if len(pieces) - 1 != num_images:
+        raise ValueError(f"sample {sample_id!r}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders in the prompt "
+                         f"for {num_images} images")
+    content: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from avar_ray.data.fields import RowError
-from avar_ray.data.readers import ReadReport, read_samples
+from avar_ray.data.readers import DataKeys, ReadReport, read_samples
 from avar_ray.data.schema import ImageDecodeError, Sample, build_messages, pil_images
 
 log = logging.getLogger("avar_ray.eval")
@@ -75,13 +75,14 @@ def prepare_item(processor, benchmark: str, sample: Sample, system_prompt: Optio
 
 
 def load_benchmarks(paths: Sequence[str | Path], processor, system_prompt: Optional[str], max_prompt_tokens: int,
-                    max_samples: int = -1) -> list[Benchmark]:
-    """Read and prepare every file; ``max_samples`` (> 0) keeps the first rows of each."""
+                    max_samples: int = -1, keys: Optional[DataKeys] = None) -> list[Benchmark]:
+    """Read and prepare every file; ``max_samples`` (> 0) keeps the first rows of each; ``keys``:
+    the plain rows' columns (``data.prompt_key`` ...)."""
     if not paths:
         raise ValueError("no benchmark files given (--bench FILE... or data.eval in the config)")
     benchmarks = []
     for name, path in zip(benchmark_names(paths), paths):
-        samples, report = read_samples(path)
+        samples, report = read_samples(path, keys=keys)
         if max_samples > 0:
             samples = samples[:max_samples]
         bench = Benchmark(name, str(path), report=report)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from avar_ray.attention import Intervention
 from avar_ray.config import RunConfig, to_dict
 from avar_ray.data.fields import RowError
+from avar_ray.data.readers import DataKeys
 from avar_ray.engines import start_llm, stop_llm
 from avar_ray.eval import plots
 from avar_ray.eval.attention_pass import SPANS
@@ -177,7 +178,8 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
     start = time.perf_counter()
     processor = load_processor(str(model_dir), cfg.model)
     benchmarks = load_benchmarks(bench_files, processor, cfg.model.system_prompt,
-                                 cfg.model.max_model_len - ecfg.max_new_tokens, ecfg.max_samples)
+                                 cfg.model.max_model_len - ecfg.max_new_tokens, ecfg.max_samples,
+                                 DataKeys.of(cfg.data))
     items = [item for b in benchmarks for item in b.items]
     keys = item_keys(items)
     picks = heatmap_picks(benchmarks, ecfg.heatmaps)

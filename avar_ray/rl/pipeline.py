@@ -69,6 +69,16 @@ def _too_large(sample: Sample, max_pixels: int) -> bool:
     return False
 
 
+def require_images(samples: list[Sample]) -> None:
+    """Every RL prompt has an image: under ZeRO-3 every rank must run the vision tower's gathers
+    in each micro-batch, and a rank whose micro-batch had none would wait for the others forever.
+    The readers skip text-only rows (counted); a prompt source that let one through is refused."""
+    text_only = [s.id for s in samples if not s.images]
+    if text_only:
+        raise ValueError(f"data.train: {len(text_only)} text-only prompts (no image), e.g. {text_only[:5]}: RL needs "
+                         "an image in every prompt (a rank without one would hang ZeRO-3's vision-tower gathers)")
+
+
 def prompt_tokens(processor, sample: Sample, system_prompt: str | None) -> int:
     """Tokens of the sample's prompt as the engines see it (image placeholders expanded)."""
     from actors.records import conversation
@@ -84,14 +94,16 @@ def load_prompts(cfg) -> PromptSet:
     ``model.max_model_len`` (vLLM would refuse the request). Each filtered id is logged."""
     from pathlib import Path
 
-    from avar_ray.data.readers import read_samples
+    from avar_ray.data import sources
+    from avar_ray.data.readers import DataKeys, read_samples
     from avar_ray.modeling import load_processor
 
     rl, path = cfg.rl, cfg.data.train
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"data.train: no training file at {path} (write procedural data with "
+    if not sources.exists(path):
+        raise FileNotFoundError(f"data.train: no training data at {path} (write procedural data with "
                                 "`avar make-data -c CONFIG`)")
-    samples, report = read_samples(path)
+    samples, report = read_samples(path, keys=DataKeys.of(cfg.data))
+    require_images(samples)
     kept = [s for s in samples if len(s.images) <= rl.max_images]
     prompts = PromptSet([], str(path), bad_rows=report.skipped, too_many_images=len(samples) - len(kept))
     processor = load_processor(cfg.model.path, cfg.model) if Path(cfg.model.path).is_dir() else None

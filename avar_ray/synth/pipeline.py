@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from avar_ray.data.readers import read_samples
+from avar_ray.data.readers import DataKeys, read_samples
 from avar_ray.data.schema import to_row
 from avar_ray.synth.openai_client import api_key_from_env
 from avar_ray.synth.prompts import load_prompt
@@ -149,7 +149,7 @@ def run_synthesis(cfg, progress: bool = True) -> SynthReport:
     store = ShardStore(synth.out)
     ledger = store.recover()
     report.orphans_removed = ledger.orphans_removed
-    samples, read_report = read_samples(synth.input)
+    samples, read_report = read_samples(synth.input, keys=DataKeys.of(cfg.data))
     report.read, report.read_skipped = read_report.loaded, dict(read_report.reasons)
     pending, seen = [], set()
     for s in samples:
