@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("avar_ray.commands.eval", "accuracy and VAS on benchmark files"),
     "analyze": ("avar_ray.commands.analyze", "VAS-vs-accuracy across evaluated checkpoints"),
     "serve": ("avar_ray.commands.serve", "Ray Serve app answering with VAS telemetry"),
+    "plan": ("avar_ray.commands.plan", "GPUs and per-GPU memory of every stage and role; the problems, by key"),
     "config-doc": ("avar_ray.commands.config_doc", "print the config reference (Markdown)"),
 }
 

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from avar_ray.config_cluster import ClusterConfig
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names its path."""
@@ -103,7 +105,8 @@ class TeacherConfig:
     enforce_eager: Optional[bool] = None  # vllm; None: compiled on GPUs, eager on CPU (engines.start_llm)
     max_images: int = 1  # vllm: images per prompt
     num_cpus: float = 1.0  # per actor of this step's Ray Data stage
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # per actor: all of its engine's GPUs (vllm: tensor_parallel_size of them)
+    tensor_parallel_size: int = 1  # vllm: GPUs one teacher engine spans
 
 
 @dataclass
@@ -140,6 +143,7 @@ class SFTConfig:
     max_length: int = 1024  # tokens (prompt with images + target); longer rows are skipped and counted
     shuffle: bool = True  # shuffle the rows once (seeded) before splitting them over workers
     freeze_vision: bool = False
+    gradient_checkpointing: bool = False  # recompute decoder (and vision) activations in the backward
     alpha: float = 0.15  # L_enh weight (SPEC.md §4)
     beta: float = 0.15  # L_sup weight
     agto_query: Literal["response", "user_visual"] = "response"
@@ -169,7 +173,7 @@ class PlacementConfig:
     learner_gpus: float = 0.0
     reward_cpus: float = 1.0  # the reward actor holds no model (text rewards + the combination)
     reward_gpus: float = 0.0
-    learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # learner placement group
+    learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"  # learner group: one node (avar plan)
     max_restarts: int = 3  # restarts of a dead rollout worker / reward actor / learner group before the run fails
 
 
@@ -331,6 +335,7 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is Union and type(None) not in get_args(tp):  # e.g. bool or "auto"
         return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

@@ -43,6 +43,7 @@ def parse_intervention(text: str, base) -> Intervention:
 
 def run(args) -> int:
     from avar_ray.config import load_config
+    from avar_ray.plan import preflight
     from avar_ray.eval.runner import run_eval
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -52,6 +53,7 @@ def run(args) -> int:
     else:
         intervention = Intervention.from_config(cfg.intervention)
     bench = args.bench or cfg.data.eval
+    preflight(cfg, "eval", model=args.model, bench=args.bench, config_path=args.config)
     if not bench:
         raise SystemExit("no benchmark files: pass --bench FILE... or set data.eval in the config")
     out = args.out or cfg.eval.out

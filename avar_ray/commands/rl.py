@@ -12,9 +12,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from avar_ray.config import load_config
+    from avar_ray.plan import preflight
     from avar_ray.rl import run_rl
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, "rl", config_path=args.config)  # before any actor starts
     report = run_rl(cfg, resume=args.resume)
     print(report.summary())
     print(f"metrics: {report.metrics_path}, TensorBoard: {report.out}/tensorboard, "

@@ -21,6 +21,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from avar_ray.config import load_config
+    from avar_ray.plan import preflight
 
     overrides = list(args.overrides)
     if args.host:
@@ -28,6 +29,7 @@ def run(args) -> int:
     if args.port is not None:
         overrides.append(f"serve.port={args.port}")
     cfg = load_config(args.config, overrides)
+    preflight(cfg, "serve", model=args.model, config_path=args.config)  # before Serve starts
     from avar_ray.serve.app import start_serve, stop_serve
 
     def interrupt(signum, frame):  # SIGTERM (kill, a pod stopping) shuts down like Ctrl-C

@@ -9,9 +9,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from avar_ray.config import load_config
+    from avar_ray.plan import preflight
     from avar_ray.sft import run_sft
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, "sft", config_path=args.config)  # before any Ray Train worker starts
     report = run_sft(cfg)
     print(report.summary())
     print(f"metrics: {report.out}/metrics.jsonl, TensorBoard: {report.out}/tensorboard, "

@@ -10,9 +10,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from avar_ray.config import load_config
+    from avar_ray.plan import preflight
     from avar_ray.synth import run_synthesis
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, "synth", config_path=args.config)  # before any actor starts
     report = run_synthesis(cfg, progress=not args.no_progress)
     print(report.summary())
     print(f"shards and report in {cfg.synth.out} (quarantine: {cfg.synth.out}/quarantine.jsonl)")

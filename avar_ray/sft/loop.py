@@ -101,6 +101,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = load_model(model_path, dtype="float32")  # the master weights; DeepSpeed casts a half copy
     model.config.use_cache = False
     if sft.freeze_vision:
+    if sft.gradient_checkpointing:  # each decoder and vision block recomputed in the backward (avar plan)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for p in vision_parameters(model):
             p.requires_grad_(False)
     processor = load_processor(model_path, config["model"])  # model.min_pixels / max_pixels

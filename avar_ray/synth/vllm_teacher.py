@@ -24,7 +24,8 @@ class VLLMTeacher:
         # The teacher's own resolution (its preprocessor config), and vLLM's default memory
         # share: a teacher engine has its accelerator to itself.
         self.llm = start_llm(ModelConfig(cfg.model, cfg.dtype, cfg.max_model_len), max_images=cfg.max_images,
-                             enforce_eager=cfg.enforce_eager, seed=0, gpu_memory_utilization=0.9)
+                             enforce_eager=cfg.enforce_eager, seed=0, gpu_memory_utilization=0.9,
+                             tensor_parallel_size=cfg.tensor_parallel_size)
         # the same banned-token rule and tag-keeping decoder as the student's samplers
         self.codec = ResponseCodec(self.llm.get_tokenizer())
 
