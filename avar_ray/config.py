@@ -307,7 +307,7 @@ class WarmBaseConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: embedded local Ray (or RAY_ADDRESS when set)
+    address: Optional[str] = None  # None: RAY_ADDRESS when set, else an embedded Ray; "local": always embedded
     num_cpus: Optional[int] = None
 
 

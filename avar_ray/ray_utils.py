@@ -1,6 +1,6 @@
 """Connecting to Ray the same way in every stage: an existing cluster when one is named
 (``ray.address`` in the config or ``RAY_ADDRESS``, as ``ray job submit`` sets it), else an
-embedded local Ray."""
+embedded local Ray of the process's own (``ray.address=local`` asks for it explicitly)."""
 from __future__ import annotations
 
 import os
@@ -33,9 +33,11 @@ def init_ray(ray_cfg=None, **kwargs):
     runtime_env = kwargs.pop("runtime_env", {})
     runtime_env.setdefault("env_vars", {}).update({k: v for k, v in WORKER_ENV.items()
                                                    if k not in runtime_env.get("env_vars", {})})
-    if address:
+    if address and address != "local":
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
+        # address="local": a Ray of this process, never a cluster that `ray start` left running
+        # (a bare ray.init() joins the one recorded in /tmp/ray/ray_current_cluster).
         num_cpus = ray_cfg.num_cpus if ray_cfg is not None else None
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
     return ray

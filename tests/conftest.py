@@ -25,6 +25,29 @@ if str(REPO) not in sys.path:
 # reward actor, learners and Ray Train workers can all be placed at once (they mostly wait).
 TEST_RAY_CPUS = 8
 
+# Fixtures that start Ray, vLLM, a Ray Train / DeepSpeed stage or build the warm base: a test
+# that requests one (directly or through another fixture) must be marked `slow`, checked at
+# collection (pytest_collection_modifyitems) so that `make test-fast` stays fast.
+EXPENSIVE_FIXTURES = frozenset({"ray_local", "vllm_engine", "oracle_synth_dir", "warm_base_dir"})
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} (uses {', '.join(sorted(EXPENSIVE_FIXTURES & set(item.fixturenames)))})"
+                for item in items
+                if EXPENSIVE_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start Ray, vLLM, DeepSpeed or the warm base need @pytest.mark.slow:\n  "
+                                + "\n  ".join(unmarked))
+
+
+def start_test_ray():
+    """The suite's own local Ray (``address="local"``): never a cluster named by RAY_ADDRESS or
+    left running by `ray start` (tests/test_suite_isolation.py checks it)."""
+    import ray
+
+    return ray.init(address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=True,
+                    runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -79,8 +102,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        start_test_ray()
     yield ray
     ray.shutdown()
 

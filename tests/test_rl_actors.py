@@ -363,24 +363,32 @@ def test_many_seeded_rollouts_in_one_call(ray_local, rollout_worker, procedural_
     assert sorted(r.response_ids for r in again) == sorted(r.response_ids for r in first)
 
 
-def test_close_stops_the_engine_and_frees_its_shared_memory(ray_local, rollout_worker):
+@slow
+def test_close_stops_the_engine_and_frees_its_shared_memory(ray_local, tiny_model_dir):
     """``RolloutWorker.close`` (``ActorSet.shutdown`` calls it before ``ray.kill``) shuts the vLLM
     engine's processes down: killed with the actor, they left their two ``/dev/shm/psm_*`` queues
     behind, measured 2 per engine start (39 after one suite run, 13 GB on this machine after a day
     of runs, until Ray's memory monitor killed the RL tests). The queues checked are this
     engine's own (its record in ``avar_ray.engine_janitor.REGISTRY``), not other engines' on the machine.
-    The last test of this module to use the worker."""
+    A worker of its own: closing the module's shared one would break the tests run after it."""
     import json
     import os
 
+    from actors.rollout import RolloutWorker
+    from avar_ray.config import ModelConfig, RLConfig
     from avar_ray.engine_janitor import REGISTRY
 
-    pid = ray_local.get(rollout_worker.ready.remote())["pid"]
-    (record,) = REGISTRY.glob(f"{pid}-*.json")
-    queues = json.loads(record.read_text())["segments"]
-    assert len(queues) == 2 and all(os.path.exists(q) for q in queues), queues
-    ray_local.get(rollout_worker.close.remote(), timeout=120)
-    assert not record.exists() and not any(os.path.exists(q) for q in queues)
+    worker = ray_local.remote(RolloutWorker).options(num_cpus=1).remote(
+        RLConfig(), ModelConfig(path=str(tiny_model_dir), max_model_len=1024), 1)
+    try:
+        pid = ray_local.get(worker.ready.remote())["pid"]
+        (record,) = REGISTRY.glob(f"{pid}-*.json")
+        queues = json.loads(record.read_text())["segments"]
+        assert len(queues) == 2 and all(os.path.exists(q) for q in queues), queues
+        ray_local.get(worker.close.remote(), timeout=120)
+        assert not record.exists() and not any(os.path.exists(q) for q in queues)
+    finally:
+        ray_local.kill(worker, no_restart=True)
 
 
 def test_janitor_unlinks_a_killed_engines_queues_and_the_sweep_no_live_ones():

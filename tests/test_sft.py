@@ -67,6 +67,7 @@ def test_training_rows_must_carry_targets(tmp_path, procedural_parquet):
         check_columns(training_files(procedural_parquet))
 
 
+@pytest.mark.slow
 def test_labels_cover_only_the_assistant_turn(tiny_model_dir, oracle_synth_dir):
     from avar_ray.modeling import load_processor
 
@@ -107,6 +108,7 @@ def sft_runs(tmp_path_factory, tiny_model_dir, oracle_synth_dir, ray_local):
     return runs
 
 
+@pytest.mark.slow
 def test_runs_cover_the_epoch_and_write_metrics(sft_runs, monkeypatch):
     for run in sft_runs.values():
         assert run.report.rows == 32 and run.report.too_long == 0
@@ -129,12 +131,14 @@ def test_runs_cover_the_epoch_and_write_metrics(sft_runs, monkeypatch):
     assert agto[0]["loss"] == pytest.approx(agto[0]["lm_loss"] + 0.15 * (agto[0]["l_enh"] + agto[0]["l_sup"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_goes_down(sft_runs):
     for run in sft_runs.values():
         lm = [m["lm_loss"] for m in run.metrics]
         assert sum(lm[-2:]) / 2 < lm[0] - 0.5, lm
 
 
+@pytest.mark.slow
 def test_agto_raises_the_vas_of_the_batch(sft_runs):
     plain, agto = sft_runs["plain"].metrics, sft_runs["agto"].metrics
     # step k sees the same batch in both runs: the difference is the training objective
@@ -147,6 +151,7 @@ def test_agto_raises_the_vas_of_the_batch(sft_runs):
     assert agto[-1]["l_enh"] < agto[0]["l_enh"]
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step(sft_runs, tmp_path, tiny_model_dir, oracle_synth_dir):
     from avar_ray.sft import run_sft
 
@@ -167,6 +172,7 @@ def test_resume_continues_at_the_saved_step(sft_runs, tmp_path, tiny_model_dir, 
             assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
 
 
+@pytest.mark.slow
 def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, procedural_parquet):
     import torch
     from safetensors.torch import load_file
@@ -195,6 +201,7 @@ def test_exported_model_loads_and_generates_in_vllm(sft_runs, tiny_model_dir, pr
         stop_llm(llm)
 
 
+@pytest.mark.slow
 def test_rows_longer_than_max_length_are_skipped_and_counted(tiny_model_dir, oracle_synth_dir, ray_local):
     from avar_ray.modeling import load_processor
 

@@ -191,6 +191,7 @@ def test_openai_client_retries_5xx_fails_fast_on_4xx_and_times_out():
 
 
 # ---------------------------------------------------------------- Ray Data pipeline
+@pytest.mark.slow
 def test_oracle_pipeline_counts_bad_rows_and_a_killed_rerun_equals_one_run(tmp_path, procedural_parquet,
                                                                           oracle_synth_dir):
     samples = [from_row(r) for r in pq.read_table(procedural_parquet).to_pylist()]
@@ -242,6 +243,7 @@ def test_oracle_pipeline_counts_bad_rows_and_a_killed_rerun_equals_one_run(tmp_p
     assert kept_rows(out) == got
 
 
+@pytest.mark.slow
 def test_vllm_teacher_captions_with_images(tmp_path, procedural_parquet, tiny_model_dir, ray_local, engines_stopped):
     """The caption step on a vLLM teacher in a Ray Data stage; the stage's actor shuts the
     teacher's engine down when the pipeline ends (killed unstopped, its two /dev/shm queues,
@@ -264,6 +266,7 @@ def test_vllm_teacher_captions_with_images(tmp_path, procedural_parquet, tiny_mo
     engines_stopped(at_least=1)
 
 
+@pytest.mark.slow
 def test_openai_teacher_pipeline_retries_and_never_leaks_the_key(tmp_path, procedural_parquet, ray_local,
                                                                  monkeypatch, capfd):
     samples = [from_row(r) for r in pq.read_table(procedural_parquet).to_pylist()[:6]]

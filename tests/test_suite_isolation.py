@@ -1,0 +1,94 @@
+"""The suite is its own cluster: with a Ray head running (`ray start --head`) and RAY_ADDRESS
+pointing at it, the suite's Ray (conftest.start_test_ray) and a stage's Ray with no address
+(avar_ray.ray_utils.init_ray, what the `avar` subprocesses of the tests run) are new local ones,
+not that head. A bare ``ray.init()`` in the same setting joins the head (the control: the hijack
+is real), both through RAY_ADDRESS and through the address file `ray start` writes.
+
+The head is this test's own (its own RAY_TMPDIR, ports and a custom resource to recognise it)
+and is stopped by signalling its own `ray start --block` process, never `ray stop`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_cluster import processes_using  # noqa: E402 - tests/ is on sys.path under pytest
+
+from avar_ray.ray_utils import free_port
+
+TESTS = Path(__file__).resolve().parent
+MARKER = "avar_isolation_head"
+
+PROBE = f"""
+import json, os, sys
+sys.path.insert(0, {str(TESTS)!r})
+import ray
+from conftest import start_test_ray
+from avar_ray.ray_utils import init_ray
+
+def joined():
+    found = ray.cluster_resources().get({MARKER!r}) is not None
+    ray.shutdown()
+    return found
+
+seen = {{}}
+ray.init(); seen["bare, RAY_ADDRESS"] = joined()
+start_test_ray(); seen["suite, RAY_ADDRESS"] = joined()
+del os.environ["RAY_ADDRESS"]
+ray.init(); seen["bare, address file"] = joined()
+start_test_ray(); seen["suite, address file"] = joined()
+init_ray(); seen["stage, address file"] = joined()
+print("AVAR_JOINED", json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_the_suites_ray_never_joins_a_running_head():
+    bin_dir = Path(sys.executable).parent
+    root = tempfile.mkdtemp(prefix="avar-iso-", dir="/tmp")  # short: socket paths are limited
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=root, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # its address file: root/ray/
+    port = free_port()
+    ports = {"--port": port, "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--metrics-export-port": free_port()}
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--include-dashboard", "false", "--num-cpus", "1", "--object-store-memory", str(80 * 1024 * 1024),
+           "--disable-usage-stats", "--resources", json.dumps({MARKER: 1}),
+           *[str(x) for kv in ports.items() for x in kv]]
+    log_path = Path(root) / "head.log"
+    head = subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(Path(root).glob("ray/ray_current_cluster")):
+            assert head.poll() is None, f"ray start exited ({head.returncode}):\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Ray head not up after 120 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        probe = subprocess.run([sys.executable, "-c", PROBE], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                               capture_output=True, text=True, timeout=400)
+        assert probe.returncode == 0, (probe.stdout + probe.stderr)[-4000:]
+        (line,) = [l for l in probe.stdout.splitlines() if l.startswith("AVAR_JOINED ")]
+        joined = json.loads(line.split(" ", 1)[1])
+        assert joined == {"bare, RAY_ADDRESS": True, "suite, RAY_ADDRESS": False, "bare, address file": True,
+                          "suite, address file": False, "stage, address file": False}, joined
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        for pid in processes_using(root):  # anything the head or the probe left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
