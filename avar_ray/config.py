@@ -207,6 +207,11 @@ class RLConfig:
     save_every: int = 5
     # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both sides have whole
     # GPUs, else gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no
+    # Held-out curve (avar_ray/rl/heldout.py): every eval_every steps (and at the start and the last step) the
+    # current policy answers eval_data on the rollout engines: greedy and eval_samples samples at rl.temperature
+    eval_every: int = 0  # 0: off
+    eval_data: str = ""  # a data file like data.train (prompts the run does not train on)
+    eval_samples: int = 4  # samples per held-out prompt (accuracy_sampled, pass@k); 0: greedy only
     # alias): it named one transport of the two the broadcast picks between.
     weight_sync_backend: Literal["broadcast", "object_store"] = "broadcast"
     weight_sync_timeout_s: float = 300.0  # broadcast group: rendezvous and each collective (a peer that hangs)
@@ -491,6 +496,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rl.rollout_tensor_parallel_size == 1 or cfg.rl.placement.rollout_gpus > 0,
          "rl.rollout_tensor_parallel_size: > 1 needs GPUs (rl.placement.rollout_gpus > 0 per tensor-parallel rank)"),
         (all(p is None or p >= 1 for p in (cfg.model.min_pixels, cfg.model.max_pixels)),
+        (cfg.rl.eval_every >= 0 and cfg.rl.eval_samples >= 0, "rl.eval_every, rl.eval_samples: must be >= 0"),
+        (not cfg.rl.eval_every or bool(cfg.rl.eval_data), "rl.eval_data: a held-out data file is needed when rl.eval_every > 0"),
          "model.min_pixels, model.max_pixels: must be >= 1 (or null)"),
         (None in (cfg.model.min_pixels, cfg.model.max_pixels) or cfg.model.min_pixels <= cfg.model.max_pixels,
          "model.min_pixels: must be <= model.max_pixels"),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from avar_ray.commands.demo import rl_prompt_pool, rl_trend, trend_section
+from avar_ray.commands.demo import heldout_section, rl_prompt_pool, rl_trend, trend_section
 from avar_ray.data.schema import read_parquet
 
 
@@ -34,3 +34,29 @@ def test_rl_trend_means_of_the_first_and_last_steps(tmp_path):
     assert "0.500 -> 0.917 (+0.417" in text and "fixed pool of 16" in text
     path.write_text("\n".join(lines[:2]) + "\n")
     assert "Too few RL steps (2)" in trend_section(rl_trend(path, k=3), pool=16)
+
+
+def test_heldout_section_tables_and_plots_the_curve(tmp_path):
+    """The demo's held-out curve: one table row per evaluation, in step order, with the greedy,
+    sampled and pass@k figures the run wrote; no curve file, no section."""
+    from PIL import Image
+
+    metrics, curve = tmp_path / "metrics.jsonl", tmp_path / "heldout.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "reward/accuracy": s / 10}) + "\n" for s in range(1, 6)))
+    points = [(0, 0.61, 0.52, 0.83), (5, 0.655, 0.6, 0.86)]
+    curve.write_text("".join(json.dumps({"step": s, "eval/n": 200, "eval/accuracy": g, "eval/accuracy_sampled": m,
+                                         "eval/pass_at_k": k}) + "\n" for s, g, m, k in points))
+    text = heldout_section(metrics, curve, tmp_path / "rl_curve.png")
+    assert "| step | greedy | sampled | pass@k |" in text and "200 evaluation rows" in text
+    assert text.index("| 0 | 0.610 | 0.520 | 0.830 |") < text.index("| 5 | 0.655 | 0.600 | 0.860 |")
+    with Image.open(tmp_path / "rl_curve.png") as im:
+        assert im.format == "PNG"
+    assert heldout_section(metrics, "", tmp_path / "none.png") == "" and not (tmp_path / "none.png").exists()
+
+
+def test_heldout_evaluations_fall_on_the_start_every_n_steps_and_the_last():
+    from avar_ray.rl.heldout import due
+
+    assert [s for s in range(0, 21) if due(s, 5, 20)] == [0, 5, 10, 15, 20]
+    assert [s for s in range(0, 8) if due(s, 3, 7)] == [0, 3, 6, 7]
+    assert not any(due(s, 0, 7) for s in range(8))

@@ -38,6 +38,7 @@ PROMPTS_PER_STEP, N_SAMPLES = 2, 4
 # workers were synced to: float32 on both sides.
 LOGPROB_TOL = 1e-3
 JSONL_ONLY = TrackingConfig(backends=["jsonl"])
+EVAL_EVERY = 2  # the shared run's held-out curve (rl.eval_every)
 slow = pytest.mark.slow  # every test that starts Ray, vLLM or DeepSpeed
 
 
@@ -165,18 +166,21 @@ def resumed_run(ray_local, tiny_model_dir, procedural_parquet, tmp_path_factory)
     from avar_ray.rl import run_rl
 
     out = tmp_path_factory.mktemp("rl_resume")
+    heldout = [f"rl.eval_every={EVAL_EVERY}", f"rl.eval_data={procedural_parquet}", "rl.eval_samples=2"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["rl", "-c", CONFIG, *_overrides(tiny_model_dir, procedural_parquet, out, steps=5)])
+        rc = main(["rl", "-c", CONFIG, *_overrides(tiny_model_dir, procedural_parquet, out, steps=5), *heldout])
     print(stdout.getvalue())
     first = read_metrics(out / "metrics.jsonl")
+    first_curve = read_metrics(out / "heldout.jsonl")
+    first_answers = {n: (out / "heldout" / f"step_{n}.jsonl").read_text() for n in (0, 4)}
     exported = sorted(p.name for p in (out / "checkpoints" / "step_5" / "hf").iterdir())  # pruned by the resume
     # As if the run had died after step 5's metrics but before its checkpoint: resume from step 3.
     (out / "checkpoints" / "latest").write_text("step_3")
-    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, out, steps=7))
+    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, out, steps=7) + heldout)
     report = run_rl(cfg, resume=True)
     return {"out": out, "rc": rc, "stdout": stdout.getvalue(), "first": first, "exported": exported, "report": report,
-            "metrics": read_metrics(out / "metrics.jsonl")}
+            "metrics": read_metrics(out / "metrics.jsonl"), "first_curve": first_curve, "first_answers": first_answers}
 
 
 def _check_step(record: dict) -> None:
@@ -239,6 +243,48 @@ def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, proce
     assert state["step"] == 7 and state["policy_version"] == 7
     assert state["sampler"] == {"epoch": 0, "position": 14, "drawn": 14}
     assert report.final_model == str(ckpts / "step_7" / "hf")
+
+
+@slow
+def test_heldout_curve_is_the_current_policy_answering_the_heldout_set(resumed_run, procedural_parquet, tiny_model_dir,
+                                                                        vllm_engine):
+    """rl.eval_every: the start, every EVAL_EVERY steps and the last step are evaluated on the
+    rollout engines; the greedy answers at step 0 are an independent vLLM engine's greedy answers
+    from the same checkpoint; a resumed run keeps the curve up to its checkpoint and re-evaluates
+    the replayed step 4 exactly as the uninterrupted run did."""
+    from actors.records import conversation
+    from avar_ray.data.readers import read_samples
+    from avar_ray.decoding import ResponseCodec
+    from avar_ray.modeling import load_processor
+
+    out, first, metrics = resumed_run["out"], resumed_run["first"], resumed_run["metrics"]
+    assert [r["step"] for r in resumed_run["first_curve"]] == [0, 2, 4, 5]  # start, every 2, the last (5)
+    curve = read_metrics(out / "heldout.jsonl")
+    assert [r["step"] for r in curve] == [0, 2, 4, 6, 7]  # resumed at 3: 0 and 2 kept, 4 redone, 6, last 7
+    assert curve[:2] == resumed_run["first_curve"][:2]
+    assert [r["step"] for r in first if "eval/accuracy" in r] == [2, 4, 5]
+    assert [r["step"] for r in metrics if "eval/accuracy" in r] == [2, 4, 6, 7]
+    samples, _ = read_samples(procedural_parquet)
+    for record in curve:
+        assert record["eval/n"] == record["eval/answered"] == len(samples)
+        assert record["eval/pass_at_k"] >= record["eval/accuracy_sampled"]
+    # the replayed step 4 holds the uninterrupted run's weights: the same greedy answers
+    assert (out / "heldout" / "step_4.jsonl").read_text() == resumed_run["first_answers"][4]
+    # step 0: the starting checkpoint, answered greedily by an engine outside the run
+    processor = load_processor(str(tiny_model_dir))
+    codec = ResponseCodec(processor)  # the rollouts' banned tokens and decoding
+    prompts = []
+    for sample in samples:
+        messages, images = conversation(sample, None)
+        item = {"prompt": processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)}
+        if images:
+            item["multi_modal_data"] = {"image": images[0]}
+        prompts.append(item)
+    outputs = vllm_engine.generate(prompts, codec.sampling_params(temperature=0.0, max_tokens=16), use_tqdm=False)
+    answers = [json.loads(line) for line in resumed_run["first_answers"][0].splitlines()]
+    assert [a["id"] for a in answers] == [s.id for s in samples]
+    assert [a["text"] for a in answers] == [codec.decode(o.outputs[0].token_ids) for o in outputs]
+    assert len({a["text"] for a in answers}) > 1  # the answers differ by prompt: the check can tell prompts apart
 
 
 @slow

@@ -147,6 +147,29 @@ def stage_chart(labels: Sequence[str], figures: Sequence[tuple[str, Sequence[Opt
     return Path(path)
 
 
+def rl_curve(train: Sequence[tuple[int, float]], heldout: dict[str, Sequence[tuple[int, float]]],
+             path: str | Path) -> Path:
+    """The RL run's accuracy over its steps: the training rollouts' accuracy reward per step
+    (``train``: (step, value)) beside the held-out curve (``heldout``: name -> (step, value))."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], color="grey", alpha=0.7, lw=1,
+                label="training rollouts (accuracy reward)")
+    for name, points in heldout.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"held-out: {name}")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("RL: training reward and the held-out curve", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def heatmap_overlay(image, grid: np.ndarray, path: str | Path, title: str) -> Path:
     """The image with a patch grid of attention laid over it (stretched to the image) and a
     colour bar."""

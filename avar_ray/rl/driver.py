@@ -29,6 +29,7 @@ from avar_ray.checkpoints import start_step
 from avar_ray.config import TrackingConfig, to_dict
 from avar_ray.grpo import grpo_advantages, informative_groups
 from avar_ray.rl import checkpoint
+from avar_ray.rl.heldout import HeldOut, due
 from avar_ray.rl.pipeline import PromptSampler, RolloutPipeline, SamplerState, load_prompts
 from avar_ray.tracking import METRICS, Tracker, read_metrics
 
@@ -37,7 +38,7 @@ from avar_ray.tracking import METRICS, Tracker, read_metrics
 # tracker (``avar_ray.tracking``: metrics.jsonl, TensorBoard, W&B, MLflow) and as a progress line.
 
 # The phases of a step, in order (the keys "time/<phase>" of every record).
-PHASES = ("sample", "rollout", "reward", "advantage", "update", "weight_sync", "checkpoint")
+PHASES = ("sample", "rollout", "reward", "advantage", "update", "weight_sync", "eval", "checkpoint")
 
 
 def _mean(values) -> float:
@@ -165,6 +166,7 @@ class Run:
         self.final_model = ""
         self.drawn: list = []  # the prompts drawn in the current step (refills included)
         self.pipeline = RolloutPipeline(cfg, system, prompts, sampler)
+        self.heldout: Optional[HeldOut] = None  # the held-out curve (rl.eval_every), set by run_rl
 
     def state(self, step: int) -> dict:
         return {"step": step, "policy_version": self.version, "sampler": self.sampler.state.to_dict(),
@@ -197,6 +199,8 @@ class Run:
 
     def _collect(self, step: int, clock: "PhaseClock") -> tuple[list, list, list, list, dict]:
         """Rollouts, rewards and the learners' pass for the step's prompts: ``(batch, rollouts,
+        if self.heldout is not None:
+            self.heldout.rewind(saved or 0)
         scored, passes, counts)``, ``batch`` holding ``(sample, object ref)`` per kept prompt. With ``rl.dynamic_sampling`` groups whose rewards are all
         equal are dropped and more prompts drawn, up to ``rl.dynamic_sampling_max_refills``
         times (DAPO); ``prompt_index`` is then renumbered over the kept groups."""
@@ -274,6 +278,10 @@ class Run:
             self.pipeline.settle()  # the generation in flight ends on the weights it began with
         with clock.phase("weight_sync"):
             sync = system.sync_weights(self.version)
+        evaluation = {}
+        if self.heldout is not None and due(step, rl.eval_every, rl.steps):
+            with clock.phase("eval"):  # on the weights just synced; nothing is generating meanwhile
+                evaluation = self.heldout.evaluate(step, self.version)
         with clock.phase("checkpoint"):
             if (rl.save_every > 0 and step % rl.save_every == 0) or step == rl.steps:
                 exported = checkpoint.save(system.learners, self.ckpt_dir, step, self.state(step), rl.export_hf,
@@ -283,7 +291,7 @@ class Run:
         pipeline = self.pipeline.metrics(clock.start)
         tokens = sum(len(r.response_ids) for r in rollouts)
         return {**rollout_metrics(rollouts, scored, advantages), **counts, **learner, **sync, **system.restarts(),
-                **timing, **pipeline, "policy_version": self.version,
+                **evaluation, **timing, **pipeline, "policy_version": self.version,
                 "rollout/tokens_per_s": tokens / max(pipeline["time/generate"], 1e-9),
                 "data/epoch": self.sampler.state.epoch, "data/position": self.sampler.state.position,
                 "data/prompt_ids": [s.id for s in self.drawn], "data/filtered": self.prompts.filtered}
@@ -356,6 +364,10 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     report.seconds = time.perf_counter() - t0
     done = read_metrics(Path(report.metrics_path))
     mine = [r for r in done if r["step"] > start]
+        if rl.eval_every:
+            run.heldout = HeldOut(cfg, system, out, start)
+            if start == 0:
+                run.heldout.evaluate(0, 0)  # the curve's first point: the starting policy
     if mine:
         report.first, report.last = mine[0], mine[-1]
     (out / "rl_report.json").write_text(json.dumps(asdict(report), indent=1, sort_keys=True, default=str) + "\n")
