@@ -459,9 +459,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(values)
 
 
+def _resources(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every Ray resource request in the config: the fields named
+    ``*_cpus``, ``*_gpus`` and ``cpus_per_worker``."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += _resources(value, f"{key}.")
+        elif f.name.endswith(("_cpus", "_gpus")) or f.name == "cpus_per_worker":
+            found.append((key, value))
+    return found
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express."""
+    negative = [key for key, value in _resources(cfg) if value is not None and value < 0]
     checks = [
+        (not negative, f"{', '.join(negative)}: must be >= 0 (a Ray resource request)"),
+        (0 < cfg.rl.gpu_memory_utilization <= 1, "rl.gpu_memory_utilization: must be in (0, 1] (vLLM's share of a GPU)"),
+        (0 < cfg.eval.gpu_memory_utilization <= 1,
+         "eval.gpu_memory_utilization: must be in (0, 1] (vLLM's share of a GPU)"),
         (0 <= cfg.intervention.a_sys < 1, "intervention.a_sys: must be in [0, 1) (a_sys = 1 removes the system span: log(0))"),
         (cfg.intervention.a_img > -1, "intervention.a_img: must be > -1"),
         (cfg.sft.zero_stage in (0, 1, 2, 3), "sft.zero_stage: must be 0, 1, 2 or 3"),

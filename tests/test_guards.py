@@ -1,0 +1,106 @@
+"""Guards users hit, checked without Ray: ``config.validate`` rules (each bad value is refused
+naming its key, and the edge of each allowed range still loads), ``device=cuda`` without CUDA,
+and a run pointed at an output folder that already holds an earlier run's or a finished run's
+checkpoints (refused, or said and not redone, before any Ray or model is started)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from avar_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rl.temperature=0"], r"rl\.temperature: must be positive"),
+    (["rl.temperature=-1"], r"rl\.temperature: must be positive"),
+    (["rl.max_staleness=-1"], r"rl\.max_staleness: must be >= 0"),
+    (["rl.tis_cap=0"], r"rl\.tis_cap: must be positive"),
+    (["rl.prompts_per_step=1", "rl.n_samples=2", "rl.placement.learners=2", "rl.mini_batches=2"],
+     r"rl\.prompts_per_step \* rl\.n_samples: must be >= rl\.placement\.learners \* rl\.mini_batches"),
+    (["rl.gpu_memory_utilization=0"], r"rl\.gpu_memory_utilization: must be in \(0, 1\]"),
+    (["rl.gpu_memory_utilization=1.2"], r"rl\.gpu_memory_utilization: must be in \(0, 1\]"),
+    (["eval.gpu_memory_utilization=-0.5"], r"eval\.gpu_memory_utilization: must be in \(0, 1\]"),
+    (["rl.placement.learner_cpus=-1"], r"rl\.placement\.learner_cpus: must be >= 0"),
+    (["rl.placement.rollout_gpus=-0.5", "eval.stats_cpus=-1"], r"rl\.placement\.rollout_gpus, eval\.stats_cpus: must be >= 0"),
+    (["synth.caption.num_gpus=-1"], r"synth\.caption\.num_gpus: must be >= 0"),
+    (["sft.cpus_per_worker=-2"], r"sft\.cpus_per_worker: must be >= 0"),
+    (["serve.num_cpus=-1"], r"serve\.num_cpus: must be >= 0"),
+    (["ray.num_cpus=-4"], r"ray\.num_cpus: must be >= 0"),
+])
+def test_validate_refuses_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_validate_accepts_the_edges_of_each_range():
+    cfg = load_config(None, ["rl.temperature=0.01", "rl.max_staleness=0", "rl.tis_cap=null", "rl.gpu_memory_utilization=1",
+                             "eval.gpu_memory_utilization=0.01", "rl.placement.learner_cpus=0", "rl.placement.reward_cpus=0",
+                             "rl.prompts_per_step=1", "rl.n_samples=4", "rl.placement.learners=2", "rl.mini_batches=2",
+                             "ray.num_cpus=null"])
+    assert cfg.rl.gpu_memory_utilization == 1 and cfg.rl.tis_cap is None and cfg.rl.placement.learner_cpus == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the guard is for machines without CUDA")
+def test_device_cuda_without_cuda_is_refused_naming_the_settings():
+    from avar_ray.modeling import resolve_device
+
+    with pytest.raises(ValueError, match=r"eval\.device or serve\.device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def _checkpoint(ckpt_dir: Path, step: int, whole: bool) -> None:
+    """What a saved step leaves on disk as far as the drivers' start-up reads it: the step's
+    folder, DeepSpeed's ``latest`` file and (saved whole) the driver's state file."""
+    from avar_ray.rl.checkpoint import DRIVER_STATE
+
+    (ckpt_dir / f"step_{step}").mkdir(parents=True)
+    (ckpt_dir / "latest").write_text(f"step_{step}")
+    if whole:
+        (ckpt_dir / f"step_{step}" / DRIVER_STATE).write_text(json.dumps({"step": step}))
+
+
+def _rl_config(tmp_path, *extra):
+    """A folder stands in for the model: the guards act before anything is loaded from it."""
+    return load_config(REPO / "configs" / "tiny_local.yaml",
+                       [f"rl.out={tmp_path / 'rl'}", f"data.train={tmp_path / 'missing.parquet'}",
+                        f"model.path={tmp_path}", "rl.steps=3", *extra])
+
+
+def test_rl_on_an_earlier_runs_folder_is_refused_with_resume_off(tmp_path):
+    from avar_ray.rl import run_rl
+
+    _checkpoint(tmp_path / "rl" / "checkpoints", 2, whole=True)
+    with pytest.raises(ValueError, match=r"rl\.out: .* holds checkpoints of an earlier run \(step 2\)"):
+        run_rl(_rl_config(tmp_path, "rl.resume=false"))
+
+
+def test_rl_past_its_steps_says_so_and_does_nothing(tmp_path, capsys):
+    """A checkpoint at step 5 saved whole and rl.steps=3: returned at once (no Ray started)."""
+    import ray
+
+    from avar_ray.rl import run_rl
+
+    _checkpoint(tmp_path / "rl" / "checkpoints", 5, whole=True)
+    started = ray.is_initialized()
+    report = run_rl(_rl_config(tmp_path, "rl.resume=auto"))
+    assert report.steps == report.start_step == 5
+    assert "is complete" in capsys.readouterr().out
+    assert ray.is_initialized() == started
+
+
+def test_sft_on_an_earlier_runs_folder_is_refused_with_resume_off(tmp_path):
+    from avar_ray.sft import run_sft
+
+    out = tmp_path / "sft"
+    _checkpoint(out / "checkpoints", 4, whole=False)
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml",
+                      [f"sft.out={out}", f"sft.data={tmp_path / 'missing'}", f"model.path={tmp_path}",
+                       "sft.resume=false"])
+    with pytest.raises(ValueError, match=r"sft\.out: .* holds checkpoints of an earlier run \(step 4\)"):
+        run_sft(cfg)
