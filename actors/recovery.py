@@ -8,6 +8,7 @@ call again. Calls on healthy actors keep running meanwhile.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -91,12 +92,18 @@ class ActorSet:
     ``update_weights(handle)``. The set remembers the newest ``WeightHandle`` (or a callable
     that returns it), so an actor that
     Ray restarted (from the start-up checkpoint) gets the current policy before it redoes its
-    share."""
+    share.
+
+    A callable handle publishes from the learners (every rank: ZeRO-3 gathers are collectives),
+    and a restart may be recovered in a background thread (asynchronous generation). It runs
+    under ``handle_lock``, which the driver holds around each of its own learner calls, so that
+    the learner ranks never see a publish interleaved with a train or score call (a hang)."""
 
     def __init__(self, cls: type, args: Sequence[tuple], actor_options: dict, max_attempts: int, what: str):
         import ray
 
         self.what = what
+        self.handle_lock = threading.RLock()
         self.closes = hasattr(cls, "close")  # actors that own processes of their own (vLLM engines)
         self.max_attempts = max_attempts
         self.handle = None
@@ -112,7 +119,8 @@ class ActorSet:
         self.info[index] = ray.get(actor.ready.remote())
         self.restarts += 1  # after ready: a restart still under way is asked again, not counted again
         # a handle, or a callable giving one (the broadcast sync publishes on demand)
-        handle = None if not load else self.handle() if callable(self.handle) else self.handle
+        with self.handle_lock:
+            handle = None if not load else self.handle() if callable(self.handle) else self.handle
         if handle is not None:
             ray.get(actor.update_weights.remote(handle))
         log.warning("%s %d restarted (pid %s), %s", self.what, index, self.info[index]["pid"],

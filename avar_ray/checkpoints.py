@@ -23,16 +23,20 @@ def latest_step(ckpt_dir: Path) -> int | None:
     return int(match.group(1))
 
 
-def start_step(ckpt_dir: Path, resume: bool, stage: str, how_to_resume: str) -> int:
-    """The step a ``stage`` ("sft", "rl") run starts at: the newest checkpoint's when resuming
-    (0 when there is none), 0 for a fresh run; a fresh run into a directory holding an earlier
-    run's checkpoints fails (``how_to_resume`` says how to continue it) rather than mixing them."""
+def start_step(ckpt_dir: Path, resume: bool | str, stage: str, how_to_resume: str) -> int:
+    """The step a ``stage`` ("sft", "rl") run starts at. ``resume`` true or "auto": the newest
+    checkpoint's (0 when there is none: "auto" starts fresh without a word); false: 0, and a
+    directory holding an earlier run's checkpoints fails (``how_to_resume`` says how to continue
+    it) rather than mixing them. The run's identity is its output directory: a checkpoint whose
+    data position does not fit this run's data is refused when it is loaded."""
     saved = latest_step(ckpt_dir)
     if saved is None:
-        if resume:
+        if resume is True:
             print(f"{stage}: no checkpoint under {ckpt_dir} to resume from; starting at step 0", flush=True)
         return 0
-    if not resume:
+    if resume is False:
         raise ValueError(f"{stage}.out: {ckpt_dir} holds checkpoints of an earlier run (step {saved}); "
                          f"{how_to_resume}, or choose another {stage}.out")
+    print(f"{stage}: continuing from the checkpoint of step {saved} under {ckpt_dir} ({stage}.resume={resume})",
+          flush=True)
     return saved

@@ -148,7 +148,9 @@ class SFTConfig:
     beta: float = 0.15  # L_sup weight
     agto_query: Literal["response", "user_visual"] = "response"
     save_every: int = 0  # DeepSpeed checkpoint every k steps (0: only at the end)
-    resume: bool = False
+    # auto: continue from the newest checkpoint in `out`, or start fresh; a finished `out` (final/
+    # exported at its last checkpoint) is reported and left as is. true: continue; false: refuse a used `out`.
+    resume: Union[bool, Literal["auto"]] = "auto"
     seed: int = 0
 
 
@@ -205,13 +207,13 @@ class RLConfig:
     max_staleness: int = 0
     max_image_pixels: int = 4096 * 4096  # per image; larger ones are filtered at load (counted)
     save_every: int = 5
-    # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both sides have whole
-    # GPUs, else gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no
     # Held-out curve (avar_ray/rl/heldout.py): every eval_every steps (and at the start and the last step) the
     # current policy answers eval_data on the rollout engines: greedy and eval_samples samples at rl.temperature
     eval_every: int = 0  # 0: off
     eval_data: str = ""  # a data file like data.train (prompts the run does not train on)
     eval_samples: int = 4  # samples per held-out prompt (accuracy_sampled, pass@k); 0: greedy only
+    # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both sides have whole
+    # GPUs, else gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no
     # alias): it named one transport of the two the broadcast picks between.
     weight_sync_backend: Literal["broadcast", "object_store"] = "broadcast"
     weight_sync_timeout_s: float = 300.0  # broadcast group: rendezvous and each collective (a peer that hangs)
@@ -229,7 +231,9 @@ class RLConfig:
     gpu_memory_utilization: float = 0.6  # vLLM, GPU only
     export_hf: bool = True  # an HF checkpoint beside each DeepSpeed checkpoint
     keep_checkpoints: int = 2  # newest DeepSpeed checkpoints kept (0: all)
-    resume: bool = False  # continue from the newest checkpoint in `out` (also `avar rl --resume`)
+    # auto: continue from the newest checkpoint in `out` (or start fresh); a run already at rl.steps is
+    # reported and left as is. true: continue (also `avar rl --resume`); false: refuse an `out` with checkpoints.
+    resume: Union[bool, Literal["auto"]] = "auto"
     reward: RewardConfig = field(default_factory=RewardConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
@@ -331,6 +335,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     warm_base: WarmBaseConfig = field(default_factory=WarmBaseConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -340,7 +345,6 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is Union and type(None) not in get_args(tp):  # e.g. bool or "auto"
         return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -510,12 +514,12 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rl.weight_sync_bucket_mb > 0 and cfg.rl.weight_sync_timeout_s > 0,
          "rl.weight_sync_bucket_mb, rl.weight_sync_timeout_s: must be positive"),
         (cfg.rl.max_staleness >= 0, "rl.max_staleness: must be >= 0 (0: on-policy)"),
+        (cfg.rl.eval_every >= 0 and cfg.rl.eval_samples >= 0, "rl.eval_every, rl.eval_samples: must be >= 0"),
+        (not cfg.rl.eval_every or bool(cfg.rl.eval_data), "rl.eval_data: a held-out data file is needed when rl.eval_every > 0"),
         (cfg.rl.rollout_tensor_parallel_size >= 1, "rl.rollout_tensor_parallel_size: must be >= 1"),
         (cfg.rl.rollout_tensor_parallel_size == 1 or cfg.rl.placement.rollout_gpus > 0,
          "rl.rollout_tensor_parallel_size: > 1 needs GPUs (rl.placement.rollout_gpus > 0 per tensor-parallel rank)"),
         (all(p is None or p >= 1 for p in (cfg.model.min_pixels, cfg.model.max_pixels)),
-        (cfg.rl.eval_every >= 0 and cfg.rl.eval_samples >= 0, "rl.eval_every, rl.eval_samples: must be >= 0"),
-        (not cfg.rl.eval_every or bool(cfg.rl.eval_data), "rl.eval_data: a held-out data file is needed when rl.eval_every > 0"),
          "model.min_pixels, model.max_pixels: must be >= 1 (or null)"),
         (None in (cfg.model.min_pixels, cfg.model.max_pixels) or cfg.model.min_pixels <= cfg.model.max_pixels,
          "model.min_pixels: must be <= model.max_pixels"),

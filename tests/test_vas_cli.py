@@ -53,6 +53,46 @@ def test_vas_cli_response_query(tiny_model_dir, procedural_parquet, tmp_path):
     assert json.loads((out2 / "summary.json").read_text())["responses_skipped"] == 1
 
 
+def test_vas_cli_intervention_equals_eager_attention_with_the_bias(tiny_model_dir, procedural_parquet, tmp_path):
+    """``--intervention`` changes the measured VAS by what eager attention with SPEC.md §2's bias
+    gives: weights times ``1 + a_img M_V - a_sys M_S`` per key, renormalised, on the intervened
+    layers (tests/test_attention.py's reference implementation); VAS = the mean over layers,
+    heads and question tokens of mass(V) / mass(S). eps_img against |V| counted from the ids."""
+    import torch
+    from test_attention import REF_IMPL, _register_reference, eager_masses  # noqa: E402 - tests/ on sys.path
+
+    from avar_ray.data.readers import read_samples
+    from avar_ray.data.schema import build_messages, pil_images
+    from avar_ray.modeling import encode_batch, load_model, load_processor
+
+    a_img, a_sys, layers = 0.5, 0.3, (0, 2)
+    runs = {}
+    for name, extra in (("plain", []), ("bias", ["--intervention", "--a-img", str(a_img), "--a-sys", str(a_sys),
+                                                 "--intervention-layers", "0,2"])):
+        assert main(["vas", "--model", str(tiny_model_dir), "--data", str(procedural_parquet), "--query", "user",
+                     "--out", str(tmp_path / name), "--limit", "2", *extra]) == 0
+        runs[name] = _rows(tmp_path / name / "vas.jsonl")
+    _register_reference()
+    processor = load_processor(str(tiny_model_dir))
+    ref = load_model(str(tiny_model_dir), attn_implementation=REF_IMPL).eval()
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for sample, plain, bias in zip(read_samples(procedural_parquet)[0][:2], runs["plain"], runs["bias"]):
+        enc = encode_batch(processor, [build_messages(sample)], [pil_images(sample)])
+        q = enc.spans.query("user")[0]
+        weight = 1.0 + a_img * enc.spans.visual.float() - a_sys * enc.spans.system.float()
+        expected = {}
+        for name, kwargs in (("plain", {}), ("bias", {"ref_reweight": weight, "ref_layers": layers})):
+            with torch.no_grad():
+                attentions = ref(**enc.inputs, output_attentions=True, **kwargs).attentions
+            mv, ms = eager_masses(attentions, enc.spans, "user")
+            expected[name] = float((mv[0][..., q] / ms[0][..., q]).mean())
+        assert plain["vas"] == pytest.approx(expected["plain"], rel=1e-4)
+        assert bias["vas"] == pytest.approx(expected["bias"], rel=1e-4)
+        assert abs(expected["bias"] - expected["plain"]) > 0.05 * expected["plain"]  # the bias matters here
+        n_v = int((enc.inputs["input_ids"][0] == image_pad).sum())
+        assert bias["visual_tokens"] == n_v > 0 and bias["eps_img"] == pytest.approx(bias["alpha_img"] / n_v)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--intervention", "--a-sys", "1"], "a_sys"),
     (["--layers", "9"], "--layers: layer 9 out of range"),

@@ -7,7 +7,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("-c", "--config", required=True, help="run config (YAML)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.steps=10 rl.placement.learners=2")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in rl.out (same step count and data position)")
+                        help="rl.resume=true: continue from the newest checkpoint in rl.out (same step count and data "
+                             "position); the default rl.resume=auto does so too, or starts fresh, or says a "
+                             "finished rl.out is complete")
 
 
 def run(args) -> int:

@@ -17,5 +17,7 @@ def run(args) -> int:
     preflight(cfg, "synth", config_path=args.config)  # before any actor starts
     report = run_synthesis(cfg, progress=not args.no_progress)
     print(report.summary())
+    if not (report.processed or report.deferred) and report.already_done:  # a rerun (re-applied pipeline)
+        print(f"synth: {cfg.synth.out} is complete: it holds every input row ({report.already_done}); nothing to do")
     print(f"shards and report in {cfg.synth.out} (quarantine: {cfg.synth.out}/quarantine.jsonl)")
     return 0

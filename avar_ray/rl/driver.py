@@ -172,35 +172,46 @@ class Run:
         return {"step": step, "policy_version": self.version, "sampler": self.sampler.state.to_dict(),
                 "seed": self.cfg.rl.seed, "prompts": len(self.prompts.samples), "in_flight": self.pipeline.state()}
 
+    @property
+    def learner_calls(self):
+        """Held around each learner call of this (the driver's main) thread: a rollout worker
+        restarted by the background generation publishes the weights from the learners under
+        the same lock, never in the middle of a train or score call (``actors.recovery``)."""
+        return self.system.rollout.handle_lock
+
     def restore(self, step: int) -> None:
-        state = self.system.learners.load_checkpoint(str(self.ckpt_dir), checkpoint.tag(step))
+        with self.learner_calls:
+            state = self.system.learners.load_checkpoint(str(self.ckpt_dir), checkpoint.tag(step))
         if state.get("prompts") != len(self.prompts.samples) or state.get("seed") != self.cfg.rl.seed:
             raise ValueError(f"rl resume: the checkpoint of step {step} drew from {state.get('prompts')} prompts with "
                              f"seed {state.get('seed')}, this run has {len(self.prompts.samples)} with seed "
                              f"{self.cfg.rl.seed}; the data position would not carry over (data.train, rl.seed)")
         self.sampler.load_state(state["sampler"])
         self.version = int(state["policy_version"])
-        self.system.sync_weights(self.version)  # the workers started from model.path
+        with self.learner_calls:
+            self.system.sync_weights(self.version)  # the workers started from model.path
         self.pipeline.restore(state.get("in_flight", {}))  # regenerated from the same prompts and seeds
 
     def recover_learners(self) -> int:
         """After a learner rank died: a new learner group from the newest checkpoint (the start
         when there is none yet); returns the step it holds (the run goes on after it)."""
         self.pipeline.discard()
-        self.system.restart_learners()
+        with self.learner_calls:
+            self.system.restart_learners()
         saved = checkpoint.latest_step(self.ckpt_dir)
+        if self.heldout is not None:
+            self.heldout.rewind(saved or 0)
         if saved is not None:
             self.restore(saved)
             return saved
         self.sampler.load_state(SamplerState().to_dict())
         self.version = 0
-        self.system.sync_weights(0)  # the workers hold later weights: back to model.path's
+        with self.learner_calls:
+            self.system.sync_weights(0)  # the workers hold later weights: back to model.path's
         return 0
 
     def _collect(self, step: int, clock: "PhaseClock") -> tuple[list, list, list, list, dict]:
         """Rollouts, rewards and the learners' pass for the step's prompts: ``(batch, rollouts,
-        if self.heldout is not None:
-            self.heldout.rewind(saved or 0)
         scored, passes, counts)``, ``batch`` holding ``(sample, object ref)`` per kept prompt. With ``rl.dynamic_sampling`` groups whose rewards are all
         equal are dropped and more prompts drawn, up to ``rl.dynamic_sampling_max_refills``
         times (DAPO); ``prompt_index`` is then renumbered over the kept groups."""
@@ -230,7 +241,8 @@ class Run:
                 text = system.reward.text(got, {s.id: replace(s, images=[]) for s in drawn})
                 items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
                 want = visual_wanted(text, rl.reward)
-                got_passes, learner_metrics = system.learners.score(items, want) if items else ([], {})
+                with self.learner_calls:
+                    got_passes, learner_metrics = system.learners.score(items, want) if items else ([], {})
                 got_scored = system.reward.combine(got, text, [p.vas for p in got_passes],
                                                    [p.error for p in got_passes])
             for key in ("learner/prompt_mismatch", "learner/visual_stats_rollouts", "learner/score_rollouts"):
@@ -267,22 +279,25 @@ class Run:
             items = [TrainItem(batch[r.prompt_index][1], r.response_ids, float(a), r.logprobs, r.prompt_ids,
                                p.old_logprobs) for r, a, p in zip(rollouts, advantages, passes)]
         learner = {}
-        with clock.phase("update"):
+        with clock.phase("update"), self.learner_calls:
             if len(items) >= rl.placement.learners * rl.mini_batches:
                 learner = system.learners.train_step(items)
             else:  # nothing (or too little) with a GRPO signal: no update this step
                 print(f"rl: step {step}: {len(items)} rollouts left to train on; update skipped", flush=True)
+            self.version = step
+            # What the learners hold from now on: a worker restarted before the sync gets these weights
+            # under this version (the generation in flight must not get them labelled as the old one).
+            system.weights.version = step
         counts["actor/update_skipped"] = int(not learner)
-        self.version = step
         with clock.phase("rollout", announce=False):  # the step's rollout phase began earlier
             self.pipeline.settle()  # the generation in flight ends on the weights it began with
-        with clock.phase("weight_sync"):
+        with clock.phase("weight_sync"), self.learner_calls:
             sync = system.sync_weights(self.version)
         evaluation = {}
         if self.heldout is not None and due(step, rl.eval_every, rl.steps):
             with clock.phase("eval"):  # on the weights just synced; nothing is generating meanwhile
                 evaluation = self.heldout.evaluate(step, self.version)
-        with clock.phase("checkpoint"):
+        with clock.phase("checkpoint"), self.learner_calls:
             if (rl.save_every > 0 and step % rl.save_every == 0) or step == rl.steps:
                 exported = checkpoint.save(system.learners, self.ckpt_dir, step, self.state(step), rl.export_hf,
                                            rl.keep_checkpoints)
@@ -297,10 +312,24 @@ class Run:
                 "data/prompt_ids": [s.id for s in self.drawn], "data/filtered": self.prompts.filtered}
 
 
+def finished_report(out: Path, step: int, rl) -> RLReport:
+    """A run whose newest checkpoint (saved whole) is at or past ``rl.steps``: said, not redone."""
+    final = checkpoint.hf_dir(out / "checkpoints", step)
+    report = RLReport(out=str(out), steps=step, start_step=step, final_model=str(final) if final.is_dir() else "",
+                      metrics_path=str(out / METRICS))
+    records = read_metrics(out / METRICS) if (out / METRICS).is_file() else []
+    if records:
+        report.first, report.last = records[0], records[-1]
+    print(f"rl: {out} is complete: its checkpoint of step {step} is saved and exported (rl.steps={rl.steps}); "
+          "nothing to do", flush=True)
+    return report
+
+
 def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> RLReport:
-    """GRPO steps ``start+1 .. cfg.rl.steps`` (``start``: the newest checkpoint with ``resume``).
-    A learner rank that dies restarts the learner group from the newest checkpoint and the
-    steps since are redone (at most ``rl.placement.max_restarts`` times).
+    """GRPO steps ``start+1 .. cfg.rl.steps`` (``start``: the newest checkpoint unless
+    ``rl.resume`` is false; ``resume=True``: as ``rl.resume=true``). A run already complete
+    returns at once. A learner rank that dies restarts the learner group from the newest
+    checkpoint and the steps since are redone (at most ``rl.placement.max_restarts`` times).
 
     Uses the Ray it finds initialised (tests, ``avar demo``), else starts one from ``cfg.ray``.
     """
@@ -311,12 +340,13 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
 
     rl = cfg.rl
     out = Path(rl.out).resolve()
+    mode = True if resume else rl.resume
+    done = checkpoint.finished(out / "checkpoints", rl.steps) if mode is not False else None
+    if done is not None:
+        return finished_report(out, done, rl)
     if not Path(cfg.model.path).is_dir():
         raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
-    start = start_step(out / "checkpoints", resume or rl.resume, "rl",
-                       "resume it with `avar rl --resume` (rl.resume=true)")
-    if start >= rl.steps:
-        raise ValueError(f"rl.steps: the checkpoint is at step {start}; nothing left to do of {rl.steps} steps")
+    start = start_step(out / "checkpoints", mode, "rl", "resume it with `avar rl --resume` (rl.resume=true or auto)")
     prompts = load_prompts(cfg)
     print(f"rl: {prompts.summary()}; steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts x "
           f"{rl.n_samples} rollouts per step", flush=True)
@@ -334,6 +364,10 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
         run = Run(cfg, system, prompts, PromptSampler(len(prompts.samples), rl.seed), out, on_phase)
         if start:
             run.restore(start)
+        if rl.eval_every:
+            run.heldout = HeldOut(cfg, system, out, start)
+            if start == 0:
+                run.heldout.evaluate(0, 0)  # the curve's first point: the starting policy
         writer = MetricsWriter(out, rl.steps, start, tracking=cfg.tracking, run_config=to_dict(cfg))
         step = start + 1
         while step <= rl.steps:
@@ -353,6 +387,11 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
             writer.log(step, record)
             report.steps = step
             step += 1
+        if start >= rl.steps:  # the last step's checkpoint was cut short after DeepSpeed's part: save it whole
+            with run.learner_calls:
+                exported = checkpoint.save(system.learners, run.ckpt_dir, start, run.state(start), rl.export_hf,
+                                           rl.keep_checkpoints)
+            run.final_model, report.steps = str(exported or ""), start
         report.final_model = run.final_model
         report.restarts = system.restarts()
     finally:
@@ -364,10 +403,6 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     report.seconds = time.perf_counter() - t0
     done = read_metrics(Path(report.metrics_path))
     mine = [r for r in done if r["step"] > start]
-        if rl.eval_every:
-            run.heldout = HeldOut(cfg, system, out, start)
-            if start == 0:
-                run.heldout.evaluate(0, 0)  # the curve's first point: the starting policy
     if mine:
         report.first, report.last = mine[0], mine[-1]
     (out / "rl_report.json").write_text(json.dumps(asdict(report), indent=1, sort_keys=True, default=str) + "\n")

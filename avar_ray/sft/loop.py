@@ -15,6 +15,7 @@ from avar_ray.sft.data import encode_rows
 from avar_ray.sft.ds_config import deepspeed_config, lr_scheduler, steps_per_epoch
 from avar_ray.tracking import Tracker
 
+EXPORT_NOTE = "avar_sft.json"  # written into final/ last (after the weights and the processor): the export is whole
 # Summed over the micro-batches of a step and over ranks, then divided by the count.
 _MEAN_KEYS = ("loss", "lm_loss", "l_enh", "l_sup", "vas", "alpha_img", "alpha_sys")
 
@@ -100,9 +101,9 @@ def train_loop_per_worker(config: dict) -> None:
     ds_config = deepspeed_config(sft, config["model"].dtype)
     model = load_model(model_path, dtype="float32")  # the master weights; DeepSpeed casts a half copy
     model.config.use_cache = False
-    if sft.freeze_vision:
     if sft.gradient_checkpointing:  # each decoder and vision block recomputed in the backward (avar plan)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if sft.freeze_vision:
         for p in vision_parameters(model):
             p.requires_grad_(False)
     processor = load_processor(model_path, config["model"])  # model.min_pixels / max_pixels
@@ -160,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
         save(step)
     info = {"steps": step, "source_model": model_path, "alpha": sft.alpha, "beta": sft.beta,
             "agto_query": sft.agto_query, "zero_stage": sft.zero_stage, "precision": trained_dtype(ds_config)}
-    export_hf(engine, processor, out / "final", sft.zero_stage, rank, {"avar_sft.json": info})
+    export_hf(engine, processor, out / "final", sft.zero_stage, rank, {EXPORT_NOTE: info})
     if tracker is not None:
         tracker.close()
     ray.train.report({"step": step, **{k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))}})

@@ -16,11 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from avar_ray.checkpoints import start_step
+from avar_ray.checkpoints import latest_step, start_step
 from avar_ray.config import to_dict
 from avar_ray.sft.data import check_columns, prepare_dataset, training_files
 from avar_ray.sft.ds_config import total_steps
-from avar_ray.sft.loop import train_loop_per_worker
+from avar_ray.sft.loop import EXPORT_NOTE, train_loop_per_worker
 from avar_ray.tracking import METRICS, read_metrics
 
 
@@ -48,6 +48,17 @@ class SFTReport:
                 f"VAS {g(self.first, 'vas')} -> {g(self.last, 'vas')}; model exported to {self.export}")
 
 
+def finished(out: Path) -> int | None:
+    """The step of ``out``'s newest checkpoint when final/ was exported from it; else None."""
+    note, saved = out / "final" / EXPORT_NOTE, latest_step(out / "checkpoints")
+    if saved is None or not note.is_file():
+        return None
+    try:
+        return saved if json.loads(note.read_text()).get("steps") == saved else None
+    except json.JSONDecodeError:
+        return None
+
+
 def run_sft(cfg) -> SFTReport:
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -56,17 +67,23 @@ def run_sft(cfg) -> SFTReport:
 
     sft = cfg.sft
     out = Path(sft.out).resolve()
+    if sft.resume == "auto" and (done := finished(out)) is not None:
+        print(f"sft: {out} is complete: final/ was exported at its last checkpoint (step {done}); nothing to do "
+              "(sft.resume=true continues it when sft.max_steps or sft.epochs grew)", flush=True)
+        return SFTReport(out=str(out), start_step=done, final_step=done, total_steps=done, export=str(out / "final"))
     if not Path(cfg.model.path).is_dir():
         raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
-    start = start_step(out / "checkpoints", sft.resume, "sft", "set sft.resume=true to continue it")
+    start = start_step(out / "checkpoints", sft.resume, "sft", "set sft.resume=true or auto to continue it")
     files = training_files(sft.data)
     check_columns(files)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     ds, rows, too_long = prepare_dataset(files, cfg.model, sft.max_length, sft.seed, sft.shuffle)
     total = total_steps(sft, rows, sft.num_workers)
-    if start >= total:
-        raise ValueError(f"sft.max_steps: the checkpoint is at step {start}, nothing left of {total} steps")
+    if start >= total and finished(out) == start:
+        print(f"sft: {out} is complete: final/ was exported at step {start} of {total}; nothing to do", flush=True)
+        return SFTReport(out=str(out), rows=rows, too_long=too_long, total_steps=total, start_step=start,
+                         final_step=start, export=str(out / "final"))
     report = SFTReport(out=str(out), rows=rows, too_long=too_long, total_steps=total, start_step=start)
     if too_long:
         print(f"sft: {too_long} of {rows + too_long} rows are longer than sft.max_length={sft.max_length} tokens: skipped")
