@@ -29,6 +29,7 @@ def _png(colour: tuple[int, int, int], size: int = 20) -> bytes:
 
 
 RED, GREEN, BLUE = _png((255, 0, 0)), _png((0, 255, 0)), _png((0, 0, 255))
+REPO = Path(__file__).resolve().parents[1]
 CORRUPT = RED[:30] + b"\x00not a png" * 4
 GEO_KEYS = DataKeys.of(load_config(None, ["data.prompt_key=problem"]).data)
 VIRL_KEYS = DataKeys.of(load_config(None, ["data.image_key=image"]).data)
@@ -168,6 +169,18 @@ def test_image_placeholders_put_each_image_where_it_stands(tmp_path, tiny_model_
     lead = samples[0]
     plain = Sample(lead.id, lead.question.replace("<image>", ""), lead.answer, lead.answer_type, lead.images)
     assert build_messages(lead) == build_messages(plain)
+
+
+def test_rl_prompts_from_a_shard_folder_through_the_config_keys(tmp_path, tiny_model_dir):
+    from avar_ray.rl.pipeline import load_prompts
+
+    root = _write_geometry3k(tmp_path / "geometry3k")
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml",
+                      [f"data.train={root}", "data.prompt_key=problem", f"model.path={tiny_model_dir}"])
+    prompts = load_prompts(cfg)
+    assert [s.answer for s in prompts.samples] == ["5.8", "113", "3 \\sqrt { 2 }"] and prompts.bad_rows == 3
+    with pytest.raises(FileNotFoundError, match="data.train"):
+        load_prompts(load_config(REPO / "configs" / "tiny_local.yaml", [f"data.train={tmp_path / 'none-*.parquet'}"]))
 
 
 def test_rl_refuses_text_only_prompts_naming_them():
