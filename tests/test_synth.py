@@ -324,7 +324,12 @@ def test_openai_teacher_pipeline_retries_and_never_leaks_the_key(tmp_path, proce
     captured = capfd.readouterr()
     texts = [captured.out, captured.err, report.summary(), json.dumps(asdict(report))]
     texts += [p.read_bytes().decode("latin-1") for p in (tmp_path / "synth").rglob("*") if p.is_file()]
-    session_logs = Path("/tmp/ray/session_latest/logs")  # every Ray process's log of this session
-    if session_logs.is_dir():
-        texts += [p.read_bytes().decode("latin-1") for p in session_logs.rglob("*") if p.is_file()]
+    # Every Ray process's log of the test Ray's own session (not /tmp/ray/session_latest, which
+    # points at whichever local Ray started last: another test's subprocess, another user's).
+    context = ray_local.get_runtime_context()
+    session_logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    assert session_logs.is_dir(), f"the test Ray's log folder {session_logs} is missing"
+    logs = [p for p in session_logs.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("worker-") for p in logs), f"no worker logs in {session_logs}"
+    texts += [p.read_bytes().decode("latin-1") for p in logs]
     assert not [t for t in texts if key in t], "the API key leaked"
