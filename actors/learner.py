@@ -111,9 +111,9 @@ class Learner:
         return {"rank": self.rank, "pid": os.getpid(), "setup_s": time.perf_counter() - start,
                 "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
 
-    def _logprobs(self, model, encoded, items, chunks: int, with_entropy: bool = False, **kwargs):
+    def _logprobs(self, model, encoded, items, with_entropy: bool = False, **kwargs):
         return forward_logprobs(model, encoded, [len(it.response_ids) for it in items], self.rl.temperature,
-                                self.banned, with_entropy, chunks, **kwargs)
+                                self.banned, with_entropy, **kwargs)
 
     # ------------------------------------------------------------------ the no-grad pass
     def _prompt_error(self, prompt, item: TrainItem) -> str:
@@ -127,7 +127,7 @@ class Learner:
         return error
 
     @torch.no_grad()
-    def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]], chunks: list[int],
+    def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]],
               checks: list[tuple[int, TrainItem]] = (), with_old: bool = True) -> dict:
         """r_visual (ungated) of the rows flagged True, their old log-probs (``with_old``) and the
         prompt-id check against vLLM. ``micro_batches``: (step index, item, wants statistics) to
@@ -139,7 +139,7 @@ class Learner:
         self.engine.eval()
         out: dict[int, ScoredPass] = {}
         seconds = {"forward": 0.0}
-        for micro, n_chunks in zip(micro_batches, chunks):
+        for micro in micro_batches:
             items = [it for _, it, _ in micro]
             encoded, prompts = self.prompts.encode(items)  # on the host: forward_logprobs moves it
             ctx = None
@@ -151,7 +151,7 @@ class Learner:
                 ctx.query_mask &= torch.tensor([want for _, _, want in micro], device=ctx.query_mask.device)[:, None]
             t = time.perf_counter()
             kwargs = {"avar_context": ctx} if ctx is not None else {}
-            logprob, _, _ = self._logprobs(self.engine, encoded, items, n_chunks, **kwargs)
+            logprob, _, _ = self._logprobs(self.engine, encoded, items, **kwargs)
             seconds["forward"] += time.perf_counter() - t
             stats = ctx.stats() if ctx is not None else None
             for b, ((index, item, want), prompt) in enumerate(zip(micro, prompts)):
@@ -166,7 +166,7 @@ class Learner:
         return {"passes": out, "seconds": seconds}
 
     # ------------------------------------------------------------------ training
-    def train(self, minis: list[list[list[TrainItem]]], chunks: list[list[int]], infos: list[dict]) -> dict:
+    def train(self, minis: list[list[list[TrainItem]]], infos: list[dict]) -> dict:
         """``rl.ppo_epochs`` passes over ``minis`` (mini-batch -> micro-batches of items), one
         optimizer step per mini-batch; ``infos``: verl's global batch info per mini-batch. Items
         without old log-probs (one optimizer step in all: ``LearnerGroup.old_from_train``) take
@@ -189,8 +189,7 @@ class Learner:
                 for k, items in enumerate(mini):
                     engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
                     encoded = self.prompts.encode(items)[0]  # from the step's cached prompts
-                    logprob, entropy, mask = self._logprobs(engine, encoded, items, chunks[m][k],
-                                                            with_entropy=epoch == 0)
+                    logprob, entropy, mask = self._logprobs(engine, encoded, items, with_entropy=epoch == 0)
                     width, n_tok = logprob.shape[1], sum(len(it.response_ids) for it in items)  # = mask.sum()
                     rollout = pad_rows([it.rollout_logprobs for it in items], width).to(logprob.device)
                     if items[0].old_logprobs is None:  # on-policy at the only optimizer step
@@ -208,7 +207,7 @@ class Learner:
                     loss = pg_loss
                     if self.reference is not None:
                         with torch.no_grad():
-                            ref = self._logprobs(self.reference, encoded, items, chunks[m][k])[0]
+                            ref = self._logprobs(self.reference, encoded, items)[0]
                         kl = kl_loss(logprob, ref, mask, rl.kl_type, infos[m], rl.loss_agg_mode)
                         loss = loss + rl.kl_coef * kl
                         stats["kl_loss"] += kl.detach() if epoch == 0 else 0.0
@@ -241,7 +240,7 @@ class Learner:
         """Current-policy log-probs of the given responses (tests, diagnostics; one rank)."""
         self.engine.eval()
         encoded = PromptCache(self.processor, self.model_cfg.system_prompt).encode(items)[0]  # not the step's
-        lp, _, _ = self._logprobs(self.engine, encoded, items, 0)
+        lp, _, _ = self._logprobs(self.engine, encoded, items)
         return [lp[i, :len(it.response_ids)].tolist() for i, it in enumerate(items)]
 
     # ------------------------------------------------------------------ weights
@@ -345,14 +344,6 @@ def row_lengths(items: list[TrainItem]) -> list[int]:
     return [len(it.prompt_ids) + len(it.response_ids) for it in items]
 
 
-def _chunk_counts(plan_lengths: list[list[int]]) -> int:
-    """LM-head calls of one micro-batch position: enough for the rank with the most response
-    tokens, the same on every rank (ZeRO-3 collectives)."""
-    from actors.policy import LOGPROB_CHUNK
-
-    return max(1, max(-(-sum(lengths) // LOGPROB_CHUNK) for lengths in plan_lengths))
-
-
 class LearnerGroup:
     """The driver's view of the learners: the step's rollouts in, per-rollout passes and summed
     metrics out."""
@@ -404,9 +395,7 @@ class LearnerGroup:
         with_old = not self.old_from_train if with_old is None else with_old
         forward, check = plan_score(lengths, want_stats, self.world_size, self.rl.micro_batch_size,
                                     self.rl.max_tokens_per_micro_batch, old_from_train=not with_old)
-        chunks = [_chunk_counts([[len(items[i].response_ids) for i in forward[r][k]] for r in range(self.world_size)])
-                  for k in range(len(forward[0]))]
-        calls = [a.score.remote([[(i, items[i], want_stats[i]) for i in micro] for micro in forward[r]], chunks,
+        calls = [a.score.remote([[(i, items[i], want_stats[i]) for i in micro] for micro in forward[r]],
                                 [(i, items[i]) for i in check[r]], with_old)
                  for r, a in enumerate(self.actors)]
         passes: dict[int, ScoredPass] = {}
@@ -442,10 +431,8 @@ class LearnerGroup:
         for m in minis:
             rows = [i for r in range(self.world_size) for micro in plan[r][m] for i in micro]
             infos.append(batch_info(self.world_size, sum(len(items[i].response_ids) for i in rows), len(rows)))
-        chunks = [[_chunk_counts([[len(items[i].response_ids) for i in plan[r][m][k]] for r in range(self.world_size)])
-                   for k in range(len(plan[0][m]))] for m in minis]
         per_rank = ray.get([a.train.remote([[[items[i] for i in micro] for micro in plan[r][m]] for m in minis],
-                                           chunks, infos) for r, a in enumerate(self.actors)])
+                                           infos) for r, a in enumerate(self.actors)])
         n_tok = max(sum(r["tokens"] for r in per_rank), 1)
         n_upd = max(sum(r["update_tokens"] for r in per_rank), 1)
         out = {

@@ -2,10 +2,11 @@
 log-probability (and entropy) of every sampled response token.
 
 Memory: the log-probs come from the decoder's hidden states at the response positions only,
-through the LM head in chunks of ``chunk`` tokens; no ``[B, T, V]`` logits are ever built
-(at V = 151,936 those are the learner's largest tensors). Under autograd each chunk is
-checkpointed, so the backward recomputes its ``[chunk, V]`` logits instead of keeping them.
-The entropy is a metric: computed without grad. Compute: a batch's rollouts of one prompt
+through the LM head in chunks of ``LOGPROB_CHUNK`` tokens; no ``[B, T, V]`` logits are ever
+built (at V = 151,936 those are the learner's largest tensors). The backward recomputes each
+chunk's ``[chunk, V]`` logits instead of keeping them, and under ZeRO-3 the head's weight is
+gathered once for all the chunks of a forward and once for the backward
+(``_ChunkedHeadLogprobs``). The entropy is a metric: computed without grad. Compute: a batch's rollouts of one prompt
 carry its images once per row; the vision tower encodes each distinct image once
 (``each_image_once``).
 
@@ -19,7 +20,6 @@ from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from actors.records import conversation
 from avar_ray.data.schema import Sample
@@ -49,30 +49,103 @@ def response_index(prompt_lengths: Sequence[int], response_lengths: Sequence[int
     return positions, mask
 
 
-def _chunk(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-           banned: Optional[torch.Tensor], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = lm_head(hidden).float()  # [chunk, V]: the only vocabulary-wide tensor
-    logits.div_(temperature)  # in place: the head's backward needs its input and weight, not its output
-    if banned is not None:
-        logits = ban_logits(logits, banned)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    entropy = logp.new_zeros(0)
-    if with_entropy:
-        with torch.no_grad():  # a metric: no graph through the [chunk, V] softmax
-            full = torch.log_softmax(logits.detach(), dim=-1)
-            p = full.exp()
-            entropy = -(p * torch.where(p > 0, full, torch.zeros_like(full))).sum(-1)
-    return logp, entropy
+class FullWeight:
+    """The head's whole weight from construction to ``release()``: under ZeRO-3 (a partitioned
+    parameter) ONE all-gather, none where DeepSpeed holds it whole already; released then only
+    if gathered here and no module is using it (a tied embedding inside its backward: DeepSpeed
+    releases it with that module). Without ZeRO-3 nothing to do."""
+
+    def __init__(self, weight: torch.nn.Parameter):
+        self.weight = weight
+        self.gathered = hasattr(weight, "ds_id") and weight.ds_status.name == "NOT_AVAILABLE"
+        if self.gathered:
+            weight.all_gather()
+
+    def release(self) -> None:
+        if self.gathered and not self.weight.ds_active_sub_modules:
+            self.weight.partition()
+        self.gathered = False
+
+    def __enter__(self) -> "FullWeight":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _chunk_logits(hs: torch.Tensor, weight: torch.Tensor, temperature: float,
+                  banned: Optional[torch.Tensor]) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hs, weight).float()  # [chunk, V]: the only vocabulary-wide tensor
+    logits.div_(temperature)
+    return ban_logits(logits, banned) if banned is not None else logits
+
+
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """``log softmax(h W^T / T)[target]`` per row of ``h`` in chunks, never more than one
+    chunk's ``[chunk, V]`` logits alive; the backward recomputes each chunk's logits (as
+    activation checkpointing did) and sums the head's gradient over the chunks itself. So the
+    weight is gathered once for the forward and once for the backward (``FullWeight``), where
+    calling the head module per chunk gathered it per chunk, per recompute and per backward.
+    The gradient is returned whole, as a ZeRO-3 module's backward gives it (DeepSpeed's hook on
+    the parameter's gradient accumulation then reduce-scatters it once)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, banned, chunks, with_entropy):
+        pieces, ents = [], []
+        for hs, ts in zip(torch.tensor_split(h, chunks), torch.tensor_split(targets, chunks)):
+            logits = _chunk_logits(hs, weight, temperature, banned)
+            lse = torch.logsumexp(logits, dim=-1)
+            pieces.append(logits.gather(-1, ts.unsqueeze(-1)).squeeze(-1) - lse)
+            if with_entropy:  # a metric: from the same logits, no graph
+                p = torch.softmax(logits, dim=-1)
+                ents.append(lse - (p * logits.masked_fill(p == 0, 0.0)).sum(-1))
+        ctx.save_for_backward(h, targets)
+        ctx.weight, ctx.temperature, ctx.banned, ctx.chunks = weight, temperature, banned, chunks
+        entropy = torch.cat(ents) if with_entropy else h.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(pieces), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        h, targets = ctx.saved_tensors
+        weight = ctx.weight
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        full = FullWeight(weight)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        start = 0
+        for hs, ts, g in zip(torch.tensor_split(h, ctx.chunks), torch.tensor_split(targets, ctx.chunks),
+                             torch.tensor_split(grad_logp, ctx.chunks)):
+            # d logp[t] / d logits = onehot(t) - softmax(logits); logits = h W^T / T
+            d = torch.softmax(_chunk_logits(hs, weight, ctx.temperature, ctx.banned), dim=-1).neg_()
+            d.scatter_add_(-1, ts.unsqueeze(-1), torch.ones_like(g).unsqueeze(-1))
+            d.mul_((g / ctx.temperature).unsqueeze(-1))
+            d = d.to(weight.dtype)
+            if need_h:
+                grad_h[start:start + hs.shape[0]] = d @ weight
+            if need_w:
+                grad_w.add_(d.t() @ hs)
+            start += hs.shape[0]
+        if need_w and full.gathered:
+            # autograd accumulates a gradient into a parameter of the gradient's shape: the weight
+            # stays whole until then (a one-shot hook, after DeepSpeed's, which reduce-scatters it)
+            def release(_param):
+                handle.remove()
+                full.release()
+
+            handle = weight.register_post_accumulate_grad_hook(release)
+        else:
+            full.release()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def hidden_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
                     mask: torch.Tensor, temperature: float = 1.0, banned_ids: Sequence[int] = (),
-                    with_entropy: bool = False, chunks: int = 0):
+                    with_entropy: bool = False):
     """Log-prob ``[B, R]`` of the token at each ``positions[b, r]`` given the hidden state one
     position earlier (zero where ``mask`` is False), and the entropy ``[B, R]`` (no grad) or None.
-
-    ``chunks``: how many LM-head calls (0: one per ``LOGPROB_CHUNK`` tokens). ZeRO-3 gathers the
-    head's weight at every call, a collective: the learner ranks pass the same count."""
+    The LM head (no bias) runs on ``LOGPROB_CHUNK`` tokens at a time inside one gather of its
+    weight (``_ChunkedHeadLogprobs``)."""
     device = hidden.device
     mask = mask.to(device)
     rows = torch.arange(hidden.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
@@ -80,20 +153,14 @@ def hidden_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, posi
     h = hidden[rows, (cols - 1).clamp(min=0)]  # [N, H]: response positions only
     targets = input_ids.to(device)[rows, cols]
     banned = torch.tensor(list(banned_ids), device=device, dtype=torch.long) if banned_ids else None
-    chunks = chunks or max(1, -(-h.shape[0] // LOGPROB_CHUNK))
-    grad = torch.is_grad_enabled() and h.requires_grad
-    pieces, ents = [], []
-    for hs, ts in zip(torch.tensor_split(h, chunks), torch.tensor_split(targets, chunks)):
-        if grad:  # keep [chunk, V] logits out of the autograd graph: recomputed in the backward
-            lp, ent = checkpoint(_chunk, lm_head, hs, ts, temperature, banned, with_entropy, use_reentrant=False)
-        else:
-            lp, ent = _chunk(lm_head, hs, ts, temperature, banned, with_entropy)
-        pieces.append(lp)
-        ents.append(ent.detach())
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, torch.cat(pieces))
-    entropy = None
-    if with_entropy:
-        entropy = torch.zeros(mask.shape, device=device).masked_scatter(mask, torch.cat(ents))
+    if lm_head.bias is not None:
+        raise ValueError("hidden_logprobs: an LM head with a bias is not supported")
+    chunks = max(1, -(-h.shape[0] // LOGPROB_CHUNK))
+    with FullWeight(lm_head.weight):  # the forward's one gather (autograd records the whole shape)
+        lp, ent = _ChunkedHeadLogprobs.apply(h, lm_head.weight, targets, float(temperature), banned, chunks,
+                                             with_entropy)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, lp)
+    entropy = torch.zeros(mask.shape, device=device).masked_scatter(mask, ent) if with_entropy else None
     return out, entropy
 
 
@@ -161,7 +228,7 @@ def each_image_once(module, inputs: dict, device):
 
 
 def forward_logprobs(model, encoded: Encoded, response_lengths: Sequence[int], temperature: float = 1.0,
-                     banned_ids: Sequence[int] = (), with_entropy: bool = False, chunks: int = 0, **kwargs):
+                     banned_ids: Sequence[int] = (), with_entropy: bool = False, **kwargs):
     """One forward of ``model`` (an HF ...ForConditionalGeneration, or a DeepSpeed engine around
     one) on ``encoded``; the response tokens' log-probs and entropy (see above) plus the
     ``[B, R]`` mask. ``kwargs`` reach the attention (e.g. ``avar_context``)."""
@@ -171,7 +238,7 @@ def forward_logprobs(model, encoded: Encoded, response_lengths: Sequence[int], t
         hidden = model(**inputs, use_cache=False, **kwargs).logits
     positions, mask = response_index(encoded.prompt_lengths, response_lengths)
     logprobs, entropy = hidden_logprobs(head, hidden, inputs["input_ids"], positions, mask,
-                                        temperature, banned_ids, with_entropy, chunks)
+                                        temperature, banned_ids, with_entropy)
     return logprobs, entropy, mask.to(device)
 
 

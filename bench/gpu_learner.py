@@ -73,7 +73,7 @@ def learner(dry: bool) -> None:
     from transformers import AutoConfig
 
     from actors.learner import Learner
-    from actors.policy import LOGPROB_CHUNK, banned_token_ids
+    from actors.policy import banned_token_ids
     from actors.records import TrainItem
     from avar_ray.config import load_config
     from avar_ray.data.procedural import generate_samples
@@ -108,12 +108,11 @@ def learner(dry: bool) -> None:
     rank = Learner(cfg.rl, cfg.model, cfg.attention, 0, 1)
     rank.setup("127.0.0.1", free_port("127.0.0.1"), 0, 1)
     setup_s = time.perf_counter() - t
-    chunks = max(1, -(-sum(len(it.response_ids) for it in items) // LOGPROB_CHUNK))
     info = batch_info(1, sum(len(it.response_ids) for it in items), len(items))
     gaps, seconds = [], {"score": 0.0, "train": 0.0}
     for step in range(4):  # score every step; train after the first three
         t = time.perf_counter()
-        passes = rank.score([[(i, it, True) for i, it in enumerate(items)]], [chunks])["passes"]
+        passes = rank.score([[(i, it, True) for i, it in enumerate(items)]])["passes"]
         seconds["score"] += time.perf_counter() - t
         old = [passes[i].old_logprobs for i in range(len(items))]
         if step == 0:
@@ -127,7 +126,7 @@ def learner(dry: bool) -> None:
             if step == 2:  # ... measured against this score pass's, the same policy: they must agree
                 it.rollout_logprobs = lp
         t = time.perf_counter()
-        metrics = rank.train([[items]], [[chunks]], [info])
+        metrics = rank.train([[items]], [info])
         seconds["train"] += time.perf_counter() - t
         if step == 2:
             own_diff = metrics["diff_sum"] / max(metrics["diff_tokens"], 1)

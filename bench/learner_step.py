@@ -77,7 +77,7 @@ class LearnerStep:
     """One in-process learner rank and the arguments ``LearnerGroup.train_step`` would send it."""
 
     def __init__(self, cfg, items, entropy: bool = True, every_image: bool = False):
-        from actors.learner import Learner, _chunk_counts
+        from actors.learner import Learner
         from avar_ray.grpo import batch_info, plan_step
         from avar_ray.ray_utils import free_port
 
@@ -91,7 +91,6 @@ class LearnerStep:
                          rl.max_tokens_per_micro_batch)[0]
         self.items = items
         self.minis = [[[items[i] for i in micro] for micro in plan[0]]]
-        self.chunks = [[_chunk_counts([[len(items[i].response_ids) for i in micro]]) for micro in plan[0]]]
         self.infos = [batch_info(1, sum(len(it.response_ids) for it in items), len(items))]
 
     @staticmethod
@@ -110,7 +109,7 @@ class LearnerStep:
             policy.distinct_images = lambda inputs: None
         try:
             start = time.perf_counter()
-            stats = self.rank.train(self.minis, self.chunks, self.infos)
+            stats = self.rank.train(self.minis, self.infos)
             stats["seconds"] = time.perf_counter() - start
         finally:
             policy.distinct_images = distinct
