@@ -4,8 +4,9 @@ pass (``actors.learner.Learner.score``), for the rollouts the gate lets through.
 
 A step calls it twice: ``text`` first (so that, with the gate on, the learners compute the
 attention statistics of the correct answers only), then ``combine``. A rollout whose scoring
-raised gets reward 0, is counted and logged with its sample id; the rest go on. The maths are
-the pure functions of ``rewards``.
+raised or overran its time limit gets reward 0, is counted and logged with its sample id; the
+rest go on. The text rewards run in a pool of processes (``actors.reward_pool``); the maths are
+the pure functions of ``rewards``, the combination in one place (``rewards.combine_rewards``).
 """
 from __future__ import annotations
 
@@ -31,29 +32,32 @@ def needs_visual(text: Sequence[tuple[float, float, str]], gate: bool) -> list[b
 
 
 class RewardScorer:
-    """``reward`` is the ``rl.reward`` config section."""
+    """``reward`` is the ``rl.reward`` config section; ``workers`` the scoring processes
+    (``rl.placement.reward_workers``, started at the first ``text`` call)."""
 
-    def __init__(self, reward):
-        self.reward = reward
+    def __init__(self, reward, workers: int = 1):
+        self.reward, self.workers = reward, workers
         self.errors_total = 0
+        self.pool = None
 
     def ready(self) -> dict:
         return {"pid": os.getpid()}
 
     def text(self, rollouts: list[Rollout], samples: dict[str, Sample]) -> list[tuple[float, float, str]]:
-        """``(r_acc, r_format, error)`` per rollout, in order."""
-        from rewards import accuracy_reward, format_reward
+        """``(r_acc, r_format, error)`` per rollout, in order, scored in parallel by the pool
+        (``actors.reward_pool``; a verification past ``reward.verify_timeout_s`` scores 0)."""
+        from actors.reward_pool import TextScorerPool
 
-        out = []
-        for r in rollouts:
-            sample = samples[r.sample_id]
-            try:
-                acc = accuracy_reward(r.text, sample.answer, sample.answer_type, sample.choices or None,
-                                      sample.precision)
-                out.append((float(acc), float(format_reward(r.text)), ""))
-            except Exception as exc:  # noqa: BLE001 - one rollout's failure, not the step's
-                out.append((0.0, 0.0, f"{type(exc).__name__}: {exc}"))
-        return out
+        if self.pool is None:
+            self.pool = TextScorerPool(self.workers, self.reward.verify_timeout_s)
+        jobs = [(r.text, s.answer, s.answer_type, s.choices, s.precision)
+                for r, s in ((r, samples[r.sample_id]) for r in rollouts)]
+        return self.pool.score(jobs, [r.sample_id for r in rollouts])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def combine(self, rollouts: list[Rollout], text: Sequence[tuple[float, float, str]], vas: Sequence[float],
                 errors: Sequence[str]) -> list[Scored]:
@@ -85,8 +89,8 @@ class RewardScorer:
 class RewardService(ActorSet):
     """The reward actor, driven from the driver; restarted if it dies (it holds no weights)."""
 
-    def __init__(self, reward, actor_options: dict, max_attempts: int):
-        super().__init__(RewardScorer, [(reward,)], actor_options, max_attempts, "reward actor")
+    def __init__(self, reward, actor_options: dict, max_attempts: int, workers: int = 1):
+        super().__init__(RewardScorer, [(reward, workers)], actor_options, max_attempts, "reward actor")
 
     def text(self, rollouts: list[Rollout], samples: dict[str, Sample]) -> list[tuple[float, float, str]]:
         return self.call([(0, "text", (rollouts, samples))])[0]

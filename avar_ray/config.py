@@ -163,6 +163,7 @@ class RewardConfig:
     visual_norm: Literal["none", "squash", "group_z"] = "none"
     visual_gate: bool = True  # r_visual only for correct answers (SPEC.md §5); false: for every rollout (ablation)
     accuracy_weight: float = 1.0  # w_acc in w_acc * r_acc + ...; -1 (lambdas 0) flips every GRPO advantage (a control)
+    verify_timeout_s: float = 10.0  # per answer: a verification past it is killed and scores 0 (reward/verify_timeouts)
 
 
 @dataclass
@@ -175,6 +176,7 @@ class PlacementConfig:
     learner_gpus: float = 0.0
     reward_cpus: float = 1.0  # the reward actor holds no model (text rewards + the combination)
     reward_gpus: float = 0.0
+    reward_workers: int = 1  # scoring processes of the reward actor (CPU only; give it reward_cpus to match)
     learner_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"  # learner group: one node (avar plan)
     max_restarts: int = 3  # restarts of a dead rollout worker / reward actor / learner group before the run fails
 
@@ -493,6 +495,8 @@ def validate(cfg: RunConfig) -> None:
          "attention.chunk_size: must be positive (or null: the fused statistics)"),
         (cfg.rl.placement.rollout_workers >= 1, "rl.placement.rollout_workers: must be >= 1"),
         (cfg.rl.placement.learners >= 1, "rl.placement.learners: must be >= 1"),
+        (cfg.rl.placement.reward_workers >= 1 and cfg.rl.reward.verify_timeout_s > 0,
+         "rl.placement.reward_workers: must be >= 1; rl.reward.verify_timeout_s: must be > 0"),
         (cfg.synth.rows_per_shard >= 1, "synth.rows_per_shard: must be >= 1"),
         (cfg.synth.batch_size >= 1, "synth.batch_size: must be >= 1"),
         (cfg.synth.num_actors >= 1, "synth.num_actors: must be >= 1"),

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from actors.records import Rollout, Scored, TrainItem
+from actors.reward_pool import VERIFY_TIMEOUT
 from avar_ray.checkpoints import start_step
 from avar_ray.config import TrackingConfig, to_dict
 from avar_ray.grpo import grpo_advantages, informative_groups
@@ -56,6 +57,7 @@ def rollout_metrics(rollouts: Sequence[Rollout], scored: Sequence[Scored], advan
         "reward/format": _mean(s.format for s in scored),
         "reward/visual": _mean(s.visual for s in scored),
         "reward/errors": sum(1 for s in scored if s.error),
+        "reward/verify_timeouts": sum(1 for s in scored if s.error.startswith(VERIFY_TIMEOUT)),
         "vas/response": _mean(s.vas for s in scored),  # every rollout, correct or not
         "response/length_mean": _mean(lengths),
         "response/length_max": max(lengths, default=0),

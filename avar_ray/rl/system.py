@@ -49,7 +49,8 @@ class RLSystem:
         start = time.perf_counter()
         builders = {
             "rollout": lambda: RolloutPool(cfg.rl, model, rollout_options(placement, tp), attempts),
-            "reward": lambda: RewardService(cfg.rl.reward, reward_options(placement), attempts),
+            "reward": lambda: RewardService(cfg.rl.reward, reward_options(placement), attempts,
+                                            placement.reward_workers),
             "learners": lambda: LearnerGroup(cfg.rl, model, cfg.attention),
         }
         with ThreadPoolExecutor(len(builders)) as pool:
