@@ -9,8 +9,10 @@ and is stopped by signalling its own `ray start --block` process, never `ray sto
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -54,8 +56,10 @@ print("AVAR_JOINED", json.dumps(seen))
 def test_the_suites_ray_never_joins_a_running_head():
     bin_dir = Path(sys.executable).parent
     root = tempfile.mkdtemp(prefix="avar-iso-", dir="/tmp")  # short: socket paths are limited
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_TMPDIR=root, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # its address file: root/ray/
+    # a token of its own (not ~/.ray/auth_token, which other Rays on the machine may rewrite)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     port = free_port()
     ports = {"--port": port, "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
              "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
@@ -79,16 +83,14 @@ def test_the_suites_ray_never_joins_a_running_head():
         joined = json.loads(line.split(" ", 1)[1])
         assert joined == {"bare, RAY_ADDRESS": True, "suite, RAY_ADDRESS": False, "bare, address file": True,
                           "suite, address file": False, "stage, address file": False}, joined
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
+    finally:  # the head's own process, then anything it or the probe left behind under root
+        head.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        if head.poll() is None:
             head.kill()
-            head.wait()
-        for pid in processes_using(root):  # anything the head or the probe left behind
-            try:
+        head.wait()
+        for pid in processes_using(root):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         shutil.rmtree(root, ignore_errors=True)
