@@ -1,10 +1,9 @@
 """Guards users hit, checked without Ray: ``config.validate`` rules (each bad value is refused
 naming its key, and the edge of each allowed range still loads), ``device=cuda`` without CUDA,
-and a run pointed at an output folder that already holds an earlier run's or a finished run's
-checkpoints (refused, or said and not redone, before any Ray or model is started)."""
+and SFT pointed at an earlier run's output folder with ``sft.resume=false`` (refused before any
+Ray or model is started; RL's side and the complete outputs: tests/test_auto_resume.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -54,51 +53,12 @@ def test_device_cuda_without_cuda_is_refused_naming_the_settings():
     assert resolve_device("auto") == torch.device("cpu")
 
 
-def _checkpoint(ckpt_dir: Path, step: int, whole: bool) -> None:
-    """What a saved step leaves on disk as far as the drivers' start-up reads it: the step's
-    folder, DeepSpeed's ``latest`` file and (saved whole) the driver's state file."""
-    from avar_ray.rl.checkpoint import DRIVER_STATE
-
-    (ckpt_dir / f"step_{step}").mkdir(parents=True)
-    (ckpt_dir / "latest").write_text(f"step_{step}")
-    if whole:
-        (ckpt_dir / f"step_{step}" / DRIVER_STATE).write_text(json.dumps({"step": step}))
-
-
-def _rl_config(tmp_path, *extra):
-    """A folder stands in for the model: the guards act before anything is loaded from it."""
-    return load_config(REPO / "configs" / "tiny_local.yaml",
-                       [f"rl.out={tmp_path / 'rl'}", f"data.train={tmp_path / 'missing.parquet'}",
-                        f"model.path={tmp_path}", "rl.steps=3", *extra])
-
-
-def test_rl_on_an_earlier_runs_folder_is_refused_with_resume_off(tmp_path):
-    from avar_ray.rl import run_rl
-
-    _checkpoint(tmp_path / "rl" / "checkpoints", 2, whole=True)
-    with pytest.raises(ValueError, match=r"rl\.out: .* holds checkpoints of an earlier run \(step 2\)"):
-        run_rl(_rl_config(tmp_path, "rl.resume=false"))
-
-
-def test_rl_past_its_steps_says_so_and_does_nothing(tmp_path, capsys):
-    """A checkpoint at step 5 saved whole and rl.steps=3: returned at once (no Ray started)."""
-    import ray
-
-    from avar_ray.rl import run_rl
-
-    _checkpoint(tmp_path / "rl" / "checkpoints", 5, whole=True)
-    started = ray.is_initialized()
-    report = run_rl(_rl_config(tmp_path, "rl.resume=auto"))
-    assert report.steps == report.start_step == 5
-    assert "is complete" in capsys.readouterr().out
-    assert ray.is_initialized() == started
-
-
 def test_sft_on_an_earlier_runs_folder_is_refused_with_resume_off(tmp_path):
     from avar_ray.sft import run_sft
 
     out = tmp_path / "sft"
-    _checkpoint(out / "checkpoints", 4, whole=False)
+    (out / "checkpoints" / "step_4").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_4")  # what DeepSpeed leaves
     cfg = load_config(REPO / "configs" / "tiny_local.yaml",
                       [f"sft.out={out}", f"sft.data={tmp_path / 'missing'}", f"model.path={tmp_path}",
                        "sft.resume=false"])
