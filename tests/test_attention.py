@@ -119,7 +119,7 @@ def cases(models):
 
 
 # ----------------------------------------------------------------------------- statistics
-@pytest.mark.parametrize("method", ["fused", "chunked"])
+@pytest.mark.parametrize("method", ["lse", "fused", "chunked"])
 @pytest.mark.parametrize("query", ["user", "response", "user_visual"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_statistics_match_eager(models, cases, case, query, method):
@@ -223,7 +223,9 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("method, query, side", [("fused", "response", "left"), ("chunked", "response", "right"),
-                                                 ("fused", "user_visual", "right"), ("chunked", "user_visual", "left")])
+                                                 ("fused", "user_visual", "right"), ("chunked", "user_visual", "left"),
+                                                 ("lse", "response", "left"), ("lse", "user_visual", "right"),
+                                                 ("lse", "user", "left")])
 def test_agto_losses_and_gradients_match_eager(models, method, query, side):
     proc, avar, eager, _ = models
     enc = _encode(proc, [ROWS[i] for i in (0, 1, 3)], side)  # one text-only row: no L_enh term
@@ -299,7 +301,7 @@ def test_intervention_equals_reweighted_eager(models, cases, case, layers):
     with torch.no_grad():
         ro = ref(**enc.inputs, output_attentions=True, ref_reweight=reweight, ref_layers=layers)
     valid = enc.inputs["attention_mask"].bool()
-    for method in ("fused", "chunked"):
+    for method in ("lse", "fused", "chunked"):
         out, stats = attention_statistics(avar, enc, query="response", intervention=iv, method=method)
         assert float((out.logits - ro.logits)[valid].abs().max()) < 1e-3
         assert rel_err(out.logits[valid], ro.logits[valid]) < RTOL
@@ -395,13 +397,13 @@ def test_bfloat16_model_statistics_in_float32(models, cases, tiny_model_dir):
 
 
 def test_chunk_size_selects_the_method():
-    """``attention.chunk_size``: null = fused (the default), N = chunked with N query rows."""
+    """``attention.chunk_size``: null = automatic (per device/dtype/grad), N = chunked with N query rows."""
     from avar_ray.config import ConfigError, load_config
 
     v = torch.zeros(1, 6, dtype=torch.bool)
     s = torch.zeros(1, 6, dtype=torch.bool)
     assert load_config(None).attention.chunk_size is None
-    assert AttentionContext(v, s, chunk_size=load_config(None).attention.chunk_size).method == "fused"
+    assert AttentionContext(v, s, chunk_size=load_config(None).attention.chunk_size).method == "auto"
     ctx = AttentionContext(v, s, chunk_size=load_config(None, ["attention.chunk_size=8"]).attention.chunk_size)
     assert (ctx.method, ctx.chunk_size) == ("chunked", 8)
     assert AttentionContext(v, s, method="chunked").chunk_size > 0

@@ -34,8 +34,8 @@ import torch
 from avar_ray.config import InterventionConfig
 from avar_ray.spans import QUERY_SPANS, Spans
 
-Method = Literal["fused", "chunked"]
-METHODS = ("fused", "chunked")
+Method = Literal["auto", "lse", "fused", "chunked"]
+METHODS = ("auto", "lse", "fused", "chunked")
 DEFAULT_CHUNK_SIZE = 256  # query rows per chunk when the chunked method is asked for without a size
 
 @dataclass(frozen=True)
@@ -174,11 +174,14 @@ class AttentionContext:
     Key masks ``visual``/``system`` are ``[B, T]`` in the coordinates of the first forward's
     positions. ``query_mask`` (None = no statistics) selects Q; ``layers`` the text layers whose
     statistics are recorded (None = all). ``intervention`` adds its key bias in its own layers.
-    ``method``: "fused" gets the masses from an SDPA call whose values are the V/S indicator
-    columns; "chunked" computes ``exp(LSE_K - LSE_all)`` over chunks of query rows
-    (``chunk_size`` queries x all keys at a time). Both are exact and differentiable. Left None,
-    the method follows ``chunk_size`` (the ``attention.chunk_size`` config key): None = fused,
-    N = chunked with N query rows per chunk.
+    ``method`` (``kernel`` and ``lse`` describe them): "lse" takes the masses from the output
+    call's own log-sum-exp and float32 q·k over the V ∪ S columns of the rows of Q (chunks of
+    ``chunk_size`` rows); "fused" from an SDPA call whose values are the V/S indicator columns;
+    "chunked" computes ``exp(LSE_K - LSE_all)`` over chunks of query rows (``chunk_size``
+    queries x all keys at a time); "auto" picks per call by device, dtype and grad
+    (``kernel.AUTO``, measured). All are exact and differentiable. Left None, the method
+    follows ``chunk_size`` (the ``attention.chunk_size`` config key): None = auto, N = chunked
+    with N query rows per chunk.
     """
 
     def __init__(self, visual: torch.Tensor, system: torch.Tensor, query_mask: Optional[torch.Tensor] = None,
@@ -186,7 +189,7 @@ class AttentionContext:
                  method: Optional[Method] = None, chunk_size: Optional[int] = None,
                  num_layers: Optional[int] = None):
         if method is None:
-            method = "fused" if chunk_size is None else "chunked"
+            method = "auto" if chunk_size is None else "chunked"
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size

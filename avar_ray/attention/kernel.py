@@ -43,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from avar_ray.attention.lse import lse_attention, lse_masses
+
 ATTN_IMPLEMENTATION = "avar"
+# method "auto": (device, dtype, grad) -> method, from bench/results/attention_stats.md; "half" is
+# bf16/fp16. Missing (CUDA: the lse kernels are not yet measured there) -> "fused".
+AUTO = {("cpu", "float32", False): "lse", ("cpu", "half", False): "lse",
+        ("cpu", "float32", True): "lse", ("cpu", "half", True): "lse"}
 
 
 def register_attention() -> str:
@@ -87,7 +93,12 @@ def avar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         return out, None
     qmask = ctx.queries(batch, q_len, query.device)
     visual, system = ctx.key_masks(batch, kv_len, query.device)
-    if ctx.method == "fused" and query.dtype == torch.float32 and dropout == 0.0:
+    method = resolve_method(ctx.method, query, key)
+    if method == "lse":  # one call in the model's dtype; masses from its log-sum-exp
+        out, lse, kernel_bias = lse_attention(query, key, value, attention_mask, causal, scale, bias, dropout)
+        masses = lse_masses(query, key, lse, attention_mask, causal, visual, system, qmask, scale, ctx.chunk_size,
+                            kernel_bias)
+    elif method == "fused" and query.dtype == torch.float32 and dropout == 0.0:
         # one call: the output and the masses from the same kernel
         out, masses = augmented_call(module, query, key, value, attention_mask, causal, scale, bias,
                                      (visual, system), **kwargs)
@@ -98,7 +109,7 @@ def avar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         else:
             out, _ = augmented_call(module, query, key, value, attention_mask, causal, scale, bias, dropout=dropout,
                                     **kwargs)
-        if ctx.method == "fused":  # a float32 statistics call beside the low-precision output call
+        if method == "fused":  # a float32 statistics call beside the low-precision output call
             _, masses = augmented_call(module, query.float(), key.float(), None, attention_mask, causal, scale, bias,
                                        (visual, system))
         else:
@@ -110,6 +121,16 @@ def avar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     # where, not a product: rows of left padding can be fully masked (NaN in some kernels)
     ctx.record(layer_idx, torch.where(keep, mass_v, zero), torch.where(keep, mass_s, zero))
     return out, None
+
+
+def resolve_method(method: str, query: torch.Tensor, key: torch.Tensor) -> str:
+    """The method a call runs: ``method`` unless "auto", which picks by device, dtype and grad
+    from ``AUTO`` (measured, see the module docstring)."""
+    if method != "auto":
+        return method
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    dtype = "float32" if query.dtype in (torch.float32, torch.float64) else "half"
+    return AUTO.get((query.device.type, dtype, grad), "fused")
 
 
 # ----------------------------------------------------------------------------- fused
