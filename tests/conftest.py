@@ -16,6 +16,9 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# The suite is its own cluster: a RAY_ADDRESS from the shell would send the `avar` subprocesses
+# the tests start (and init_ray in this process) to that cluster.
+os.environ.pop("RAY_ADDRESS", None)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -28,7 +31,7 @@ TEST_RAY_CPUS = 8
 # Fixtures that start Ray, vLLM, a Ray Train / DeepSpeed stage or build the warm base: a test
 # that requests one (directly or through another fixture) must be marked `slow`, checked at
 # collection (pytest_collection_modifyitems) so that `make test-fast` stays fast.
-EXPENSIVE_FIXTURES = frozenset({"ray_local", "vllm_engine", "oracle_synth_dir", "warm_base_dir"})
+EXPENSIVE_FIXTURES = frozenset({"ray_local", "vllm_engine", "oracle_synth_dir", "warm_base_dir", "ray_head"})
 
 
 def pytest_collection_modifyitems(config, items):
