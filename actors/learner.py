@@ -348,7 +348,9 @@ class LearnerGroup:
     """The driver's view of the learners: the step's rollouts in, per-rollout passes and summed
     metrics out."""
 
-    def __init__(self, rl, model, attention):
+    def __init__(self, rl, model, attention, pg=None):
+        """``pg``: the learners' placement group, already placed (``RLSystem`` creates it before
+        any other GPU actor); None: created here."""
         import ray
 
         from actors.placement import learner_options, learner_placement_group
@@ -356,7 +358,7 @@ class LearnerGroup:
         self.rl = rl
         placement = rl.placement
         self.world_size = placement.learners
-        self.pg = learner_placement_group(placement)
+        self.pg = pg if pg is not None else learner_placement_group(placement)
         cls = ray.remote(Learner)
         self.actors = [cls.options(**learner_options(placement, self.pg, r)).remote(rl, model, attention, r,
                                                                                    self.world_size)

@@ -120,7 +120,8 @@ def format_plan(plan: Plan, cluster=None) -> str:
         for r in stage_roles:
             parts = [f"{k} {v / GIB:.2f}" for k, v in r.items.items() if not k.startswith("_")]
             for phase, items in r.phases.items():
-                parts.append(f"[{phase}: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in items.items()) + "]")
+                parts.append(f"[{phase}: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in items.items()
+                                                       if not k.startswith("_")) + "]")
             parts += [f"host: {k} {v / GIB:.1f}" for k, v in r.host.items()]
             parts += [f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.info.items()
                       if not k.startswith("_")]

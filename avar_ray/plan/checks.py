@@ -40,13 +40,13 @@ def gpu_bound_problems(roles: list[Role]) -> list[str]:
     out = []
     for r in roles:
         if r.gpu_bound and r.gpus <= 0:
-            key = {"sft": "sft.use_gpu: true", "eval.num_engines": "eval.num_engines >= 1 with eval.engine_gpus: 1 "
-                   "and eval.stats_gpus: 1 (the driver runs on the head pod, which has no GPU)"}.get(
-                r.key, f"{r.key}_gpus >= 1" if r.key.startswith("rl.placement") else f"{r.key}.num_gpus >= 1")
-            out.append(f"{r.stage}: {r.name} is GPU-bound but asks for no GPU; set {key}")
+            fix = {"sft.use_gpu": "sft.use_gpu: true",
+                   "eval.num_engines": "eval.num_engines >= 1 with eval.engine_gpus: 1 and eval.stats_gpus: 1 "
+                                       "(the driver runs on the head pod, which has no GPU)"}.get(r.key, f"{r.key} >= 1")
+            out.append(f"{r.stage}: {r.name} is GPU-bound but asks for no GPU; set {fix}")
         if r.tp > 1 and r.gpus < r.tp:
             out.append(f"{r.stage}: {r.name}: tensor_parallel_size {r.tp} needs {r.tp} GPUs per actor, it asks for "
-                       f"{r.gpus:g}; set {r.key}.num_gpus: {r.tp}")
+                       f"{r.gpus:g}; set {r.key}: {r.tp}")
     return out
 
 
@@ -60,7 +60,7 @@ def placement_problems(roles: list[Role], cluster, learner_strategy: str) -> lis
     out, placed, need = [], 0.0, sum(r.count * r.gpus for r in roles)
     total = cluster.nodes * cluster.gpus_per_node
     if need > total + 1e-9:
-        keys = ", ".join(f"{r.key}{'s' if r.key.startswith('rl.placement') else ''}" for r in roles if r.gpus > 0)
+        keys = ", ".join(f"{r.count_key or r.key} / {r.key}" for r in roles if r.gpus > 0)
         return [f"{roles[0].stage}: the roles ask for {need:g} GPUs, the cluster has {total} "
                 f"({cluster.nodes} x {cluster.gpus_per_node}); lower {keys}"]
     for r in sorted(roles, key=lambda r: (r.name != "learner rank", -r.gpus)):
@@ -80,8 +80,7 @@ def placement_problems(roles: list[Role], cluster, learner_strategy: str) -> lis
             node = next((i for i, f in enumerate(free) if f >= r.gpus - 1e-9), None)
             if node is None:
                 out.append(f"{r.stage}: no node has {r.gpus:g} free GPUs left for a {r.name} after "
-                           f"{placed:g} placed; change {r.key}{'s' if r.key.startswith('rl.placement') else ''} "
-                           "or the cluster section")
+                           f"{placed:g} placed; change {r.count_key or r.key} or the cluster section")
                 break
             free[node] -= r.gpus
             placed += r.gpus

@@ -25,6 +25,8 @@ PREFETCH_BUCKET = 5e7
 VLLM_BATCHED_TOKENS = 8192
 VLLM_MAX_NUM_SEQS = 256  # vLLM's default; the configs do not set it
 VLLM_FIXED = 1.0 * GIB
+# A CPU process's own growth in a step (malloc arenas, the autograd graph): measured on the tiny model.
+CPU_RUNTIME = 24 * 2 ** 20
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -63,7 +65,8 @@ class Batch:
     image_tokens: int
 
 
-def activations(spec: ModelSpec, batch: Batch, b: int, checkpointing: bool, vision_trainable: bool) -> dict:
+def activations(spec: ModelSpec, batch: Batch, b: int, checkpointing: bool, vision_trainable: bool,
+                cpu: bool = False) -> dict:
     """What a forward with grad keeps until its backward, and the backward's own working set."""
     per_layer = saved_per_token(spec, b, repeat_kv=batch.rows > 1) * batch.tokens
     hidden = b * spec.hidden * batch.tokens
@@ -72,7 +75,14 @@ def activations(spec: ModelSpec, batch: Batch, b: int, checkpointing: bool, visi
     else:
         text = spec.layers * per_layer
     text += 3 * hidden  # the last hidden states, their gradient, the residual stream's
-    out = {"activations": text}
+    out = {"activations": text,
+           # a layer's backward: the MLP's four [T, I] gradients and the hidden states' (measured on CPU)
+           "backward working set": b * batch.tokens * (4 * spec.intermediate + 4 * spec.hidden),
+           # autograd computes a weight's whole gradient before adding it to .grad (or before ZeRO
+           # reduces it): the largest, the embedding / LM head, once
+           "largest weight gradient": b * spec.vocab * spec.hidden}
+    if cpu:
+        out["runtime (CPU)"] = CPU_RUNTIME
     if spec.v_layers and batch.images and vision_trainable:
         patches = batch.images * batch.image_tokens * spec.v_merge ** 2
         block = vision_saved_per_patch(spec, b) * patches
@@ -82,8 +92,15 @@ def activations(spec: ModelSpec, batch: Batch, b: int, checkpointing: bool, visi
 
 
 def no_grad_forward(spec: ModelSpec, batch: Batch, b: int) -> int:
-    """Peak working set of a forward without grad: one layer's tensors at a time, the residual stream."""
-    return saved_per_token(spec, b, repeat_kv=batch.rows > 1) * batch.tokens + 2 * b * spec.hidden * batch.tokens
+    """One layer's largest moment without grad (the MLP: SiLU(gate), up and their product) and
+    the residual stream: everything else is freed as soon as it is used."""
+    return b * batch.tokens * (3 * spec.intermediate + 3 * spec.hidden)
+
+
+def no_grad_peak(spec: ModelSpec, batch: Batch, b: int, stats: float, head: float) -> float:
+    """A no-grad forward's peak: inside a layer (with the statistics' extra), or at the end
+    (the last hidden states and the head's output: full logits, or one log-prob chunk)."""
+    return max(no_grad_forward(spec, batch, b) + stats, 2 * b * spec.hidden * batch.tokens + head)
 
 
 def stats_extra(spec: ModelSpec, batch: Batch, b: int, *, grad: bool, chunk_size, stats_layers: int,

@@ -18,7 +18,7 @@ PROMPT_TEXT_TOKENS = 256  # planning assumption: system turn + question text of 
 class Role:
     stage: str
     name: str
-    key: str  # the config section that places it (named in problems)
+    key: str  # the key of its GPUs (named in problems)
     count: int
     gpus: float  # per actor (all of its engine's GPUs under tensor parallelism)
     gpu_bound: bool  # needs an accelerator to run at the real model's size
@@ -28,9 +28,10 @@ class Role:
     tp: int = 1
     info: dict = field(default_factory=dict)  # e.g. KV sequences; shown, not summed
     fit_keys: str = ""  # what to change when it does not fit
+    count_key: str = ""  # the key of how many there are
 
     def peak(self) -> float:
-        phase = max((sum(v.values()) for v in self.phases.values()), default=0.0)
+        phase = max((v.get("_peak", sum(v.values())) for v in self.phases.values()), default=0.0)
         return sum(v for k, v in self.items.items() if not k.startswith("_")) + phase
 
 
@@ -56,7 +57,7 @@ def _train_role(stage: str, name: str, key: str, count: int, gpus: float, cfg, s
     trainable = spec.params() - (spec.vision_params() if freeze_vision else 0)
     items = mem.training_states(spec.params(), trainable, zero, world, b)
     items["ZeRO buffers"] = mem.zero_buffers(spec, zero, b)
-    update = mem.activations(spec, batch, b, checkpointing, not freeze_vision)
+    update = mem.activations(spec, batch, b, checkpointing, not freeze_vision, cpu=not cuda)
     return Role(stage, name, key, count, gpus, True, items, {"update": update}, tp=1,
                 info={"micro-batch": f"{batch.rows} x {batch.tokens // max(batch.rows, 1)} tokens",
                       "checkpointing": checkpointing})
@@ -66,7 +67,7 @@ def sft_roles(cfg, spec: ModelSpec, cuda: bool) -> list[Role]:
     s = cfg.sft
     batch = Batch(s.micro_batch_size, s.micro_batch_size * s.max_length, s.micro_batch_size,
                   spec.image_tokens(cfg.model.max_pixels))
-    role = _train_role("sft", "SFT worker", "sft", s.num_workers, 1.0 if s.use_gpu else 0.0, cfg, spec,
+    role = _train_role("sft", "SFT worker", "sft.use_gpu", s.num_workers, 1.0 if s.use_gpu else 0.0, cfg, spec,
                        zero=s.zero_stage, world=s.num_workers, freeze_vision=s.freeze_vision, batch=batch,
                        checkpointing=s.gradient_checkpointing, cuda=cuda)
     b = _b(cfg)
@@ -74,6 +75,7 @@ def sft_roles(cfg, spec: ModelSpec, cuda: bool) -> list[Role]:
     role.phases["update"]["attention statistics (grad)"] = mem.stats_extra(
         spec, batch, b, grad=not s.gradient_checkpointing, chunk_size=cfg.attention.chunk_size,
         stats_layers=_stats_layers(cfg, spec), cuda=cuda)
+    role.count_key = "sft.num_workers"
     role.host["float32 model at load"] = mem.F32 * spec.params()  # loop.py loads the master weights on the host
     role.fit_keys = ("sft.gradient_checkpointing, sft.micro_batch_size, sft.max_length, attention.chunk_size, "
                      "sft.zero_stage")
@@ -91,25 +93,32 @@ def rl_roles(cfg, spec: ModelSpec, cuda: bool, gpu_bytes: float) -> list[Role]:
     length = rl_prompt_length(cfg, spec)
     rows, tokens = micro_tokens(rl.micro_batch_size, length, rl.max_tokens_per_micro_batch)
     batch = Batch(rows, tokens, rows * rl.max_images, spec.image_tokens(cfg.model.max_pixels))
-    learner = _train_role("rl", "learner rank", "rl.placement.learner", p.learners, p.learner_gpus, cfg, spec,
+    learner = _train_role("rl", "learner rank", "rl.placement.learner_gpus", p.learners, p.learner_gpus, cfg, spec,
                           zero=rl.zero_stage, world=p.learners, freeze_vision=rl.freeze_vision, batch=batch,
                           checkpointing=rl.gradient_checkpointing, cuda=cuda)
     learner.phases["update"]["log-prob chunk"] = mem.logprob_chunk(spec, b, grad=True)
     if rl.kl_coef > 0:
         learner.items["KL reference"] = b * spec.params() / (p.learners if rl.zero_stage >= 3 else 1)
-    learner.phases["score pass"] = {
-        "forward (no grad)": mem.no_grad_forward(spec, batch, b),
-        "attention statistics (no grad)": mem.stats_extra(spec, batch, b, grad=False,
-                                                          chunk_size=cfg.attention.chunk_size,
-                                                          stats_layers=_stats_layers(cfg, spec), cuda=cuda),
-        "log-prob chunk": mem.logprob_chunk(spec, b, grad=False)}
+    learner.phases["score pass"] = no_grad_phase(cfg, spec, batch, cuda, mem.logprob_chunk(spec, b, grad=False),
+                                                 "log-prob chunk")
+    learner.count_key = "rl.placement.learners"
     learner.fit_keys = ("rl.gradient_checkpointing, rl.max_tokens_per_micro_batch, rl.micro_batch_size, "
                         "rl.zero_stage, rl.placement.learners")
-    rollout = engine_role("rl", "vLLM rollout engine", "rl.placement.rollout", p.rollout_workers, tp * p.rollout_gpus,
+    rollout = engine_role("rl", "vLLM rollout engine", "rl.placement.rollout_gpus", p.rollout_workers, tp * p.rollout_gpus,
                           spec, cfg.model.max_model_len, rl.gpu_memory_utilization, tp, b, gpu_bytes, cuda)
+    rollout.count_key = "rl.placement.rollout_workers"
     rollout.fit_keys = "rl.gpu_memory_utilization, model.max_model_len, rl.rollout_tensor_parallel_size"
-    reward = Role("rl", "reward actor", "rl.placement.reward", 1, p.reward_gpus, False, {"text rewards": 0.1 * GIB})
+    reward = Role("rl", "reward actor", "rl.placement.reward_gpus", 1, p.reward_gpus, False, {"text rewards": 0.1 * GIB})
     return [learner, rollout, reward]
+
+
+def no_grad_phase(cfg, spec: ModelSpec, batch: Batch, cuda: bool, head: float, head_name: str) -> dict:
+    """The statistics pass without grad; its peak is ``memory.no_grad_peak`` (not the sum)."""
+    b = _b(cfg)
+    stats = mem.stats_extra(spec, batch, b, grad=False, chunk_size=cfg.attention.chunk_size,
+                            stats_layers=_stats_layers(cfg, spec), cuda=cuda)
+    return {"forward (no grad)": mem.no_grad_forward(spec, batch, b), "attention statistics (no grad)": stats,
+            head_name: head, "_peak": mem.no_grad_peak(spec, batch, b, stats, head)}
 
 
 def engine_role(stage: str, name: str, key: str, count: int, gpus: float, spec: ModelSpec, max_model_len: int,
@@ -131,11 +140,7 @@ def hf_model_role(stage: str, name: str, key: str, count: int, gpus: float, cfg,
     with ``generate`` the HF KV cache of one full-length sequence."""
     b, length = _b(cfg), cfg.model.max_model_len
     batch = Batch(rows, rows * length, rows, spec.image_tokens(cfg.model.max_pixels))
-    forward = {"forward (no grad)": mem.no_grad_forward(spec, batch, b),
-               "attention statistics (no grad)": mem.stats_extra(spec, batch, b, grad=False,
-                                                                 chunk_size=cfg.attention.chunk_size,
-                                                                 stats_layers=_stats_layers(cfg, spec), cuda=cuda),
-               "logits": b * batch.tokens * spec.vocab}
+    forward = no_grad_phase(cfg, spec, batch, cuda, b * batch.tokens * spec.vocab, "logits")
     items = {"weights": b * spec.params()}
     if generate:
         items["generation KV cache"] = spec.kv_bytes_per_token(b) * length
@@ -150,17 +155,21 @@ def eval_roles(cfg, spec: ModelSpec, cuda: bool, gpu_bytes: float) -> list[Role]
                            cfg.model.max_model_len, e.gpu_memory_utilization, 1, b, gpu_bytes, cuda)
         return [role, hf_model_role("eval", "eval driver (statistics model)", "eval.num_engines", 1, 0.0, cfg, spec,
                                     e.batch_size, cuda, generate=False)]
-    engines = engine_role("eval", "vLLM eval engine", "eval.engine", e.num_engines, e.engine_gpus, spec,
+    engines = engine_role("eval", "vLLM eval engine", "eval.engine_gpus", e.num_engines, e.engine_gpus, spec,
                           cfg.model.max_model_len, e.gpu_memory_utilization, 1, b, gpu_bytes, cuda)
-    engines.fit_keys = "eval.gpu_memory_utilization, model.max_model_len"
-    stats = hf_model_role("eval", "statistics actor", "eval.stats", e.stats_workers, e.stats_gpus, cfg, spec,
+    engines.fit_keys, engines.count_key = "eval.gpu_memory_utilization, model.max_model_len", "eval.num_engines"
+    stats = hf_model_role("eval", "statistics actor", "eval.stats_gpus", e.stats_workers, e.stats_gpus, cfg, spec,
                           e.batch_size, cuda, generate=False)
+    stats.count_key = "eval.stats_workers"
     return [engines, stats]
 
 
 def serve_roles(cfg, spec: ModelSpec, cuda: bool) -> list[Role]:
     s = cfg.serve
-    return [hf_model_role("serve", "Serve replica", "serve", s.replicas, s.num_gpus, cfg, spec, 1, cuda, generate=True)]
+    role = hf_model_role("serve", "Serve replica", "serve.num_gpus", s.replicas, s.num_gpus, cfg, spec, 1, cuda,
+                         generate=True)
+    role.count_key = "serve.replicas"
+    return [role]
 
 
 def synth_roles(cfg, teacher_spec: Callable[[str], Optional[ModelSpec]], cuda: bool, gpu_bytes: float) -> list[Role]:
@@ -173,8 +182,9 @@ def synth_roles(cfg, teacher_spec: Callable[[str], Optional[ModelSpec]], cuda: b
         if spec is None:
             continue
         b = mem.dtype_bytes("bfloat16" if t.dtype == "auto" else t.dtype)
-        role = engine_role("synth", f"vLLM teacher ({step})", f"synth.{step}", cfg.synth.num_actors, t.num_gpus, spec,
+        role = engine_role("synth", f"vLLM teacher ({step})", f"synth.{step}.num_gpus", cfg.synth.num_actors, t.num_gpus, spec,
                            t.max_model_len, 0.9, t.tensor_parallel_size, b, gpu_bytes, cuda)
         role.fit_keys = f"synth.{step}.tensor_parallel_size (and num_gpus), synth.{step}.max_model_len"
+        role.count_key = "synth.num_actors"
         roles.append(role)
     return roles

@@ -3,8 +3,11 @@ actor (text rewards and their combination; no model) and the learner group (Deep
 also computes r_visual in its no-grad pass), placed as ``rl.placement`` says.
 
 Resources are checked before anything starts (a clear error instead of actors waiting forever
-for CPUs that do not exist). The three kinds start at the same time (each start is mostly
-waiting on model loads and engine start-up), and a start that fails tears the others down.
+for CPUs that do not exist). The learners' placement group (``rl.placement.learner_strategy``,
+STRICT_PACK by default: one node) is placed first, before any other GPU actor exists, so that
+rollout engines cannot take the GPUs of the one node that could hold all the learners. Then
+the three kinds start at the same time (each start is mostly waiting on model loads and engine
+start-up), and a start that fails tears the others down.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from actors.learner import LearnerGroup
-from actors.placement import check_resources, reward_options, rollout_options
+from actors.placement import check_resources, learner_placement_group, reward_options, rollout_options
 from actors.reward import RewardService
 from actors.rollout import RolloutPool, SamplingSpec
 from actors.weight_sync import WeightSync
@@ -47,11 +50,12 @@ class RLSystem:
         placement = cfg.rl.placement
         attempts = placement.max_restarts + 1
         start = time.perf_counter()
+        learner_group = learner_placement_group(placement)  # before any other GPU actor
         builders = {
             "rollout": lambda: RolloutPool(cfg.rl, model, rollout_options(placement, tp), attempts),
             "reward": lambda: RewardService(cfg.rl.reward, reward_options(placement), attempts,
                                             placement.reward_workers),
-            "learners": lambda: LearnerGroup(cfg.rl, model, cfg.attention),
+            "learners": lambda: LearnerGroup(cfg.rl, model, cfg.attention, learner_group),
         }
         with ThreadPoolExecutor(len(builders)) as pool:
             futures = {name: pool.submit(build) for name, build in builders.items()}
@@ -64,6 +68,10 @@ class RLSystem:
         if errors:
             for part in built.values():
                 part.shutdown()
+            if "learners" not in built:  # the group's own shutdown removes it otherwise
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(learner_group)
             name, exc = next(iter(errors.items()))
             raise RuntimeError(f"RL start-up: the {name} actors failed to start: {exc}") from exc
         self.rollout, self.reward, self.learners = built["rollout"], built["reward"], built["learners"]
