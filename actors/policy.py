@@ -120,11 +120,10 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
             d = torch.softmax(_chunk_logits(hs, weight, ctx.temperature, ctx.banned), dim=-1).neg_()
             d.scatter_add_(-1, ts.unsqueeze(-1), torch.ones_like(g).unsqueeze(-1))
             d.mul_((g / ctx.temperature).unsqueeze(-1))
-            d = d.to(weight.dtype)
             if need_h:
-                grad_h[start:start + hs.shape[0]] = d @ weight
-            if need_w:
-                grad_w.add_(d.t() @ hs)
+                grad_h[start:start + hs.shape[0]] = d.to(weight.dtype) @ weight
+            if need_w:  # in place: no second [V, H] tensor
+                grad_w.addmm_(d.t(), hs.float())
             start += hs.shape[0]
         if need_w and full.gathered:
             # autograd accumulates a gradient into a parameter of the gradient's shape: the weight
