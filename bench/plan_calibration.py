@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench/results/plan_calibration.json"  # cell -> measured MiB, every measurement appended
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -103,7 +104,7 @@ def measure(cell: str, work: Path) -> dict:
         agto = agto_losses(ctx.stats(), eps=1e-6)
         loss = out.loss + 0.15 * agto.enh + 0.15 * agto.sup
     loss.backward()
-    peak = _status_kb("VmHWM") if exact else _status_kb("VmHWM")
+    peak = _status_kb("VmHWM")  # without the reset: the process's whole peak (an upper bound)
     return {"cell": cell, "measured_mib": (peak - before) / 1024, "exact_peak": exact}
 
 
@@ -116,14 +117,12 @@ def plan_mib(cell: str, work: Path) -> float:
     b = 2 if dtype == "bf16" else 4
     spec = load_spec(str(model_dir(name, work)))
     batch = mem.Batch(1, int(length), 0, 0)
-    items = mem.activations(spec, batch, b, gc == "1", vision_trainable=True, cpu=True)
     if kind == "learner":
-        items["log-prob chunk"] = mem.logprob_chunk(spec, b, grad=True)
+        items = mem.learner_update(spec, batch, b, checkpointing=gc == "1", vision_trainable=True, cpu=True)
     else:
-        items["LM logits + loss"] = mem.lm_loss(spec, int(length), b)
-        items["attention statistics (grad)"] = mem.stats_extra(spec, batch, b, grad=gc != "1", chunk_size=None,
-                                                               stats_layers=spec.layers, cuda=False)
-    return sum(items.values()) / 2**20
+        items = mem.sft_update(spec, batch, b, checkpointing=gc == "1", vision_trainable=True, cuda=False,
+                               chunk_size=None, stats_layers=spec.layers, cpu=True)
+    return items["_peak"] / 2**20
 
 
 def h200_plan(work: Path) -> dict:
@@ -134,12 +133,12 @@ def h200_plan(work: Path) -> dict:
     spec = load_spec(str(model_dir("3b", work)))
     batch = mem.Batch(1, 4096, 0, 0)
     logits = 2 * 4096 * spec.vocab  # the HF forward's full bf16 logits
-    stats = mem.stats_extra(spec, batch, 2, grad=False, chunk_size=None, stats_layers=2, cuda=True)
+    stats = mem.stats_extra(spec, batch, 2, chunk_size=None, cuda=True)
     tiny = load_spec(str(model_dir("tiny", work)))
     states = mem.training_states(tiny.params(), tiny.params(), 3, 1, 2)
     rollouts = mem.Batch(16, 16 * 120, 16, tiny.image_tokens(None))  # ~100 prompt + 6-20 response tokens
     learner = (sum(states.values()) + mem.zero_buffers(tiny, 3, 2)
-               + sum(mem.activations(tiny, rollouts, 2, False, True).values()) + mem.logprob_chunk(tiny, 2, True))
+               + mem.learner_update(tiny, rollouts, 2, checkpointing=False, vision_trainable=True)["_peak"])
     return dict(zip(H200, [mem.no_grad_peak(spec, batch, 2, stats, logits) / 2**20,
                            mem.no_grad_peak(spec, batch, 2, 0, logits) / 2**20, learner / 2**20]))
 
@@ -148,6 +147,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="*", default=CELLS)
     parser.add_argument("--write", action="store_true", help="write bench/results/plan.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help=f"take the cells already measured from {CACHE.relative_to(ROOT)} (re-plan only)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: measure this cell, print JSON
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "avar_plan_calibration"))
     args = parser.parse_args()
@@ -158,15 +159,22 @@ def main() -> int:
     for name in {c.split(":")[0] for c in args.cells}:
         model_dir(name, work)
     rows = []
+    cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     for cell in args.cells:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        proc = subprocess.run([sys.executable, __file__, "--one", cell, "--work", str(work)], capture_output=True,
-                              text=True, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{cell}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-            continue
-        res = json.loads(line[7:])
+        if args.reuse and cell in cache:
+            res = {"cell": cell, "measured_mib": min(cache[cell])}
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+            proc = subprocess.run([sys.executable, __file__, "--one", cell, "--work", str(work)],
+                                  capture_output=True, text=True, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:  # e.g. killed for memory (no traceback)
+                print(f"{cell}: failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            res = json.loads(line[7:])
+            cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+            cache.setdefault(cell, []).append(round(res["measured_mib"], 1))
+            CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
         res["plan_mib"] = plan_mib(cell, work)
         res["ratio"] = res["plan_mib"] / res["measured_mib"]
         rows.append(res)

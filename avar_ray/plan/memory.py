@@ -10,6 +10,7 @@ H200 figures of ``bench/results/gpu_check.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from avar_ray.plan.model_spec import ModelSpec
 
@@ -65,30 +66,57 @@ class Batch:
     image_tokens: int
 
 
-def activations(spec: ModelSpec, batch: Batch, b: int, checkpointing: bool, vision_trainable: bool,
-                cpu: bool = False) -> dict:
-    """What a forward with grad keeps until its backward, and the backward's own working set."""
+def update_phase(spec: ModelSpec, batch: Batch, b: int, *, checkpointing: bool, vision_trainable: bool,
+                 cpu: bool = False, head_kept: Optional[dict] = None, head_backward: float = 0.0,
+                 stats: tuple = (0.0, 0.0), head_uses: int = 2) -> dict:
+    """A forward with grad and its backward, itemised; ``_peak`` is what is kept from the forward
+    until the backward plus the larger of the backward's two moments (measured on CPU: the sum
+    overstates checkpointed runs, bench/results/plan.md):
+
+    * a layer's backward: its recomputed activations under checkpointing, the MLP's four [T, I]
+      gradients and the hidden states', and the statistics' transient (``stats[1]``);
+    * the head's backward: ``head_backward`` and the LM head's weight gradient, which autograd
+      sums over the head's ``head_uses`` (log-prob chunks, a tied embedding) before it reaches
+      ``.grad`` or ZeRO: two [V, H] tensors at once.
+
+    ``head_kept``: what the head keeps for its backward (SFT: the logits and log-softmax);
+    ``stats[0]``: what the statistics keep for it."""
     per_layer = saved_per_token(spec, b, repeat_kv=batch.rows > 1) * batch.tokens
     hidden = b * spec.hidden * batch.tokens
-    if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
-        text = spec.layers * hidden + per_layer
-    else:
-        text = spec.layers * per_layer
-    text += 3 * hidden  # the last hidden states, their gradient, the residual stream's
-    out = {"activations": text,
-           # a layer's backward: the MLP's four [T, I] gradients and the hidden states' (measured on CPU)
-           "backward working set": b * batch.tokens * (4 * spec.intermediate + 4 * spec.hidden),
-           # autograd computes a weight's whole gradient before adding it to .grad (or before ZeRO
-           # reduces it): the largest, the embedding / LM head, once
-           "largest weight gradient": b * spec.vocab * spec.hidden}
-    if cpu:
-        out["runtime (CPU)"] = CPU_RUNTIME
+    kept = {"activations (kept)": (spec.layers * hidden if checkpointing else spec.layers * per_layer) + 3 * hidden}
+    layer = b * batch.tokens * (4 * spec.intermediate + 4 * spec.hidden) + (per_layer if checkpointing else 0)
     if spec.v_layers and batch.images and vision_trainable:
         patches = batch.images * batch.image_tokens * spec.v_merge ** 2
         block = vision_saved_per_patch(spec, b) * patches
-        out["vision activations"] = (spec.v_layers * b * spec.v_hidden * patches + block if checkpointing
-                                     else spec.v_layers * block)
+        kept["vision activations (kept)"] = spec.v_layers * (b * spec.v_hidden * patches if checkpointing else block)
+        layer = max(layer, block) if checkpointing else layer
+    if stats[0]:
+        kept["attention statistics (kept)"] = stats[0]
+    kept.update(head_kept or {})
+    if cpu:
+        kept["runtime (CPU)"] = CPU_RUNTIME
+    head = head_backward + min(head_uses, 2) * b * spec.vocab * spec.hidden
+    out = {**kept, "layer backward (transient)": layer + stats[1], "head backward (transient)": head}
+    out["_peak"] = sum(kept.values()) + max(layer + stats[1], head)
     return out
+
+
+def learner_update(spec: ModelSpec, batch: Batch, b: int, *, checkpointing: bool, vision_trainable: bool,
+                   cpu: bool = False) -> dict:
+    """The RL learner's update of one micro-batch (``actors.policy.forward_logprobs`` with grad)."""
+    return update_phase(spec, batch, b, checkpointing=checkpointing, vision_trainable=vision_trainable, cpu=cpu,
+                        head_backward=logprob_chunk(spec, b, grad=True))
+
+
+def sft_update(spec: ModelSpec, batch: Batch, b: int, *, checkpointing: bool, vision_trainable: bool, cuda: bool,
+               chunk_size, stats_layers: int, cpu: bool = False) -> dict:
+    """SFT's micro-step (``avar_ray.sft.loop``): the HF loss over full logits and AGTO's
+    statistics, both with grad."""
+    stats = stats_with_grad(spec, batch, b, checkpointing=checkpointing, chunk_size=chunk_size,
+                            stats_layers=stats_layers, cuda=cuda)
+    return update_phase(spec, batch, b, checkpointing=checkpointing, vision_trainable=vision_trainable, cpu=cpu,
+                        head_kept=lm_head_kept(spec, batch.tokens, b), head_backward=lm_head_backward(spec, batch.tokens),
+                        stats=stats, head_uses=2 if spec.tied else 1)
 
 
 def no_grad_forward(spec: ModelSpec, batch: Batch, b: int) -> int:
@@ -103,23 +131,40 @@ def no_grad_peak(spec: ModelSpec, batch: Batch, b: int, stats: float, head: floa
     return max(no_grad_forward(spec, batch, b) + stats, 2 * b * spec.hidden * batch.tokens + head)
 
 
-def stats_extra(spec: ModelSpec, batch: Batch, b: int, *, grad: bool, chunk_size, stats_layers: int,
-                cuda: bool) -> int:
-    """The attention statistics' memory above plain SDPA (``avar_ray.attention.kernel``).
+def _stats_terms(spec: ModelSpec, batch: Batch, b: int, chunk_size, cuda: bool) -> tuple[float, float]:
+    """(float32 q, k and indicator values: O(T); the score tensor the kernel materialises)."""
+    rows, length = batch.rows, max(1, batch.tokens // max(batch.rows, 1))
+    linear = F32 * (spec.q_dim + 2 * spec.kv_dim) * batch.tokens
+    if chunk_size:
+        return linear, 3 * F32 * spec.heads * min(chunk_size, length) * length * rows
+    if b == F32 or not cuda:
+        return linear, 0.0
+    return linear, F32 * spec.heads * length * length * rows
+
+
+def stats_extra(spec: ModelSpec, batch: Batch, b: int, *, chunk_size, cuda: bool) -> float:
+    """The attention statistics' memory above plain SDPA in a forward without grad
+    (``avar_ray.attention.kernel``; on CUDA the default method ``auto`` is ``fused``).
 
     fused, float32 model: one SDPA call with q/k/v padded by two columns: O(T). fused, bf16:
     a second, float32 call; with GQA on CUDA that call runs PyTorch's math kernel (the H200
     measurement: +1.4 GiB at T=4096 and 16 heads, bench/results/gpu_check.md), which holds the
-    [H, T, T] float32 scores twice, and under autograd keeps the softmax for every statistics
-    layer. chunked: chunk x T scores per head, checkpointed."""
-    rows, length = batch.rows, max(1, batch.tokens // max(batch.rows, 1))
-    linear = F32 * (spec.q_dim + 2 * spec.kv_dim) * batch.tokens  # float32 q, k and the indicator values
-    if chunk_size:
-        return linear + 3 * F32 * spec.heads * min(chunk_size, length) * length * rows
-    if b == F32 or not cuda:
-        return linear * (stats_layers if grad else 1)
-    square = F32 * spec.heads * length * length * rows
-    return linear + 2 * square + (square * (stats_layers - 1) if grad else 0)
+    [H, T, T] float32 scores twice. chunked: chunk x T scores per head (three tensors)."""
+    linear, scores = _stats_terms(spec, batch, b, chunk_size, cuda)
+    return linear + (scores if chunk_size else 2 * scores)
+
+
+def stats_with_grad(spec: ModelSpec, batch: Batch, b: int, *, checkpointing: bool, chunk_size, stats_layers: int,
+                    cuda: bool) -> tuple[float, float]:
+    """(kept until the backward, transient) of the statistics under autograd (SFT's AGTO): the
+    math kernel keeps each statistics layer's [H, T, T] softmax, the fused float32 call its
+    padded q, k, v, unless checkpointing recomputes them one layer at a time; the chunked
+    method checkpoints its chunks."""
+    linear, scores = _stats_terms(spec, batch, b, chunk_size, cuda)
+    transient = stats_extra(spec, batch, b, chunk_size=chunk_size, cuda=cuda)
+    if checkpointing:
+        return 0.0, transient
+    return stats_layers * (linear + (0.0 if chunk_size else scores)), transient
 
 
 def logprob_chunk(spec: ModelSpec, b: int, grad: bool) -> int:
@@ -128,10 +173,15 @@ def logprob_chunk(spec: ModelSpec, b: int, grad: bool) -> int:
     return (b + (5 if grad else 3) * F32) * LOGPROB_CHUNK * spec.vocab
 
 
-def lm_loss(spec: ModelSpec, tokens: int, b: int) -> int:
-    """SFT's HF loss over full logits: the logits (kept by the model output), their float32 copy
-    and log-softmax, and the backward's two [T, V] float32 gradients."""
-    return (b + (F32 if b < F32 else 0) + 3 * F32) * tokens * spec.vocab
+def lm_head_kept(spec: ModelSpec, tokens: int, b: int) -> dict:
+    """SFT's HF loss over full logits, kept until the backward: the logits (the model output
+    holds them) and the float32 log-softmax the cross-entropy saves."""
+    return {"LM logits (kept)": b * tokens * spec.vocab, "log-softmax (kept)": F32 * tokens * spec.vocab}
+
+
+def lm_head_backward(spec: ModelSpec, tokens: int) -> float:
+    """The cross-entropy's backward: two [T, V] float32 gradients."""
+    return 2 * F32 * tokens * spec.vocab
 
 
 def training_states(params: int, trainable: int, zero_stage: int, world: int, b: int) -> dict:

@@ -52,12 +52,11 @@ def _stats_layers(cfg, spec: ModelSpec) -> int:
 
 
 def _train_role(stage: str, name: str, key: str, count: int, gpus: float, cfg, spec: ModelSpec, *, zero: int,
-                world: int, freeze_vision: bool, batch: Batch, checkpointing: bool, cuda: bool) -> Role:
+                world: int, freeze_vision: bool, batch: Batch, checkpointing: bool, update: dict) -> Role:
     b = _b(cfg)
     trainable = spec.params() - (spec.vision_params() if freeze_vision else 0)
     items = mem.training_states(spec.params(), trainable, zero, world, b)
     items["ZeRO buffers"] = mem.zero_buffers(spec, zero, b)
-    update = mem.activations(spec, batch, b, checkpointing, not freeze_vision, cpu=not cuda)
     return Role(stage, name, key, count, gpus, True, items, {"update": update}, tp=1,
                 info={"micro-batch": f"{batch.rows} x {batch.tokens // max(batch.rows, 1)} tokens",
                       "checkpointing": checkpointing})
@@ -67,14 +66,12 @@ def sft_roles(cfg, spec: ModelSpec, cuda: bool) -> list[Role]:
     s = cfg.sft
     batch = Batch(s.micro_batch_size, s.micro_batch_size * s.max_length, s.micro_batch_size,
                   spec.image_tokens(cfg.model.max_pixels))
+    update = mem.sft_update(spec, batch, _b(cfg), checkpointing=s.gradient_checkpointing,
+                            vision_trainable=not s.freeze_vision, cuda=cuda, chunk_size=cfg.attention.chunk_size,
+                            stats_layers=_stats_layers(cfg, spec), cpu=not cuda)
     role = _train_role("sft", "SFT worker", "sft.use_gpu", s.num_workers, 1.0 if s.use_gpu else 0.0, cfg, spec,
                        zero=s.zero_stage, world=s.num_workers, freeze_vision=s.freeze_vision, batch=batch,
-                       checkpointing=s.gradient_checkpointing, cuda=cuda)
-    b = _b(cfg)
-    role.phases["update"]["LM logits + loss"] = mem.lm_loss(spec, batch.tokens, b)
-    role.phases["update"]["attention statistics (grad)"] = mem.stats_extra(
-        spec, batch, b, grad=not s.gradient_checkpointing, chunk_size=cfg.attention.chunk_size,
-        stats_layers=_stats_layers(cfg, spec), cuda=cuda)
+                       checkpointing=s.gradient_checkpointing, update=update)
     role.count_key = "sft.num_workers"
     role.host["float32 model at load"] = mem.F32 * spec.params()  # loop.py loads the master weights on the host
     role.fit_keys = ("sft.gradient_checkpointing, sft.micro_batch_size, sft.max_length, attention.chunk_size, "
@@ -93,10 +90,11 @@ def rl_roles(cfg, spec: ModelSpec, cuda: bool, gpu_bytes: float) -> list[Role]:
     length = rl_prompt_length(cfg, spec)
     rows, tokens = micro_tokens(rl.micro_batch_size, length, rl.max_tokens_per_micro_batch)
     batch = Batch(rows, tokens, rows * rl.max_images, spec.image_tokens(cfg.model.max_pixels))
+    update = mem.learner_update(spec, batch, b, checkpointing=rl.gradient_checkpointing,
+                                vision_trainable=not rl.freeze_vision, cpu=not cuda)
     learner = _train_role("rl", "learner rank", "rl.placement.learner_gpus", p.learners, p.learner_gpus, cfg, spec,
                           zero=rl.zero_stage, world=p.learners, freeze_vision=rl.freeze_vision, batch=batch,
-                          checkpointing=rl.gradient_checkpointing, cuda=cuda)
-    learner.phases["update"]["log-prob chunk"] = mem.logprob_chunk(spec, b, grad=True)
+                          checkpointing=rl.gradient_checkpointing, update=update)
     if rl.kl_coef > 0:
         learner.items["KL reference"] = b * spec.params() / (p.learners if rl.zero_stage >= 3 else 1)
     learner.phases["score pass"] = no_grad_phase(cfg, spec, batch, cuda, mem.logprob_chunk(spec, b, grad=False),
@@ -115,8 +113,7 @@ def rl_roles(cfg, spec: ModelSpec, cuda: bool, gpu_bytes: float) -> list[Role]:
 def no_grad_phase(cfg, spec: ModelSpec, batch: Batch, cuda: bool, head: float, head_name: str) -> dict:
     """The statistics pass without grad; its peak is ``memory.no_grad_peak`` (not the sum)."""
     b = _b(cfg)
-    stats = mem.stats_extra(spec, batch, b, grad=False, chunk_size=cfg.attention.chunk_size,
-                            stats_layers=_stats_layers(cfg, spec), cuda=cuda)
+    stats = mem.stats_extra(spec, batch, b, chunk_size=cfg.attention.chunk_size, cuda=cuda)
     return {"forward (no grad)": mem.no_grad_forward(spec, batch, b), "attention statistics (no grad)": stats,
             head_name: head, "_peak": mem.no_grad_peak(spec, batch, b, stats, head)}
 
