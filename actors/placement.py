@@ -1,7 +1,8 @@
 """Where the RL actors run: one config section (``rl.placement``) decides how many rollout
 workers and learners there are and what CPUs/GPUs each gets. Learners share one placement
 group (they form a torch.distributed group); rollout workers and the reward actor are plain
-restartable actors.
+restartable actors. The learners' group is STRICT_PACK by default (one node: their ZeRO-3
+collectives on NVLink) and ``avar_ray.rl.system`` places it before any other GPU actor.
 
 ``rl.rollout_tensor_parallel_size`` (tp): one vLLM engine spans tp GPUs, so a rollout worker
 asks for ``tp * rollout_gpus`` GPUs (``rollout_gpus`` is per tensor-parallel rank) and its
@@ -82,8 +83,13 @@ def learner_placement_group(placement, timeout_s: float = 300.0):
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
+        hint = ""
+        if placement.learner_strategy == "STRICT_PACK":
+            hint = (f": STRICT_PACK needs one node with {placement.learners * placement.learner_gpus:g} free GPUs and "
+                    f"{placement.learners * placement.learner_cpus:g} CPUs (`avar plan` checks the config's cluster); "
+                    "rl.placement.learner_strategy: PACK lets the learners cross nodes")
         raise PlacementError(f"the learner placement group ({placement.learners} x {learner_bundles(placement)[0]}, "
-                             f"{placement.learner_strategy}) could not be placed within {timeout_s:g} s")
+                             f"{placement.learner_strategy}) could not be placed within {timeout_s:g} s{hint}")
     return pg
 
 

@@ -75,9 +75,9 @@ def update_phase(spec: ModelSpec, batch: Batch, b: int, *, checkpointing: bool, 
 
     * a layer's backward: its recomputed activations under checkpointing, the MLP's four [T, I]
       gradients and the hidden states', and the statistics' transient (``stats[1]``);
-    * the head's backward: ``head_backward`` and the LM head's weight gradient, which autograd
-      sums over the head's ``head_uses`` (log-prob chunks, a tied embedding) before it reaches
-      ``.grad`` or ZeRO: two [V, H] tensors at once.
+    * the head's backward: ``head_backward`` (the loss's [T, V] gradients), or later the LM
+      head's weight gradient, which autograd sums over the head's ``head_uses`` (log-prob
+      chunks, a tied embedding) before it reaches ``.grad`` or ZeRO: two [V, H] tensors at once.
 
     ``head_kept``: what the head keeps for its backward (SFT: the logits and log-softmax);
     ``stats[0]``: what the statistics keep for it."""
@@ -95,7 +95,7 @@ def update_phase(spec: ModelSpec, batch: Batch, b: int, *, checkpointing: bool, 
     kept.update(head_kept or {})
     if cpu:
         kept["runtime (CPU)"] = CPU_RUNTIME
-    head = head_backward + min(head_uses, 2) * b * spec.vocab * spec.hidden
+    head = max(head_backward, min(head_uses, 2) * b * spec.vocab * spec.hidden)
     out = {**kept, "layer backward (transient)": layer + stats[1], "head backward (transient)": head}
     out["_peak"] = sum(kept.values()) + max(layer + stats[1], head)
     return out

