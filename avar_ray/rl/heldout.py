@@ -45,11 +45,12 @@ class HeldOut:
     def __init__(self, cfg, system, out: Path, start_step: int) -> None:
         import ray
 
+        from avar_ray.data import sources
         from avar_ray.rl.pipeline import load_prompts
 
         rl = cfg.rl
-        if not Path(rl.eval_data).is_file():
-            raise FileNotFoundError(f"rl.eval_data: no held-out data file at {rl.eval_data}")
+        if not sources.exists(rl.eval_data):  # a file, a folder or glob of shards, a datasets directory
+            raise FileNotFoundError(f"rl.eval_data: no held-out data at {rl.eval_data}")
         # the training prompts' filters (images, pixels, prompt length) apply to the held-out set alike
         self.prompts = load_prompts(replace(cfg, data=replace(cfg.data, train=rl.eval_data))).samples
         self.rl, self.system, self.out = rl, system, Path(out)
