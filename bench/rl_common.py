@@ -20,21 +20,29 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
 
 
-def deepened(model_dir: Path, layers: int) -> Path:
-    """The tiny checkpoint with ``layers`` text layers (fresh random weights, same seed)."""
+def model_variant(model_dir: Path, out: Path, edit) -> Path:
+    """The tiny checkpoint with its config changed by ``edit(config)``: fresh random weights
+    (seed 0), float32, the same processor."""
     import torch
     from transformers import AutoConfig, AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    out = model_dir.parent / f"tiny_{layers}_layers"
     config = AutoConfig.from_pretrained(model_dir)
-    config.text_config.num_hidden_layers = layers
-    config.text_config.layer_types = ["full_attention"] * layers
+    edit(config)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
     model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(model_dir).save_pretrained(out)
     return out
+
+
+def deepened(model_dir: Path, layers: int) -> Path:
+    """The tiny checkpoint with ``layers`` text layers."""
+    def edit(config):
+        config.text_config.num_hidden_layers = layers
+        config.text_config.layer_types = ["full_attention"] * layers
+
+    return model_variant(model_dir, model_dir.parent / f"tiny_{layers}_layers", edit)
 
 
 def bench_model(args, tmp: Path) -> str:

@@ -1,4 +1,5 @@
-"""Stage 3's costs, each against a baseline measured in the same run (issues 5 and 10).
+"""Stage 3's costs, each against a baseline measured in the same run (issues 5 and 10); with
+``--shape real``, the learner phase and rewards at the real job's shapes (``bench/rl_step_real.py``).
 
     .venv/bin/python bench/rl_step.py [--model DIR | --layers 28] [--prompts 4] [--n 4]
                                       [--max-new-tokens 64] [--image-size 0] [--steps 3] [--repeats 3]
@@ -367,6 +368,14 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--shape" in argv:  # --shape real: bench/rl_step_real.py (its own flags); --shape tiny: this bench
+        shape = argv[argv.index("--shape") + 1]
+        argv = argv[:argv.index("--shape")] + argv[argv.index("--shape") + 2:]
+        if shape == "real":
+            from bench.rl_step_real import main as real
+
+            return real(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(parser)
     parser.add_argument("--image-size", type=int, default=0, help="procedural image side in pixels (0: the data default)")
