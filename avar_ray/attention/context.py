@@ -261,7 +261,12 @@ class AttentionContext:
         return self.query_mask.to(device)
 
     def record(self, layer_idx: int, mass_v: torch.Tensor, mass_s: torch.Tensor) -> None:
-        # A recomputation (gradient checkpointing) overwrites with equal values.
+        # A recomputation inside the backward (gradient checkpointing) keeps the forward's masses,
+        # which the loss used: the recomputed ones would hold the recomputed layer's graph (its
+        # saved tensors: on CUDA the math kernel's [H, T, T] softmax) until the context goes,
+        # every layer's by the end of the backward (measured: bench/plan_calibration.py).
+        if layer_idx in self._results and torch._C._current_graph_task_id() != -1:
+            return
         self._results[layer_idx] = (mass_v, mass_s)
 
     # ---------------------------------------------------------------- used by the caller
