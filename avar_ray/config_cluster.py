@@ -13,7 +13,7 @@ class ClusterConfig:
     nodes: int = 0  # GPU worker nodes; 0: not described (GPU totals and node packing are not checked)
     gpus_per_node: int = 8
     gpu_mem_gib: float = 80.0  # per GPU, as the driver reports it (an "80 GB" H100 shows ~79.1 GiB)
-    cpus_per_node: int = 0  # 0: CPUs not checked
+    cpus_per_node: int = 0  # recorded (tests/test_placement_cluster.py builds its nodes so); the plan checks GPUs and memory
     host_mem_gib: float = 0.0  # per node; 0: not checked on a GPU cluster (a CPU run checks this machine's)
     # The part of each GPU a role may plan to use: the rest is the CUDA context, NCCL buffers and
     # the allocator's fragmentation, which no formula here counts.

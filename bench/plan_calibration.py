@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 CELLS = ["tiny:learner:512:0", "tiny:learner:1024:0", "tiny:learner:1024:1", "tiny:sft:1024:0", "tiny:sft:1024:1",
-         "3b:learner:2048:0", "3b:learner:2048:1", "3b:learner:4096:0", "3b:learner:4096:1",
+         "3b:learner:2048:0", "3b:learner:2048:1", "3b:learner:4096:0", "3b:learner:4096:0:bf16", "3b:learner:4096:1",
          "3b:sft:2048:0", "3b:sft:2048:1", "3b:sft:4096:0:bf16", "3b:sft:4096:1:bf16"]
 TEXT_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
                num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768,
@@ -149,6 +149,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="write bench/results/plan.md")
     parser.add_argument("--reuse", action="store_true",
                         help=f"take the cells already measured from {CACHE.relative_to(ROOT)} (re-plan only)")
+    parser.add_argument("--cached-only", action="store_true", help="with --reuse: list the others as not measured")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: measure this cell, print JSON
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "avar_plan_calibration"))
     args = parser.parse_args()
@@ -163,6 +164,11 @@ def main() -> int:
     for cell in args.cells:
         if args.reuse and cell in cache:
             res = {"cell": cell, "measured_mib": min(cache[cell])}
+        elif args.cached_only:
+            res = {"cell": cell, "measured_mib": None, "plan_mib": plan_mib(cell, work)}
+            rows.append(res)
+            print(f"{cell:22s} plan {res['plan_mib']:8.0f} MiB  not measured", flush=True)
+            continue
         else:
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
             proc = subprocess.run([sys.executable, __file__, "--one", cell, "--work", str(work)],
@@ -185,21 +191,29 @@ def main() -> int:
         print(f"H200 {label}: plan {h200[label]:.0f} MiB, measured {measured} MiB, ratio {h200[label] / measured:.2f}")
     if args.write:
         write_results(rows, h200)
-    bad = [r for r in rows if not 0.75 <= r["ratio"] <= 1.25] + [k for k, v in H200.items()
+    bad = [r for r in rows if r["measured_mib"] and not 0.75 <= r["ratio"] <= 1.25] + [k for k, v in H200.items()
                                                                  if not 0.75 <= h200[k] / v <= 1.25]
-    print(f"{len(bad)} of {len(rows) + len(H200)} outside +-25%")
+    measured = [r for r in rows if r["measured_mib"]]
+    print(f"{len(bad)} of {len(measured) + len(H200)} outside +-25%")
     return 1 if bad else 0
 
 
 def write_results(rows: list[dict], h200: dict) -> None:
     lines = ["# `avar plan` vs measured peak memory", "",
-             "`.venv/bin/python bench/plan_calibration.py --write` (CPU, float32, one row, a fresh process per cell;",
-             "measured = peak RSS above the RSS before the step, the gradients already allocated). The plan's",
-             "figure is the role's update phase (`avar_ray/plan/memory.py`). The machine was shared with other",
-             "jobs; peaks are per process, so load changes time, not these figures.", "",
+             "`.venv/bin/python bench/plan_calibration.py --reuse --cached-only --write` (CPU; a fresh process per",
+             "cell; one row of T tokens; measured = peak RSS above the RSS before the step, the gradients already",
+             "allocated; the least of the repeats in `bench/results/plan_calibration.json`). The plan's figure is",
+             "the role's update phase, `_peak` of `avar_ray/plan/memory.py` (`learner_update`, `sft_update`): what the",
+             "forward keeps plus the larger of a layer's and the head's backward. The machine was shared (load",
+             "13-16 on 2 cores, other jobs using up to 17 GiB): peaks are per process, so load changes time,",
+             "not these figures, but memory left room for only some cells. Cells marked `:bf16` ran in bfloat16",
+             "to halve their memory; those not measured would have needed more than was free (~12 GiB).",
+             "The checkpointed SFT cells were measured after commit 2f72ec6 (before it the recomputation kept",
+             "every layer's statistics graph: tiny 99 MiB against the plan's 70).", "",
              "| cell (model:pass:T:checkpointing[:dtype]) | plan MiB | measured MiB | plan / measured |",
              "| --- | --- | --- | --- |"]
-    lines += [f"| {r['cell']} | {r['plan_mib']:.0f} | {r['measured_mib']:.0f} | {r['ratio']:.2f} |" for r in rows]
+    lines += [f"| {r['cell']} | {r['plan_mib']:.0f} | {r['measured_mib']:.0f} | {r['ratio']:.2f} |" if r["measured_mib"]
+              else f"| {r['cell']} | {r['plan_mib']:.0f} | not measured | |" for r in rows]
     lines += ["", "## The H200 figures of bench/results/gpu_check.md (bf16, CUDA)", "",
               "| measurement | plan MiB | measured MiB | plan / measured |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {h200[k]:.0f} | {v} | {h200[k] / v:.2f} |" for k, v in H200.items()]

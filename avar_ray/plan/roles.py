@@ -1,5 +1,5 @@
 """The roles of each stage (synth, sft, rl, eval, serve) as the config asks for them: how many,
-the GPUs and CPUs each requests, and its memory per GPU (per process on a CPU run), itemised
+the GPUs each requests, and its memory per GPU (per process on a CPU run), itemised
 by ``avar_ray.plan.memory``."""
 from __future__ import annotations
 
