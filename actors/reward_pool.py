@@ -14,11 +14,12 @@ import multiprocessing as mp
 import time
 from collections import deque
 from multiprocessing.connection import wait
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
 VERIFY_TIMEOUT = "verify timeout"  # the error of an answer whose verification was killed
+AHEAD = 4  # jobs in a process's pipe at once (small: a full pipe would block the sender)
 
 
 def text_rewards(text: str, answer: str, answer_type: str, choices, precision) -> tuple[float, float, str]:
@@ -51,8 +52,8 @@ class _Worker:
         self.process = ctx.Process(target=_serve, args=(child, fn), daemon=True)
         self.process.start()
         child.close()
-        self.index: Optional[int] = None  # the job in hand
-        self.deadline = 0.0
+        self.inflight: deque[int] = deque()  # jobs sent, oldest (the one in hand) first
+        self.deadline = 0.0  # for the job in hand
 
     def ready(self) -> None:
         if self.conn.recv() != "ready":
@@ -83,32 +84,37 @@ class TextScorerPool:
 
     def score(self, jobs: Sequence[tuple], labels: Sequence[str] = ()) -> list:
         """``fn(*job)`` per job, in order; a job past the time limit gives ``(0, 0, VERIFY_TIMEOUT
-        ...)``. ``labels`` name the jobs in the log (sample ids)."""
+        ...)``. ``labels`` name the jobs in the log (sample ids). Each process has up to
+        ``AHEAD`` jobs in its pipe, so it never waits for this thread between answers; an
+        answer's clock starts when the one before it is back."""
         out: list = [None] * len(jobs)
         queue = deque(range(len(jobs)))
-        while queue or any(w.index is not None for w in self.workers):
+        while queue or any(w.inflight for w in self.workers):
             for w in self.workers:
-                if w.index is None and queue:
-                    w.index = queue.popleft()
-                    w.deadline = time.monotonic() + self.timeout_s
-                    w.conn.send(jobs[w.index])
-            busy = [w for w in self.workers if w.index is not None]
+                while len(w.inflight) < AHEAD and queue:
+                    if not w.inflight:
+                        w.deadline = time.monotonic() + self.timeout_s
+                    w.inflight.append(queue.popleft())
+                    w.conn.send(jobs[w.inflight[-1]])
+            busy = [w for w in self.workers if w.inflight]
             ready = wait([w.conn for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             for k, w in enumerate(self.workers):
-                if w.index is None:
+                if not w.inflight or (w.conn not in ready and time.monotonic() < w.deadline):
                     continue
-                if w.conn in ready:
-                    try:
-                        out[w.index], w.index = w.conn.recv(), None
+                try:
+                    while w.inflight and w.conn.poll():
+                        out[w.inflight.popleft()] = w.conn.recv()
+                        w.deadline = time.monotonic() + self.timeout_s
+                    if not w.inflight or time.monotonic() < w.deadline:
                         continue
-                    except EOFError:  # the process died on this answer: as a timeout
-                        pass
-                elif time.monotonic() < w.deadline:
-                    continue
-                label = labels[w.index] if labels else str(w.index)
+                except EOFError:  # the process died on this answer: as a timeout
+                    pass
+                index = w.inflight.popleft()
+                label = labels[index] if labels else str(index)
                 log.warning("reward: verification of %s killed after %.1f s (scored 0)", label, self.timeout_s)
-                out[w.index] = (0.0, 0.0, f"{VERIFY_TIMEOUT} after {self.timeout_s:g} s")
+                out[index] = (0.0, 0.0, f"{VERIFY_TIMEOUT} after {self.timeout_s:g} s")
                 self.timeouts += 1
+                queue.extendleft(reversed(w.inflight))  # its other jobs go to the front again
                 self._replace(k)
         return out
 

@@ -30,22 +30,24 @@ JOBS = [(r"<think>x</think><answer>\frac{1}{2}</answer>", "0.5", "float", None, 
 def test_pool_scores_in_order_and_kills_an_answer_past_its_time_limit():
     serial = [text_rewards(*job) for job in JOBS[:6]]
     assert {r[:2] for r in serial} >= {(1.0, 1.0), (0.0, 0.0)} and serial[5][2]  # right, wrong, an error
-    pool = TextScorerPool(2, timeout_s=3.0, fn=hang_on_request)
+    pool = TextScorerPool(2, timeout_s=60.0, fn=hang_on_request)  # generous: sympy on a loaded machine
     try:
         assert pool.score(JOBS) == [text_rewards(*job) for job in JOBS]  # the serial scorers, in order
-        jobs = JOBS[:2] + [("hang", "1", "integer", None, None)] + JOBS[2:5]
+        pool.timeout_s = 2.0  # the quick answers below take milliseconds
+        jobs = JOBS[:2] + [("hang", "1", "integer", None, None)] + JOBS[2:4] + JOBS[:2]
         result: dict = {}
         # off the main thread, as in a Ray actor (math_verify's signal.alarm limit would not work there)
-        thread = threading.Thread(target=lambda: result.update(out=pool.score(jobs, [f"s{i}" for i in range(6)])))
+        labels = [f"s{i}" for i in range(len(jobs))]
+        thread = threading.Thread(target=lambda: result.update(out=pool.score(jobs, labels)))
         start = time.monotonic()
         thread.start()
         thread.join(timeout=60)
         assert not thread.is_alive() and time.monotonic() - start < 30
         out = result["out"]
         assert out[2][:2] == (0.0, 0.0) and out[2][2].startswith(VERIFY_TIMEOUT)
-        assert out[:2] + out[3:] == [text_rewards(*job) for job in JOBS[:2] + JOBS[2:5]]
+        assert out[:2] + out[3:] == [text_rewards(*job) for job in JOBS[:4] + JOBS[:2]]
         assert pool.timeouts == 1 and len(pool.workers) == 2
-        assert pool.score(JOBS[:3]) == [text_rewards(*job) for job in JOBS[:3]]  # the replacement serves
+        assert pool.score(JOBS[:4]) == [text_rewards(*job) for job in JOBS[:4]]  # the replacement serves
     finally:
         pool.close()
 
