@@ -11,9 +11,10 @@
 #                runs gloo over the CUDA tensors (the table says which).
 # 2 vllm-parity  tests/test_rl_actors.py -k gpu: vLLM on CUDA generating, reloading from the DeepSpeed
 #                learner and matching its log-probs (the RL colleague's test; skipped if absent).
-# 3 attention    statistics pass (avar, fused) in bf16 vs float32 on a Qwen2.5-VL-3B-shaped model (2 text
-#                layers at real widths: hidden 2048, 16 heads, 2 KV heads, MLP 11008, vocab 151936), T=4096:
-#                max relative error of the V/S masses, and its cost against a plain SDPA forward.
+# 3 attention    statistics pass in bf16 vs float32 on a Qwen2.5-VL-3B-shaped model (2 text layers at real
+#                widths: hidden 2048, 16 heads, 2 KV heads, MLP 11008, vocab 151936), T=4096, Q = R: max
+#                relative error of the V/S masses (methods fused = old, lse = new), and each method's time and
+#                peak memory over a plain SDPA forward, without and with grad (LM + AGTO loss backward).
 # 4 grpo-zero3   `avar rl` on the tiny model, 2 GRPO steps, ZeRO-3, learner and vLLM sharing the GPU
 #                (weight sync over nccl with >= 2 GPUs, else the object store).
 # 5 learner      bench/gpu_learner.py learner: one learner rank (DeepSpeed ZeRO-3, bf16) in-process: score-pass
@@ -62,12 +63,12 @@ for piece in "weight-sync:tests/test_weight_sync.py::test_broadcast_into_vllm_on
   else row "$name" FAIL "$ELAPSED" "$detail"; fi
 done
 
-# ---- 3: attention statistics bf16 vs float32 at Qwen2.5-VL-3B widths
+# ---- 3: attention statistics bf16 vs float32 at Qwen2.5-VL-3B widths, old (fused) vs new (lse)
 cat >"$WORK/attn.py" <<'PY'
 import copy, sys, time
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from avar_ray.attention import AttentionContext, register_attention
+from avar_ray.attention import AttentionContext, agto_losses, register_attention
 from avar_ray.modeling import float32_rope
 
 dry = sys.argv[1] == "1"
@@ -88,56 +89,63 @@ pos = torch.arange(T, device=device)[None]
 system, visual = pos < 24, (pos >= 24) & (pos < 24 + T // 4)
 response = pos >= T // 2
 ids = torch.randint(0, text["vocab_size"] - 8, (1, T), device=device)
+labels = torch.where(response, ids, -100)
+torch.manual_seed(0)
+f32 = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="avar", dtype=torch.float32).to(device).eval()
 
-def build(impl, dtype):
-    torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=impl, dtype=dtype).to(device).eval()
-
-def timeit(fn, n=3):
-    fn()
+def sync():
     if device == "cuda": torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter(); fn()
-        if device == "cuda": torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
-def stats(model, method="fused"):
-    ctx = AttentionContext(visual, system, response, method=method, chunk_size=256, num_layers=2)
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False, avar_context=ctx)
-    s = ctx.stats()
-    return s.mass_v.float(), s.mass_s.float()
+def run(model, method, grad=False):  # method None: plain SDPA (no context)
+    kw = dict(input_ids=ids, use_cache=False, labels=labels if grad else None)
+    with torch.set_grad_enabled(grad):
+        if method is None:
+            out, stats = model(**kw), None
+        else:
+            ctx = AttentionContext(visual, system, response, method=method, chunk_size=256 if method == "chunked" else None, num_layers=2)
+            out = model(**kw, avar_context=ctx)
+            stats = ctx.stats()
+        if grad:
+            agto = None if stats is None else agto_losses(stats)
+            (out.loss if agto is None else out.loss + 0.15 * (agto.enh + agto.sup)).backward()
+            model.zero_grad(set_to_none=True)
+    return None if stats is None else (stats.mass_v.detach().float(), stats.mass_s.detach().float())
 
 def rel_err(a, b):  # max over V and S of max |a - b| / max |b|
     return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
 
-f32 = build("avar", torch.float32)
-ref = stats(f32)                           # fused: the masses from the output call itself
-kernel = rel_err(stats(f32, "chunked"), ref)  # vs the explicit float32 logsumexp: the kernel's exactness
+ref = run(f32, "chunked")  # the explicit float32 logsumexp
+kernel = {m: rel_err(run(f32, m), ref) for m in ("fused", "lse")}
 bf16 = copy.deepcopy(f32).to(torch.bfloat16)  # the same weights, rounded
 float32_rope(bf16)  # as the learner and SFT do: the cast rounds RoPE's frequencies too
-rel = rel_err(stats(bf16), ref)
+rel = {m: rel_err(run(bf16, m), ref) for m in ("fused", "lse")}
+del f32
 
 def peak(fn):  # MiB above what was allocated before the pass (weights excluded)
     if device != "cuda":
         return float("nan")
-    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-    fn(); torch.cuda.synchronize()
+    sync(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+    fn(); sync()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
-del f32
-t_stats, m_stats = timeit(lambda: stats(bf16)), peak(lambda: stats(bf16))
-sdpa = build("sdpa", torch.bfloat16)
-def plain():
-    with torch.no_grad():
-        sdpa(input_ids=ids, use_cache=False)
-t_sdpa, m_sdpa = timeit(plain), peak(plain)
-print(f"ATTN T={T} fused-vs-chunked f32 {kernel:.1e}, bf16-vs-f32 {rel:.1e} (max rel err); stats {t_stats * 1e3:.1f} ms vs sdpa {t_sdpa * 1e3:.1f} ms "
-      f"= {t_stats / t_sdpa:.2f}x; activation peak {m_stats:.0f} vs {m_sdpa:.0f} MiB")
+parts = []
+for grad in (False, True):
+    variants = {"sdpa": None, "fused": "fused", "lse": "lse", "auto": "auto"}
+    times = {v: float("inf") for v in variants}
+    for v, m in variants.items():
+        run(bf16, m, grad)  # warm-up
+    mem = {v: peak(lambda: run(bf16, m, grad)) for v, m in variants.items()}
+    for _ in range(3):  # interleaved, minimum of 3
+        for v, m in variants.items():
+            sync(); t0 = time.perf_counter(); run(bf16, m, grad); sync()
+            times[v] = min(times[v], time.perf_counter() - t0)
+    b = times["sdpa"]
+    parts.append(f"{'grad' if grad else 'no grad'}: sdpa {b * 1e3:.1f} ms {mem['sdpa']:.0f} MiB, " + ", ".join(
+        f"{v} {times[v] / b:.2f}x {mem[v] / mem['sdpa']:.2f}x mem" for v in ("fused", "lse", "auto")))
+print(f"ATTN T={T} bf16: max rel err vs f32 chunked: f32 fused {kernel['fused']:.1e} lse {kernel['lse']:.1e}, "
+      f"bf16 fused {rel['fused']:.1e} lse {rel['lse']:.1e}; " + "; ".join(parts))
 PY
-if timed timeout 240 $PY "$WORK/attn.py" "$DRY"; then row attention "$([[ $DRY == 1 ]] && echo dry || echo ok)" "$ELAPSED" "$(grep -m1 '^ATTN' "$WORK/out.log" | cut -c6-)"
+if timed timeout 300 $PY "$WORK/attn.py" "$DRY"; then row attention "$([[ $DRY == 1 ]] && echo dry || echo ok)" "$ELAPSED" "$(grep -m1 '^ATTN' "$WORK/out.log" | cut -c6-)"
 else row attention FAIL "$ELAPSED" "$(tail -1 "$WORK/out.log")"; fi
 [[ -n "${GPU_CHECK_LOGS:-}" ]] && cp "$WORK/out.log" "$GPU_CHECK_LOGS/attention.log"
 

@@ -62,15 +62,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
+def load_with_reference(path: str):
+    """The processor, the ``avar`` model and the re-weighted eager reference of a checkpoint."""
     register_attention()
     _register_reference()
-    path = str(tiny_model_dir)
-    proc = load_processor(path)
-    avar = load_model(path).eval()
-    eager = load_model(path, attn_implementation="eager").eval()
-    ref = load_model(path, attn_implementation=REF_IMPL).eval()
+    return load_processor(path), load_model(path).eval(), load_model(path, attn_implementation=REF_IMPL).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    proc, avar, ref = load_with_reference(str(tiny_model_dir))
+    eager = load_model(str(tiny_model_dir), attn_implementation="eager").eval()
     return proc, avar, eager, ref
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_attention import REF_IMPL, _register_reference, eager_masses, rel_err
+from test_attention import _image, eager_masses, load_with_reference, rel_err
 
-from avar_ray.attention import Intervention, attention_statistics, register_attention
+from avar_ray.attention import Intervention, attention_statistics
 from avar_ray.attention.lse import lse_attention, lse_masses
-from avar_ray.modeling import encode_batch, load_model, load_processor
+from avar_ray.modeling import encode_batch
 
 B, H, HKV, T, D = 2, 4, 2, 9, 6
 SCALE = D ** -0.5
@@ -118,19 +116,15 @@ def test_chunk_size_does_not_change_the_masses():
 # ----------------------------------------------------------------------------- tiny Qwen3-VL
 @pytest.fixture(scope="module")
 def qwen3(tiny_qwen3_vl_dir):
-    register_attention()
-    _register_reference()
-    path = str(tiny_qwen3_vl_dir)
-    proc = load_processor(path)
+    proc, avar, ref = load_with_reference(str(tiny_qwen3_vl_dir))
     convs, images = [], []
     for k, (system, sizes, question) in enumerate([("You are a helpful assistant. Look at the image.", [84, 64], "How many?"),
                                                    ("Answer with the option letter.", [112], "Which is bigger, A or B?")]):
         content = [{"type": "image"}] * len(sizes) + [{"type": "text", "text": question}]
         convs.append([{"role": "system", "content": system}, {"role": "user", "content": content}])
-        images.append([Image.fromarray(np.random.default_rng(10 * k + i).integers(0, 255, (s, s, 3), dtype=np.uint8))
-                       for i, s in enumerate(sizes)])
+        images.append([_image(10 * k + i, s) for i, s in enumerate(sizes)])
     enc = encode_batch(proc, convs, images, response_texts=["3", "Let me look again: B"], padding_side="left")
-    return load_model(path).eval(), load_model(path, attn_implementation=REF_IMPL).eval(), enc
+    return avar, ref, enc
 
 
 @pytest.mark.parametrize("intervened", [False, True])

@@ -16,23 +16,36 @@ Statistics: for the queries i in Q, the mass on a key set K is
 
     m_K(i) = sum_{j in K} softmax(z_i)_j = exp( LSE_{j in K} z_ij - LSE_j z_ij )
 
-computed one of two ways, both exact and differentiable:
+computed one of three ways, all exact and differentiable, only in the statistics layers
+(``attention.layers``; every other layer takes the plain path above):
 
-* ``fused`` (default): the masses are attention outputs whose values are the indicator
+* ``lse`` (``avar_ray.attention.lse``): one attention call in the model's dtype that also
+  returns each row's float32 log-sum-exp (the CPU flash kernel; on CUDA flash /
+  memory-efficient), then ``exp(z_ij - LSE_i)`` from float32 q·k for the rows of Q and the
+  V ∪ S columns only, chunks of ``chunk_size`` rows (extra memory chunk x |V ∪ S| per head).
+  Its backward is its own (LSE is not differentiable through the kernel): exact, chunked over
+  the rows of Q x the keys they see, in float32.
+* ``fused``: the masses are attention outputs whose values are the indicator
   columns of V and S, ``softmax(z) @ [1_V, 1_S]``. In float32 the layer makes ONE SDPA call
   with query/key zero-padded by two columns (logits unchanged; the intervention's column goes
   there) and the value extended by ``[1_V, 1_S]``: output and masses come from the same kernel
-  (about +2/D of the attention cost). In bf16/fp16 the output call stays in the model dtype and a second, float32 SDPA call
-  gives the masses (precision of the statistics). Same masks and kernels as SDPA, O(T) extra
-  memory, differentiable through SDPA's own backward.
+  (about +2/D of the attention cost). In bf16/fp16 the output call stays in the model dtype and
+  a second, float32 SDPA call over all T rows gives the masses (the old default's whole cost
+  there). Differentiable through SDPA's own backward.
 * ``chunked``: the logsumexp form above in float32, over chunks of ``chunk_size`` query rows
   of Q x the keys they can see (causal: up to the chunk's last row), peak extra memory
-  chunk x T per head, never T x T. ``LSE_all`` over the row, then
-  ``exp(z - LSE_all)`` over the V ∪ S columns only, times their indicator columns, gives both
-  masses. Under autograd each chunk is checkpointed (recomputed in the backward), so training
-  memory stays chunk x T too. It recomputes q·k for the rows of Q, so it costs more than
-  ``fused`` (bench/attention_stats.py, T=4096, CPU: whole forward about 3x plain SDPA, fused
-  1.2x): a cross-check and a fallback, not the default.
+  chunk x T per head, never T x T; each chunk checkpointed under autograd. It recomputes q·k
+  for the rows of Q against all keys: a cross-check and a fallback, not a default.
+
+``auto`` (no method named, ``attention.chunk_size`` null) picks per call from ``AUTO`` by
+device, dtype and grad, from bench/results/attention_stats.md (2 text layers at Qwen2.5-VL-3B
+widths, T = 4096, Q = R, |V| = 1024, |S| = 24; ratios over a plain SDPA forward, min of
+interleaved runs on a loaded 2-core CPU):
+
+AUTO_FIGURES
+
+CUDA is not in ``AUTO`` yet (no GPU measurement of ``lse``; bench/gpu_check.sh prints it), so
+it keeps ``fused`` until one says otherwise.
 """
 from __future__ import annotations
 

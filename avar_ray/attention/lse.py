@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+OFF_ROW = 1e30  # LSE of a row outside its batch row's Q: exp(z - 1e30) = 0, finite arithmetic
+
 
 def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
@@ -118,34 +120,45 @@ class _Plan:
         """Keys the chunk's rows can see: up to its last row in a causal full pass."""
         return int(self.rows[sl.stop - 1]) + 1 if self.crop else self.kv_len
 
-    def additive(self, sl: slice, keys: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """Mask and bias of the chunk's rows at ``keys``: ``[B|1, 1, c|1, |keys|]`` or None."""
+    def visible(self, sl: slice, keys: torch.Tensor) -> Optional[torch.Tensor]:
+        """Which ``keys`` the chunk's rows see: bool (or transformers' additive float) mask
+        ``[B|1, 1, c, |keys|]``, or None where they see them all (Q = R: V and S precede it)."""
         rows = self.rows[sl]
-        add = None
         if self.mask is not None:
-            m = self.mask.index_select(2, rows).index_select(3, keys)
-            add = (torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-                   if m.dtype == torch.bool else m.to(dtype))
-        elif self.causal:
-            add = torch.zeros((rows.numel(), keys.numel()), dtype=dtype, device=rows.device)
-            add = add.masked_fill_(keys[None, :] > rows[:, None], float("-inf"))[None, None]
-        if self.bias is not None:
-            b = self.bias.index_select(1, keys).to(dtype)[:, None, None, :]
-            add = b if add is None else add + b
-        return add
+            return self.mask.index_select(2, rows).index_select(3, keys)
+        if self.causal and int(keys[-1]) > int(rows[0]):
+            return (keys[None, :] <= rows[:, None])[None, None]
+        return None
 
-    def probs(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, sl: slice, keys: torch.Tensor) -> torch.Tensor:
-        """``exp(z - LSE)`` of the chunk's rows at ``keys``: q ``[B, H, c, D]``, k ``[B, Hkv, |keys|, D]``
-        (both in the compute dtype), lse ``[B, H, c]`` -> ``[B, H, c, |keys|]``."""
-        batch, heads, c, dim = q.shape
-        kv_heads = k.shape[1]
-        # GQA: head h reads kv head h // groups (transformers' repeat_kv); the scale goes on q
-        z = torch.matmul(q.reshape(batch, kv_heads, -1, dim) * self.scale, k.transpose(-1, -2))
-        z = z.view(batch, heads, c, keys.numel())
-        add = self.additive(sl, keys, z.dtype)
-        if add is not None:
-            z = z.add_(add)
-        return z.sub_(lse[..., None]).exp_()
+    def keys_aug(self, k: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[k, b_j, 1]`` at ``keys`` ``[B, Hkv, |keys|, D + 1|2]``: one product with ``rows_aug``
+        gives ``z - LSE`` (no pass over the logits for the bias, the scale or LSE)."""
+        batch, kv_heads, n, _ = k.shape
+        parts = [k.to(dtype)]
+        if self.bias is not None:
+            parts.append(self.bias.index_select(1, keys).to(dtype)[:, None, :, None].expand(batch, kv_heads, n, 1))
+        parts.append(k.new_ones((batch, kv_heads, n, 1), dtype=dtype))
+        return torch.cat(parts, dim=-1)
+
+    def rows_aug(self, q: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[scale·q, 1, -LSE]`` of a chunk of rows ``[B, H, c, D + 1|2]``."""
+        parts = [q.to(dtype) * self.scale]
+        if self.bias is not None:
+            parts.append(q.new_ones(q.shape[:-1] + (1,), dtype=dtype))
+        parts.append(-lse.to(dtype)[..., None])
+        return torch.cat(parts, dim=-1)
+
+    def probs(self, q_aug: torch.Tensor, k_aug: torch.Tensor, sl: slice, keys: torch.Tensor) -> torch.Tensor:
+        """``exp(z - LSE)`` ``[B, H, c, |keys|]`` of the chunk's rows at ``keys``, from ``rows_aug``
+        ``[B, H, c, D']`` and ``keys_aug`` ``[B, Hkv, |keys|, D']``."""
+        batch, heads, c, dim = q_aug.shape
+        kv_heads = k_aug.shape[1]
+        # GQA: head h reads kv head h // groups (transformers' repeat_kv)
+        z = torch.matmul(q_aug.reshape(batch, kv_heads, -1, dim), k_aug.transpose(-1, -2)).view(batch, heads, c, -1)
+        seen = self.visible(sl, keys)
+        if seen is not None:
+            z = z.masked_fill_(~seen, float("-inf")) if seen.dtype == torch.bool else z.add_(seen.to(z.dtype))
+        return z.exp_()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -159,9 +172,9 @@ class _Masses(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, plan: _Plan) -> torch.Tensor:
         dtype = _compute_dtype(q)
-        k_cols = k.index_select(2, plan.cols).to(dtype)
+        k_cols = plan.keys_aug(k.index_select(2, plan.cols), plan.cols, dtype)
         ind = plan.ind.to(dtype)
-        parts = [torch.matmul(plan.probs(q[:, :, sl].to(dtype), k_cols, lse[:, :, sl].to(dtype), sl, plan.cols), ind)
+        parts = [torch.matmul(plan.probs(plan.rows_aug(q[:, :, sl], lse[:, :, sl], dtype), k_cols, sl, plan.cols), ind)
                  for sl in plan.chunks()]
         masses = torch.cat(parts, dim=2)
         fctx.save_for_backward(q, k, lse, masses)
@@ -177,19 +190,20 @@ class _Masses(torch.autograd.Function):
         batch, heads, _, dim = q.shape
         kv_heads = k.shape[1]
         k32 = k.to(dtype)
+        k_aug = plan.keys_aug(k, torch.arange(plan.kv_len, device=k.device), dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=dtype, device=k.device)
         c_all = (grad * masses.to(dtype)).sum(-1, keepdim=True)  # [B, H, n, 1]
         for sl in plan.chunks():
             width = plan.width(sl)
-            keys = torch.arange(width, device=q.device)
             qc = q[:, :, sl].to(dtype)
-            p = plan.probs(qc, k32[:, :, :width], lse[:, :, sl].to(dtype), sl, keys)  # [B, H, c, width]
+            p = plan.probs(plan.rows_aug(qc, lse[:, :, sl], dtype), k_aug[:, :, :width], sl,
+                           torch.arange(width, device=q.device))  # [B, H, c, width]
             n_cols = int(torch.searchsorted(plan.cols, width))
             cols = plan.cols[:n_cols]
             on_cols = torch.matmul(grad[:, :, sl], plan.ind[:, :, :n_cols].to(dtype).transpose(-1, -2))  # [B, H, c, m]
-            dz = p * (-c_all[:, :, sl])
-            dz.index_add_(-1, cols, p.index_select(-1, cols) * on_cols)
+            on_cols = p.index_select(-1, cols).mul_(on_cols)
+            dz = p.mul_(-c_all[:, :, sl]).index_add_(-1, cols, on_cols)  # p (1_K·g - c)
             dz = dz.mul_(plan.scale).reshape(batch, kv_heads, -1, width)
             c = qc.shape[2]
             dq[:, :, sl] = torch.matmul(dz, k32[:, :, :width]).view(batch, heads, c, dim)
@@ -217,7 +231,7 @@ def lse_masses(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, mask: 
                  mask=mask, causal=causal and mask is None and q_len > 1, crop=causal and q_len == kv_len, bias=bias,
                  scale=scale, chunk=chunk_size, kv_len=kv_len)
     keep = qmask.index_select(1, rows)[:, None, :]  # [B, 1, n]
-    # rows outside a batch row's Q (other rows' Q, padding): LSE +inf gives mass 0, never NaN
-    lse_rows = torch.where(keep, lse.index_select(2, rows), torch.tensor(float("inf"), dtype=lse.dtype, device=lse.device))
+    # rows outside a batch row's Q (other rows' Q, padding): a huge LSE gives mass 0, never NaN
+    lse_rows = torch.where(keep, lse.index_select(2, rows), torch.tensor(OFF_ROW, dtype=lse.dtype, device=lse.device))
     masses = _Masses.apply(query.index_select(2, rows), key, lse_rows.detach(), plan)
     return mass_v.index_copy(2, rows, masses[..., 0]), mass_s.index_copy(2, rows, masses[..., 1])
