@@ -396,6 +396,13 @@ def test_bfloat16_model_statistics_in_float32(models, cases, tiny_model_dir):
     assert rel_err(fused.mass_v.detach(), ref.mass_v) < 0.1 and rel_err(fused.mass_s.detach(), ref.mass_s) < 0.1
     agto_losses(fused).enh.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bf16.parameters())
+    # lse: the row LSE comes from the bf16 kernel (float32 accumulation), the masses' q·k in float32
+    _, lse = attention_statistics(bf16, enc, query="response", intervention=iv, method="lse")
+    assert lse.mass_v.dtype == torch.float32
+    assert rel_err(lse.mass_v, chunked.mass_v) < 1e-3 and rel_err(lse.mass_s, chunked.mass_s) < 1e-3
+    for ours, fp32 in ((lse.mass_v, ref.mass_v), (lse.mass_s, ref.mass_s)):  # no further from float32 than fused
+        assert rel_err(ours, fp32) <= 1.05 * max(rel_err(fused.mass_v.detach(), ref.mass_v),
+                                                 rel_err(fused.mass_s.detach(), ref.mass_s))
 
 
 def test_chunk_size_selects_the_method():
