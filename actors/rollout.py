@@ -2,13 +2,6 @@
 and sample n responses per multimodal prompt, with per-token log-probs and the policy version
 that produced them. ``RolloutPool`` spreads a step's prompts over the workers and redoes the
 share of a worker that died (Ray restarts it; the pool gives it the current weights first).
-
-Seeds: no request carries a seed of its own (vLLM V1 samples seeded requests one by one, on a
-Python path, at every decode step). Each ``generate`` call reseeds the engine's global
-generator instead, with one seed derived from the worker and its share's request seeds (those
-are ``rl.seed``, the step and the prompts' positions: ``avar_ray.rl.pipeline.request_seed``),
-after emptying the engine's caches: equal weights and an equal share then sample the same
-rollouts, so a resumed run or a redone share samples what the uninterrupted run did.
 """
 from __future__ import annotations
 
@@ -16,15 +9,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
 
 from actors.records import PromptRequest, Rollout, conversation, resolve_samples
 from actors.recovery import ActorSet
 from actors.weight_sync import WeightHandle
-from actors.weight_sync import VLLMWeightExtension
-from actors.weight_sync.vllm_ext import (engine_join_group, engine_receive_broadcast,
+from actors.weight_sync.vllm_ext import (EXTENSION, engine_join_group, engine_receive_broadcast,
                                          engine_update_object_store, reset_engine_caches)
 from avar_ray.config import ModelConfig
 from avar_ray.decoding import ResponseCodec
@@ -43,22 +32,6 @@ class SamplingSpec:
     top_p: float
 
 
-class RolloutExtension(VLLMWeightExtension):
-    """Mixed into every vLLM worker of a rollout engine: the weight-sync receiver, and the
-    per-call reseed of the sampler's generator."""
-
-    def avar_reseed(self, seed: int) -> None:
-        import torch
-
-        torch.manual_seed(seed)  # every device's default generator: the sampler's noise
-
-
-def share_seed(worker_index: int, requests: Sequence[PromptRequest]) -> int:
-    """The sampling seed of one generate call: the worker's index and its share's request
-    seeds (functions of ``rl.seed``, the step and the prompts' positions)."""
-    return int(np.random.default_rng([worker_index, *(int(r.seed) for r in requests)]).integers(0, 2**31 - 1))
-
-
 class RolloutWorker:
     """One vLLM engine. Weights are replaced in place (``update_weights``), never by restarting."""
 
@@ -73,8 +46,7 @@ class RolloutWorker:
         self.processor = load_processor(model.path, model)
         self.codec = ResponseCodec(self.processor)
         self.llm = start_llm(model, max_images=rl.max_images, enforce_eager=rl.enforce_eager, seed=rl.seed,
-                             gpu_memory_utilization=rl.gpu_memory_utilization,
-                             worker_extension_cls="actors.rollout.RolloutExtension",
+                             gpu_memory_utilization=rl.gpu_memory_utilization, worker_extension_cls=EXTENSION,
                              # temperature applied, as the learner's log-probs (logits / T)
                              logprobs_mode="processed_logprobs", tensor_parallel_size=rl.rollout_tensor_parallel_size)
         self.start_s = time.perf_counter() - start
@@ -118,14 +90,7 @@ class RolloutWorker:
             inputs.append(item)
             params.append(self.codec.sampling_params(n=sampling.n, temperature=sampling.temperature,
                                                      top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-                                                     logprobs=0))
-        seed = share_seed(self.worker_index, requests)
-
-        def reseed():  # equal caches: equal scheduling, so the same noise lands on the same tokens
-            reset_engine_caches(self.llm)
-            self.llm.collective_rpc("avar_reseed", args=(seed,))
-
-        self._guard(reseed)
+                                                     logprobs=0, seed=req.seed))
         rollouts = []
         ids_of = {id(req): sample.id for req, sample in zip(requests, samples)}
         for req, out in self._generate_isolating(requests, inputs, params):
@@ -144,7 +109,8 @@ class RolloutWorker:
             return list(zip(requests, self._guard(lambda: self.llm.generate(inputs, params, use_tqdm=False))))
         except Exception as exc:  # noqa: BLE001 - isolated below; a dead engine already exited in _guard
             if len(requests) == 1:
-                log.warning("rollout worker %d: request %d failed: %s", self.worker_index, requests[0].index, exc)
+                log.warning("rollout worker %d: request %d (seed %d) failed: %s", self.worker_index,
+                            requests[0].index, requests[0].seed, exc)
                 return []
         done = []
         for req, item, param in zip(requests, inputs, params):
