@@ -33,8 +33,13 @@ from typing import Sequence
 
 import torch
 
-# Bump when the recipe changes in a way the settings do not show (cached bases are rebuilt).
+# Bump when the recipe changes in a way neither the settings nor SOURCES show (cached bases are rebuilt).
 RECIPE_VERSION = 2
+# The project's files that decide what the base is (its model, data, targets, training and
+# check): their bytes are part of the cache key, so editing any of them rebuilds the base.
+SOURCES = ("warm_base.py", "warm_vision.py", "tiny_model.py", "modeling.py", "data/procedural.py",
+           "data/scenes.py", "data/render.py", "data/captions.py", "data/schema.py", "sft/data.py",
+           "synth/verify.py")
 INFO = "warm_base.json"
 # Procedural seeds of the training stream and of the held-out check set (the demo's and the
 # tests' data use seeds 0 and 10_000; these never collide with them).
@@ -42,8 +47,17 @@ TRAIN_SEED_OFFSET = 500_000
 CHECK_SEED_OFFSET = 900_000
 
 
+def sources_hash() -> str:
+    """sha256 over SOURCES (path and bytes), relative to the package folder."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for rel in SOURCES:
+        h.update(rel.encode() + b"\0" + (here / rel).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_key(wb, image_size: int) -> str:
-    settings = {**asdict(wb), "image_size": image_size, "recipe": RECIPE_VERSION}
+    settings = {**asdict(wb), "image_size": image_size, "recipe": RECIPE_VERSION, "sources": sources_hash()}
     settings.pop("cache_dir")
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -202,15 +216,28 @@ def _build(out: Path, wb, image_size: int, start: float) -> dict:
 
 def ensure_warm_base(wb, image_size: int, rebuild: bool = False) -> Path:
     """The cached warm base for these settings, built (a few CPU minutes) if it is missing."""
+    import fcntl
+    import tempfile
+
     path = cache_path(wb, image_size)
     if (path / INFO).is_file() and not rebuild:
         print(f"warm base: reusing {path}", flush=True)
         return path
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    info = build_warm_base(tmp, wb, image_size)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # atomic: a killed build never leaves a folder that looks finished
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per key at a time (a second one waits, then reuses the first one's base);
+    # the lock is released by the OS if the builder dies.
+    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / INFO).is_file() and not rebuild:
+            print(f"warm base: reusing {path} (built by another process meanwhile)", flush=True)
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp", dir=path.parent))
+        try:
+            info = build_warm_base(tmp, wb, image_size)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)  # atomic: a killed build never leaves a folder that looks finished
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     c = info["check"]
     print(f"warm base: {path} in {info['seconds']:.0f}s; accuracy {c['accuracy']:.3f} on {c['n']} held-out tasks "
           f"(random {c['baselines']['random']:.3f}, most frequent {c['baselines']['most_frequent']:.3f}), "
