@@ -13,7 +13,8 @@ learns. Two phases, like a real VLM's pre-training:
 
 It is then checked on a held-out procedural set against two baselines (answering at random,
 always giving the most frequent answer). The result is cached under ``warm_base.cache_dir`` in a
-folder named by a hash of every setting, so a second run (the demo, the test session) reuses it:
+folder named by a hash of every setting and of the files that build it (SOURCES), so a second run
+(the demo, the test session) reuses it while none of them changed:
 
     path = ensure_warm_base(cfg.warm_base, image_size=cfg.data.image_size)
 """
