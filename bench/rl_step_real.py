@@ -76,8 +76,9 @@ def make_items(model_dir: Path, prompts: int, n: int, scale: float, seed: int = 
     for i, sample in enumerate(generate_samples(prompts, seed=seed)):
         target = int(rng.integers(300, 1501) * scale)
         base = len(encode_prompt(processor, sample).ids)
-        filler = " ".join(["seven"] * max(0, target - base))  # one token per word or so; measured below
-        sample = dataclasses.replace(sample, id=f"real{i}", question=f"{sample.question} {filler}")
+        per_word = len(processor.tokenizer(" seven" * 100)["input_ids"]) / 100  # tokens of one filler word
+        filler = " seven" * max(0, round((target - base) / per_word))
+        sample = dataclasses.replace(sample, id=f"real{i}", question=f"{sample.question}{filler}")
         ids = encode_prompt(processor, sample).ids
         for _ in range(n):
             length = max(1, int(min(rng.lognormal(np.log(300), 1.0) + 1, 2048) * scale))
