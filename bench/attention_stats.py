@@ -154,11 +154,58 @@ def _runner(model, vocab: int, length: int, query: str, grad: bool):
     return run
 
 
+def _layer_runner(widths: str, dtype: str, length: int, query: str, grad: bool, seed: int):
+    """``--level layer``: one attention call of a statistics layer alone (q, k, v of the model's
+    shapes, random), through ``avar_attention_forward`` as a decoder layer calls it; with grad,
+    the backward of sum(out·r) (+ AGTO's losses for the statistics variants)."""
+    import types
+
+    import torch
+
+    from avar_ray.attention import AttentionContext, agto_losses
+    from avar_ray.attention.kernel import avar_attention_forward
+
+    w = WIDTHS[widths]
+    heads, kv_heads = w["num_attention_heads"], w["num_key_value_heads"]
+    dim = w["hidden_size"] // heads
+    gen = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, DTYPES[dtype])
+    q, k, v = (torch.randn(1, h, length, dim, generator=gen).to(dt).requires_grad_(grad)
+               for h in (heads, kv_heads, kv_heads))
+    r = torch.randn(1, length, heads, dim, generator=gen).to(dt)
+    module = types.SimpleNamespace(layer_idx=0, is_causal=True, num_key_value_groups=heads // kv_heads, training=False)
+    pos = torch.arange(length)[None]
+    system = pos < SYSTEM_TOKENS
+    visual = (pos >= SYSTEM_TOKENS) & (pos < SYSTEM_TOKENS + length // 4)
+    qmask = pos >= length // 2 if query == "response" else (pos >= SYSTEM_TOKENS + length // 4) & (pos < length // 2)
+
+    def run(variant: str):
+        with torch.set_grad_enabled(grad):
+            ctx = None
+            if variant != "sdpa":
+                ctx = AttentionContext(visual, system, qmask, method=None if variant == "auto" else variant,
+                                       chunk_size=256 if variant == "chunked" else None, num_layers=1)
+            out, _ = avar_attention_forward(module, q, k, v, None, scaling=dim ** -0.5, avar_context=ctx)
+            if grad:
+                loss = (out * r).float().sum()
+                if ctx is not None:
+                    losses = agto_losses(ctx.stats())
+                    loss = loss + AGTO_WEIGHT * (losses.enh + losses.sup)
+                loss.backward()
+                for x in (q, k, v):
+                    x.grad = None
+
+    return run
+
+
 def child(args, variants: list[str], length: int, dtype: str, grad: bool) -> dict:
     import torch
 
-    model, vocab = _model(args.widths, dtype, length, args.seed)
-    run = _runner(model, vocab, length, args.query, grad)
+    if args.level == "layer":
+        run = _layer_runner(args.widths, dtype, length, args.query, grad, args.seed)
+    else:
+        model, vocab = _model(args.widths, dtype, length, args.seed)
+        run = _runner(model, vocab, length, args.query, grad)
     res: dict = {}
     for v in variants:  # warm-up: first-call allocations must not count as one variant's memory
         run(v)
@@ -187,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16")
     parser.add_argument("--lengths", default="512,1024,2048,4096")
     parser.add_argument("--grad", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--level", choices=["model", "layer"], default="model",
+                        help="layer: one statistics layer's attention call alone (no model)")
     parser.add_argument("--variants", default="sdpa,fused,lse,auto")
     parser.add_argument("--query", choices=["response", "user"], default="response")
     parser.add_argument("--repeats", type=int, default=3)
@@ -217,6 +266,7 @@ def main(argv=None) -> int:
             for grad in grads:
                 cmd = [sys.executable, __file__, "--_child", f"{length},{dtype},{int(grad)}", "--widths", args.widths,
                        "--variants", ",".join(variants), "--query", args.query, "--repeats", str(args.repeats),
+                       "--level", args.level,
                        "--seed", str(args.seed)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -233,7 +283,7 @@ def main(argv=None) -> int:
                           f"peak +{r['peak_mb']:8.1f} MB ({r['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x)", flush=True)
 
     first = cells[0]
-    print(f"\nwidths {args.widths}, Q = {args.query}, batch 1, {first['threads']} torch threads; time = min of "
+    print(f"\n{args.level} level, widths {args.widths}, Q = {args.query}, batch 1, {first['threads']} torch threads; time = min of "
           f"{args.repeats} interleaved rounds; memory = peak RSS above the pre-run RSS "
           f"({'VmHWM reset' if first['variants']['sdpa']['exact_peak'] else 'ru_maxrss'}); ratios over sdpa\n")
     stats = [v for v in variants if v != "sdpa"]
@@ -241,8 +291,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|" + "---|" * len(stats))
     for c in cells:
         b = c["variants"]["sdpa"]
-        row = [f"{c['variants'][v]['time_s'] / b['time_s']:.2f}x / {c['variants'][v]['peak_mb'] / max(b['peak_mb'], 1e-9):.2f}x"
-               for v in stats]
+        mem = (lambda v: f"{c['variants'][v]['peak_mb'] / b['peak_mb']:.2f}x") if b["peak_mb"] >= 1 else (lambda v: "-")
+        row = [f"{c['variants'][v]['time_s'] / b['time_s']:.2f}x / {mem(v)}" for v in stats]
         print(f"| {c['length']} | {c['dtype']} | {'on' if c['grad'] else 'off'} | {b['time_s'] * 1000:.0f} / "
               f"{b['peak_mb']:.0f} | " + " | ".join(row) + " |")
     if args.json:

@@ -129,15 +129,15 @@ def qwen3(tiny_qwen3_vl_dir):
 
 @pytest.mark.parametrize("intervened", [False, True])
 def test_qwen3_vl_masses_match_eager(qwen3, intervened):
-    """The default method (``lse`` on CPU) on Qwen3-VL (DeepStack, interleaved MRoPE), a
-    left-padded batch, every query span, the intervention on a layer subset or off."""
+    """``lse`` on Qwen3-VL (DeepStack, interleaved MRoPE), a left-padded batch, every query
+    span, the intervention on a layer subset or off."""
     avar, ref, enc = qwen3
     iv = Intervention(a_img=0.15, a_sys=0.4, layers=(0, 2)) if intervened else None
     reweight = None if iv is None else iv.reweight(enc.spans.visual, enc.spans.system)
     with torch.no_grad():
         ro = ref(**enc.inputs, output_attentions=True, ref_reweight=reweight, ref_layers=None if iv is None else iv.layers)
     for query in ("user", "response", "user_visual"):
-        _, stats = attention_statistics(avar, enc, query=query, intervention=iv)
+        _, stats = attention_statistics(avar, enc, query=query, intervention=iv, method="lse")
         mv, ms = eager_masses(ro.attentions, enc.spans, query)
         assert float(mv.max()) > 0.1 and float(ms.max()) > 0.1
         assert rel_err(stats.mass_v, mv) < 1e-5 and rel_err(stats.mass_s, ms) < 1e-5, query

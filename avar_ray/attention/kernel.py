@@ -22,7 +22,7 @@ computed one of three ways, all exact and differentiable, only in the statistics
 * ``lse`` (``avar_ray.attention.lse``): one attention call in the model's dtype that also
   returns each row's float32 log-sum-exp (the CPU flash kernel; on CUDA flash /
   memory-efficient), then ``exp(z_ij - LSE_i)`` from float32 q·k for the rows of Q and the
-  V ∪ S columns only, chunks of ``chunk_size`` rows (extra memory chunk x |V ∪ S| per head).
+  V ∪ S columns only, in chunks of rows (extra memory about ``chunk_size`` x T per head).
   Its backward is its own (LSE is not differentiable through the kernel): exact, chunked over
   the rows of Q x the keys they see, in float32.
 * ``fused``: the masses are attention outputs whose values are the indicator
@@ -42,7 +42,18 @@ device, dtype and grad, from bench/results/attention_stats.md (2 text layers at 
 widths, T = 4096, Q = R, |V| = 1024, |S| = 24; ratios over a plain SDPA forward, min of
 interleaved runs on a loaded 2-core CPU):
 
-AUTO_FIGURES
+    one statistics layer's attention call (--level layer), time / extra peak memory over SDPA:
+    | dtype | grad | fused (old)   | lse (new)     | auto picks |
+    | fp32  | no   | 1.13x / 1.52x | 1.53x / 1.00x | fused      |
+    | fp32  | yes  | 1.12x / 2.02x | 1.75x / 3.18x | fused      |
+    | bf16  | no   | 2.09x / 6.04x | 1.33x / 9.22x | lse        |
+    | bf16  | yes  | 2.32x / 3.00x | 2.89x / 7.71x | fused      |
+
+So ``lse`` is the default only for a bf16/fp16 forward without grad on CPU (the RL score
+pass, eval, serve): there it replaces fused's second float32 call over all T rows. With grad
+(AGTO) its own backward, three float32 |Q| x T x D products per head, costs more than SDPA's
+backward of the fused call, so grad keeps ``fused``. In float32 the fused call is one kernel
+already and stays.
 
 CUDA is not in ``AUTO`` yet (no GPU measurement of ``lse``; bench/gpu_check.sh prints it), so
 it keeps ``fused`` until one says otherwise.
@@ -61,8 +72,7 @@ from avar_ray.attention.lse import lse_attention, lse_masses
 ATTN_IMPLEMENTATION = "avar"
 # method "auto": (device, dtype, grad) -> method, from bench/results/attention_stats.md; "half" is
 # bf16/fp16. Missing (CUDA: the lse kernels are not yet measured there) -> "fused".
-AUTO = {("cpu", "float32", False): "lse", ("cpu", "half", False): "lse",
-        ("cpu", "float32", True): "lse", ("cpu", "half", True): "lse"}
+AUTO = {("cpu", "half", False): "lse"}
 
 
 def register_attention() -> str:
