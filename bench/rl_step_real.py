@@ -284,7 +284,8 @@ def run(args) -> None:
     best = {k: min(v, key=lambda p: p["s"]) for k, v in phases.items()}
     resp = [len(it.response_ids) for it in items]
     print(f"\n== RL step at real shapes: {args.prompts} prompts x {args.n} rollouts, length scale "
-          f"{args.length_scale}: prompts {min(lengths) - max(resp)}..., rows {min(lengths)}-{max(lengths)} tokens "
+          f"{args.length_scale}: prompts {min(len(it.prompt_ids) for it in items)}-"
+          f"{max(len(it.prompt_ids) for it in items)}, rows {min(lengths)}-{max(lengths)} tokens "
           f"(mean {sum(lengths) / len(lengths):.0f}), responses {min(resp)}-{max(resp)}; 2 ranks ZeRO-3 gloo, "
           f"2-layer model, hidden {args.hidden} (3B: 2048), V = 151,936; before = {args.base}")
     print("| | before | after | after / before |\n|---|---|---|---|")
