@@ -212,7 +212,7 @@ class RLConfig:
     # Held-out curve (avar_ray/rl/heldout.py): every eval_every steps (and at the start and the last step) the
     # current policy answers eval_data on the rollout engines: greedy and eval_samples samples at rl.temperature
     eval_every: int = 0  # 0: off
-    eval_data: str = ""  # a data file like data.train (prompts the run does not train on)
+    eval_data: str = ""  # held-out data, read like data.train (prompts the run does not train on)
     eval_samples: int = 4  # samples per held-out prompt (accuracy_sampled, pass@k); 0: greedy only
     # broadcast: a persistent group from learner rank 0 to the rollout workers (nccl when both sides have whole
     # GPUs, else gloo); object_store: every sync through Ray's object store. The old value "nccl" is refused (no
