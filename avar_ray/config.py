@@ -82,8 +82,9 @@ class AttentionConfig:
     # Text layers every statistic averages over: VAS (eval, serve, `avar vas`), AGTO's losses
     # (SFT) and r_visual (RL); None = all (SPEC.md §1, §4, §5)
     layers: Optional[list[int]] = None
-    # None: the fused statistics (one SDPA call, the default); N: the chunked method instead,
-    # N query rows x all keys at a time (bounded memory, about 3x slower; bench/attention_stats.py)
+    # None: automatic (avar_ray/attention/kernel.py AUTO: the log-sum-exp method where measured faster,
+    # else the fused one-call statistics); N: the chunked method, N query rows x all keys at a time
+    # (bounded memory, slower; bench/attention_stats.py)
     chunk_size: Optional[int] = None
     eps: float = 1e-6  # SFT: inside L_sup's log; RL: r_visual's V / (S + eps)
 
@@ -492,7 +493,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rl.zero_stage in (0, 1, 2, 3), "rl.zero_stage: must be 0, 1, 2 or 3"),
         (cfg.rl.n_samples >= 2, "rl.n_samples: GRPO needs at least 2 rollouts per prompt"),
         (cfg.attention.chunk_size is None or cfg.attention.chunk_size > 0,
-         "attention.chunk_size: must be positive (or null: the fused statistics)"),
+         "attention.chunk_size: must be positive (or null: the automatic choice)"),
         (cfg.rl.placement.rollout_workers >= 1, "rl.placement.rollout_workers: must be >= 1"),
         (cfg.rl.placement.learners >= 1, "rl.placement.learners: must be >= 1"),
         (cfg.rl.placement.reward_workers >= 1 and cfg.rl.reward.verify_timeout_s > 0,
