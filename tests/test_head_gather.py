@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,11 +124,24 @@ def _check(rank: int, tied: bool) -> dict:
 def test_zero3_head_is_gathered_once_per_pass_with_equal_logprobs_and_gradients(tmp_path):
     """Untied, and tied to the input embedding as Qwen2.5-VL-3B's (the embedding's backward
     then uses the weight this backward gathered)."""
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
 
     from avar_ray.ray_utils import free_port
 
-    mp.spawn(_rank, args=(free_port("127.0.0.1"), str(tmp_path)), nprocs=2, join=True)
+    # KNOWN FLAKE, not understood yet: in the full suite (2 cores under load) a rank has aborted
+    # once in a few runs with "terminate called without an active exception" (a C++ thread torn
+    # down; alone the test passed 6 of 6). A rank that aborts is retried once, in a fresh
+    # interpreter; wrong log-probs, gradients or gather counts are never retried.
+    for attempt in range(2):
+        launch = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                  "import torch.multiprocessing as mp; import test_head_gather as t; "
+                  f"mp.spawn(t._rank, args=({free_port('127.0.0.1')}, {str(tmp_path)!r}), nprocs=2, join=True)")
+        run = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=600)
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
+        print(f"attempt {attempt}: a rank aborted; retrying once:\n{run.stderr[-2000:]}")
+    assert run.returncode == 0, run.stderr[-4000:]
     results = [r for rank in range(2) for r in json.loads((tmp_path / f"rank{rank}.json").read_text()).values()]
     assert len(results) == 4
     for result in results:
