@@ -64,3 +64,24 @@ def test_sft_on_an_earlier_runs_folder_is_refused_with_resume_off(tmp_path):
                        "sft.resume=false"])
     with pytest.raises(ValueError, match=r"sft\.out: .* holds checkpoints of an earlier run \(step 4\)"):
         run_sft(cfg)
+
+
+def test_vars_on_a_template_without_a_system_turn_is_refused_at_start(tiny_qwen3_vl_dir, procedural_parquet, tmp_path):
+    """Qwen3-VL's chat template adds no system turn: with lambda_v > 0 and no model.system_prompt
+    r_visual = V / (S + eps) would be ~1e6 on every gated rollout. `avar rl` refuses before it
+    starts Ray, naming model.system_prompt; with a system prompt, or lambda_v = 0, it is accepted."""
+    import ray
+
+    from avar_ray.attention import NoSystemPromptError
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+    from avar_ray.rl.pipeline import load_prompts, require_system_span_for_vars
+
+    overrides = [f"model.path={tiny_qwen3_vl_dir}", f"data.train={procedural_parquet}", f"rl.out={tmp_path / 'rl'}"]
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml", overrides)
+    with pytest.raises(NoSystemPromptError, match="model.system_prompt"):
+        run_rl(cfg)
+    assert not ray.is_initialized()
+    sample = load_prompts(cfg).samples[0]
+    require_system_span_for_vars(load_config(REPO / "configs" / "tiny_local.yaml", overrides + ["model.system_prompt=You are helpful."]), sample)
+    require_system_span_for_vars(load_config(REPO / "configs" / "tiny_local.yaml", overrides + ["rl.reward.lambda_v=0"]), sample)

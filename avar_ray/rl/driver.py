@@ -31,7 +31,8 @@ from avar_ray.config import TrackingConfig, to_dict
 from avar_ray.grpo import grpo_advantages, informative_groups
 from avar_ray.rl import checkpoint
 from avar_ray.rl.heldout import HeldOut, due
-from avar_ray.rl.pipeline import PromptSampler, RolloutPipeline, SamplerState, load_prompts
+from avar_ray.rl.pipeline import (PromptSampler, RolloutPipeline, SamplerState, load_prompts,
+                                  require_system_span_for_vars)
 from avar_ray.tracking import METRICS, Tracker, read_metrics
 
 # ---- per-step metrics: the reward parts, accuracy, the responses' VAS and lengths (a pure summary
@@ -350,6 +351,7 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
         raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
     start = start_step(out / "checkpoints", mode, "rl", "resume it with `avar rl --resume` (rl.resume=true or auto)")
     prompts = load_prompts(cfg)
+    require_system_span_for_vars(cfg, prompts.samples[0])
     print(f"rl: {prompts.summary()}; steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts x "
           f"{rl.n_samples} rollouts per step", flush=True)
     if not ray.is_initialized():

@@ -88,6 +88,25 @@ def prompt_tokens(processor, sample: Sample, system_prompt: str | None) -> int:
     return processor(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1]
 
 
+def require_system_span_for_vars(cfg, sample: Sample) -> None:
+    """r_visual is V / (S + eps): with ``rl.reward.lambda_v > 0`` on a chat template that adds no
+    system turn (Qwen3-VL) and no ``model.system_prompt``, S is empty and r_visual would be
+    V / eps (about 1e6) on every gated rollout. Refused at start, naming the key."""
+    from actors.records import conversation
+    from avar_ray.attention import NoSystemPromptError, require_system_span
+    from avar_ray.modeling import encode_batch, load_processor
+
+    if cfg.rl.reward.lambda_v <= 0:
+        return
+    messages, images = conversation(sample, cfg.model.system_prompt)
+    processor = load_processor(cfg.model.path, cfg.model)
+    try:
+        require_system_span(encode_batch(processor, [messages], [images]).spans.system)
+    except NoSystemPromptError as exc:
+        raise NoSystemPromptError(f"rl.reward.lambda_v = {cfg.rl.reward.lambda_v} needs a system span: {exc} "
+                                  "(or set rl.reward.lambda_v=0)") from None
+
+
 def load_prompts(cfg) -> PromptSet:
     """``data.train``, minus the prompts no step could use: more images than ``rl.max_images``,
     an image over ``rl.max_image_pixels``, or prompt tokens + ``rl.max_new_tokens`` beyond
