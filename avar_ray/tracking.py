@@ -94,11 +94,17 @@ def read_metrics(path: Path, upto: Optional[int] = None) -> list[dict]:
     return [r for r in rows if "step" in r and (upto is None or r["step"] <= upto)]
 
 
+def keep_records_upto(path: Path, step: int) -> None:
+    """Rewrite a per-step ``.jsonl`` with its records up to ``step`` (none at 0): a resumed
+    run redoes the steps after its checkpoint."""
+    kept = read_metrics(path, upto=step) if step else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 class _Jsonl:
     def __init__(self, out: Path, start_step: int, **_) -> None:
         self.path = out / METRICS
-        kept = read_metrics(self.path, upto=start_step) if start_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        keep_records_upto(self.path, start_step)
         self.fh = self.path.open("a", encoding="utf-8")
 
     def _write(self, obj: dict) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from actors.records import PromptRequest
 from actors.rollout import SamplingSpec
-from avar_ray.tracking import read_metrics
+from avar_ray.tracking import keep_records_upto
 
 CURVE = "heldout.jsonl"
 ANSWERS = "heldout"
@@ -63,9 +63,7 @@ class HeldOut:
 
     def rewind(self, step: int) -> None:
         """Keep the curve up to ``step`` (a resumed or recovered run redoes the steps after it)."""
-        curve = self.out / CURVE
-        kept = read_metrics(curve, upto=step) if step else []
-        curve.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        keep_records_upto(self.out / CURVE, step)
 
     def _score(self, spec: SamplingSpec) -> tuple[list, list]:
         rollouts = self.system.rollout.generate(self.requests, spec)
