@@ -60,3 +60,29 @@ def test_heldout_evaluations_fall_on_the_start_every_n_steps_and_the_last():
     assert [s for s in range(0, 21) if due(s, 5, 20)] == [0, 5, 10, 15, 20]
     assert [s for s in range(0, 8) if due(s, 3, 7)] == [0, 3, 6, 7]
     assert not any(due(s, 0, 7) for s in range(8))
+
+
+def test_per_task_pass_at_1_sampled_interval_and_pass_at_k(tmp_path):
+    """The held-out answers' per-task figures: pass@1 from the greedy answers, the sampled accuracy's
+    interval over prompts (not over the n x k samples), pass@k; the demo tables step 0 -> the last."""
+    from avar_ray.commands.demo import per_task_section
+    from avar_ray.rl.heldout import per_task
+
+    rows = [{"id": "a", "task": "count", "correct": 0.0, "sampled": [1.0, 0.0, 0.0, 0.0]},
+            {"id": "b", "task": "count", "correct": 1.0, "sampled": [1.0, 1.0, 0.0, 0.0]},
+            {"id": "c", "task": "colour", "correct": 1.0, "sampled": [1.0, 1.0, 1.0, 1.0]}]
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "step_0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = per_task(tmp_path / "heldout" / "step_0.jsonl")
+    assert list(table) == ["colour", "count", "all"]
+    count = table["count"]
+    assert count["n"] == 2 and count["pass@1"] == 0.5 and count["pass@k"] == 1.0
+    assert abs(count["sampled"] - 0.375) < 1e-12
+    half = 1.96 * 0.125 * 2 ** 0.5 / 2 ** 0.5  # sd over the two prompts' means (0.25, 0.5), ddof 1
+    assert abs(count["sampled_ci"][0] - (0.375 - half)) < 1e-9 and abs(count["sampled_ci"][1] - (0.375 + half)) < 1e-9
+    assert abs(table["all"]["pass@1"] - 2 / 3) < 1e-12 and table["colour"]["sampled_ci"] == (1.0, 1.0)
+    after = [dict(r, correct=1.0, sampled=[1.0] * 4) for r in rows]
+    (tmp_path / "heldout" / "step_20.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
+    text = per_task_section(tmp_path, 0, 20)
+    assert "| count | 2 | 0.500 -> 1.000 |" in text and "| all | 3 | 0.667 -> 1.000 |" in text
+    assert per_task_section(tmp_path, 0, 0) == "" and per_task_section(tmp_path, 0, 5) == ""

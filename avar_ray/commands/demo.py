@@ -160,7 +160,8 @@ def trend_section(trend: dict, pool: int) -> str:
 
 def heldout_section(metrics_path: str | Path, curve_path: str | Path, png: Path) -> str:
     """Markdown (and ``png``): the RL run's held-out curve (``rl.eval_every``) beside the
-    training rollouts' accuracy reward; empty when the run kept no curve."""
+    training rollouts' accuracy reward, and per task the starting policy against the final one
+    (greedy pass@1, sampled accuracy with its 95% interval, pass@k); empty when the run kept no curve."""
     from avar_ray.eval.plots import rl_curve
     from avar_ray.tracking import read_metrics
 
@@ -175,7 +176,30 @@ def heldout_section(metrics_path: str | Path, curve_path: str | Path, png: Path)
     return "\n".join([
         f"## Held-out curve (the RL policy on the {curve[0]['eval/n']} evaluation rows, during training)", "",
         "| step | " + " | ".join(name for name, _ in keys) + " |", "|---" * (len(keys) + 1) + "|", *rows, "",
-        f"![held-out curve]({png.name})", ""])
+        f"![held-out curve]({png.name})", "",
+        per_task_section(Path(curve_path).parent, curve[0]["step"], curve[-1]["step"])])
+
+
+def per_task_section(run_dir: Path, first: int, last: int) -> str:
+    """Markdown: per task, the held-out figures of the policy at step ``first`` -> step ``last``."""
+    from avar_ray.rl.heldout import ANSWERS, per_task
+
+    paths = [run_dir / ANSWERS / f"step_{step}.jsonl" for step in (first, last)]
+    if first == last or not all(p.exists() for p in paths):
+        return ""
+    before, after = (per_task(p) for p in paths)
+
+    def sampled(t: dict) -> str:
+        return "n/a" if t["sampled"] is None else f"{t['sampled']:.3f} [{t['sampled_ci'][0]:.3f}, {t['sampled_ci'][1]:.3f}]"
+
+    def k(t: dict) -> str:
+        return "n/a" if t["pass@k"] is None else f"{t['pass@k']:.3f}"
+
+    rows = [f"| {task} | {b['n']} | {b['pass@1']:.3f} -> {after[task]['pass@1']:.3f} | {sampled(b)} -> "
+            f"{sampled(after[task])} | {k(b)} -> {k(after[task])} |" for task, b in before.items() if task in after]
+    return "\n".join([
+        f"Per task, step {first} -> step {last} (sampled: mean accuracy of the samples, 95% interval over prompts):", "",
+        "| task | n | pass@1 (greedy) | sampled [95% CI] | pass@k |", "|---|---|---|---|---|", *rows, ""])
 
 
 def _done(out: Path, name: str) -> dict | None:

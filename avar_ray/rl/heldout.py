@@ -13,8 +13,10 @@ one accuracy mechanism of the run) and reports
 
 Evaluations run at the start (step 0, unless resuming), every ``eval_every`` steps after the
 weight sync and at the last step. Each is a line of ``<rl.out>/heldout.jsonl`` (the curve; kept up
-to the checkpoint on resume) and its greedy answers go to ``<rl.out>/heldout/step_N.jsonl`` (id,
-answer, prediction, correct); the step's metrics record carries the same ``eval/*`` figures.
+to the checkpoint on resume) and its answers go to ``<rl.out>/heldout/step_N.jsonl`` (per prompt: id,
+task, answer, the greedy prediction, correct, text, and ``sampled``: each sample's accuracy, from
+which ``per_task`` computes pass@1 and pass@k per task); the step's metrics record carries the same
+``eval/*`` figures.
 """
 from __future__ import annotations
 
@@ -81,10 +83,10 @@ class HeldOut:
                   "eval/accuracy": sum(correct.values()) / len(self.prompts),
                   "eval/format": float(np.mean([t[1] for t in text])) if text else 0.0,
                   "eval/response_length_mean": float(np.mean([len(r.response_ids) for r in greedy])) if greedy else 0.0}
+        per_prompt: dict[int, list[float]] = {}
         if rl.eval_samples:
             sampled, stext = self._score(SamplingSpec(n=rl.eval_samples, max_new_tokens=rl.max_new_tokens,
                                                       temperature=rl.temperature, top_p=rl.top_p))
-            per_prompt: dict[int, list[float]] = {}
             for r, t in zip(sampled, stext):
                 per_prompt.setdefault(r.prompt_index, []).append(t[0])
             # a prompt whose request failed counts as unanswered (0), as in the greedy figure
@@ -94,8 +96,9 @@ class HeldOut:
         record["time/eval"] = time.perf_counter() - t0
         with (self.out / CURVE).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, "policy_version": policy_version, **record}) + "\n")
-        answers = [{"id": self.prompts[r.prompt_index].id, "answer": self.prompts[r.prompt_index].answer,
-                    "prediction": extract_answer(r.text), "correct": correct[r.prompt_index], "text": r.text}
+        answers = [{"id": (s := self.prompts[r.prompt_index]).id, "task": s.meta.get("task", s.source),
+                    "answer": s.answer, "prediction": extract_answer(r.text), "correct": correct[r.prompt_index],
+                    "text": r.text, "sampled": per_prompt.get(r.prompt_index, [])}
                    for r in greedy]
         (self.out / ANSWERS / f"step_{step}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
         print(f"rl: held-out after step {step}: greedy {record['eval/accuracy']:.3f}"
@@ -103,3 +106,28 @@ class HeldOut:
                  f"{record['eval/pass_at_k']:.3f}" if rl.eval_samples else "")
               + f" (n = {len(self.prompts)}, {record['time/eval']:.1f}s)", flush=True)
         return record
+
+
+def per_task(answers_path: str | Path) -> dict[str, dict]:
+    """pass@1 (greedy), the sampled accuracy with its 95% interval and pass@k per task of one
+    evaluation's answers (``heldout/step_N.jsonl``), and over all of them (``"all"``). Where pass@k
+    is above pass@1, sampling finds answers the greedy policy misses: the room RL has to sharpen.
+    The interval is over prompts (each prompt's mean over its k samples; the k samples of one
+    prompt are not independent draws, so a binomial interval over all n x k would be too narrow)."""
+    rows = [json.loads(line) for line in Path(answers_path).read_text(encoding="utf-8").splitlines()]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get("task", "?"), []).append(row)
+    return {task: _summary(group) for task, group in [*sorted(groups.items()), ("all", rows)]}
+
+
+def _summary(rows: list[dict]) -> dict:
+    summary = {"n": len(rows), "pass@1": float(np.mean([r["correct"] for r in rows])),
+               "sampled": None, "sampled_ci": None, "pass@k": None}
+    per_prompt = np.array([np.mean(r["sampled"]) for r in rows if r.get("sampled")])
+    if len(per_prompt):
+        mean = float(per_prompt.mean())
+        half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+        summary.update(sampled=mean, sampled_ci=(max(0.0, mean - half), min(1.0, mean + half)),
+                       **{"pass@k": float(np.mean([max(r["sampled"]) for r in rows if r.get("sampled")]))})
+    return summary
