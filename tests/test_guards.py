@@ -1,6 +1,6 @@
 """Guards users hit, checked without Ray: ``config.validate`` rules (each bad value is refused
 naming its key, and the edge of each allowed range still loads), ``device=cuda`` without CUDA,
-and SFT pointed at an earlier run's output folder with ``sft.resume=false`` (refused before any
+RL / SFT / eval needing a system span on a chat template without one (Qwen3-VL), and SFT pointed at an earlier run's output folder with ``sft.resume=false`` (refused before any
 Ray or model is started; RL's side and the complete outputs: tests/test_auto_resume.py)."""
 from __future__ import annotations
 
@@ -86,3 +86,50 @@ def test_vars_on_a_template_without_a_system_turn_is_refused_at_start(tiny_qwen3
     sample = load_prompts(cfg).samples[0]
     require_system_span_for_vars(load_config(REPO / "configs" / "tiny_local.yaml", overrides + ["model.system_prompt=You are helpful."]), sample)
     require_system_span_for_vars(load_config(REPO / "configs" / "tiny_local.yaml", overrides + ["rl.reward.lambda_v=0"]), sample)
+
+
+def test_agto_on_a_template_without_a_system_turn_is_refused_at_start(tiny_qwen3_vl_dir, procedural_parquet, tmp_path):
+    """SFT's L_sup = log(S mass + eps) would be 0 on every row without S: `avar sft` with
+    sft.beta > 0 on Qwen3-VL and no model.system_prompt is refused before Ray or Ray Train
+    starts, naming the key; a system prompt, or sft.beta = 0 (L_enh reads only V), is accepted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from avar_ray.attention import NoSystemPromptError
+    from avar_ray.sft import run_sft
+    from avar_ray.sft.data import require_system_turn_for_agto
+
+    table = pq.read_table(procedural_parquet).slice(0, 2)
+    data = tmp_path / "sft.parquet"
+    pq.write_table(table.append_column("target", pa.array(["<think>t</think><answer>1</answer>"] * 2)), data)
+    overrides = [f"model.path={tiny_qwen3_vl_dir}", f"sft.data={data}", f"sft.out={tmp_path / 'sft'}"]
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml", overrides)
+    assert cfg.sft.beta > 0 and cfg.model.system_prompt is None
+    ray_before = ray.is_initialized()
+    with pytest.raises(NoSystemPromptError, match=r"sft\.beta = .* set model\.system_prompt.*or set sft\.beta=0"):
+        run_sft(cfg)
+    assert ray.is_initialized() == ray_before  # refused before run_sft starts a Ray
+    assert not (tmp_path / "sft").exists()
+    for extra in (["model.system_prompt=You are helpful."], ["sft.beta=0"]):
+        accepted = load_config(REPO / "configs" / "tiny_local.yaml", overrides + extra)
+        require_system_turn_for_agto([str(data)], accepted.model, accepted.sft.beta)
+
+
+class _NoGeneration:
+    """An engine that fails the test if the eval asks it for anything: the guard must come first."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"avar eval reached the engine ({name}) before its system-span check")
+
+
+def test_eval_without_a_system_turn_says_so_before_generating(tiny_qwen3_vl_dir, procedural_parquet, tmp_path):
+    """VAS = V / S of every sample: `avar eval` on Qwen3-VL without model.system_prompt stops before
+    it generates (it used to generate everything, then fail in the statistics pass)."""
+    from avar_ray.attention import NoSystemPromptError
+    from avar_ray.eval.runner import run_eval
+
+    cfg = load_config(REPO / "configs" / "tiny_local.yaml", ["eval.max_samples=2"])
+    with pytest.raises(NoSystemPromptError, match=r"avar eval .* set model\.system_prompt"):
+        run_eval(tiny_qwen3_vl_dir, [procedural_parquet], tmp_path / "eval", cfg, llm=_NoGeneration())
+    assert not (tmp_path / "eval" / "progress.jsonl").exists()

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from avar_ray.attention import Intervention
+from avar_ray.attention import Intervention, require_system_turn
 from avar_ray.config import RunConfig, to_dict
 from avar_ray.data.fields import RowError
 from avar_ray.data.readers import DataKeys
@@ -181,6 +181,8 @@ def run_eval(model_dir: str | Path, bench_files: Sequence[str | Path], out_dir: 
                                  cfg.model.max_model_len - ecfg.max_new_tokens, ecfg.max_samples,
                                  DataKeys.of(cfg.data))
     items = [item for b in benchmarks for item in b.items]
+    if items:  # VAS of every sample needs S: say so now, not after the generation
+        require_system_turn(processor, items[0].sample, cfg.model.system_prompt, "avar eval (the VAS of every sample)")
     keys = item_keys(items)
     picks = heatmap_picks(benchmarks, ecfg.heatmaps)
     heat = [False] * len(items)

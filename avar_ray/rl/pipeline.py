@@ -92,19 +92,13 @@ def require_system_span_for_vars(cfg, sample: Sample) -> None:
     """r_visual is V / (S + eps): with ``rl.reward.lambda_v > 0`` on a chat template that adds no
     system turn (Qwen3-VL) and no ``model.system_prompt``, S is empty and r_visual would be
     V / eps (about 1e6) on every gated rollout. Refused at start, naming the key."""
-    from actors.records import conversation
-    from avar_ray.attention import NoSystemPromptError, require_system_span
-    from avar_ray.modeling import encode_batch, load_processor
+    from avar_ray.attention import require_system_turn
+    from avar_ray.modeling import load_processor
 
-    if cfg.rl.reward.lambda_v <= 0:
-        return
-    messages, images = conversation(sample, cfg.model.system_prompt)
-    processor = load_processor(cfg.model.path, cfg.model)
-    try:
-        require_system_span(encode_batch(processor, [messages], [images]).spans.system)
-    except NoSystemPromptError as exc:
-        raise NoSystemPromptError(f"rl.reward.lambda_v = {cfg.rl.reward.lambda_v} needs a system span: {exc} "
-                                  "(or set rl.reward.lambda_v=0)") from None
+    lambda_v = cfg.rl.reward.lambda_v
+    if lambda_v > 0:
+        require_system_turn(load_processor(cfg.model.path, cfg.model), sample, cfg.model.system_prompt,
+                            f"rl.reward.lambda_v = {lambda_v} (r_visual = V / (S + eps))", "set rl.reward.lambda_v=0")
 
 
 def load_prompts(cfg) -> PromptSet:

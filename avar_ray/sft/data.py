@@ -45,6 +45,24 @@ def check_columns(files: Sequence[str]) -> None:
             raise ValueError(f"sft.data: {f} lacks column(s) {missing} (expected synthesis output rows)")
 
 
+def require_system_turn_for_agto(files: Sequence[str], model: ModelConfig, beta: float) -> None:
+    """L_sup = log(S mass + eps) needs the system span: with ``sft.beta > 0`` on a chat template
+    that adds no system turn (Qwen3-VL) and no ``model.system_prompt`` it would be 0 on every
+    row, silently. Refused before any worker starts, naming the key (the first row decides: every
+    row gets the same system turn). L_enh reads only V, so ``sft.alpha`` alone needs no S."""
+    import pyarrow.parquet as pq
+
+    from avar_ray.attention import require_system_turn
+    from avar_ray.modeling import load_processor
+
+    if beta <= 0 or not files:
+        return
+    rows = next(pq.ParquetFile(files[0]).iter_batches(batch_size=1, columns=COLUMNS), None)
+    if rows is not None and rows.num_rows:
+        require_system_turn(load_processor(model.path, model), from_row(rows.to_pylist()[0]), model.system_prompt,
+                            f"sft.beta = {beta} (L_sup, the system-attention term)", "set sft.beta=0")
+
+
 def encode_rows(processor, rows: Sequence[dict], system_prompt: str | None = None) -> tuple[Encoded, torch.Tensor]:
     """A right-padded batch of prompt + target, and labels that are the input ids on the
     assistant turn and ``IGNORE_INDEX`` everywhere else."""

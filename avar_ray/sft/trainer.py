@@ -18,7 +18,7 @@ from pathlib import Path
 
 from avar_ray.checkpoints import latest_step, start_step
 from avar_ray.config import to_dict
-from avar_ray.sft.data import check_columns, prepare_dataset, training_files
+from avar_ray.sft.data import check_columns, prepare_dataset, require_system_turn_for_agto, training_files
 from avar_ray.sft.ds_config import total_steps
 from avar_ray.sft.loop import EXPORT_NOTE, train_loop_per_worker
 from avar_ray.tracking import METRICS, read_metrics
@@ -76,6 +76,7 @@ def run_sft(cfg) -> SFTReport:
     start = start_step(out / "checkpoints", sft.resume, "sft", "set sft.resume=true or auto to continue it")
     files = training_files(sft.data)
     check_columns(files)
+    require_system_turn_for_agto(files, cfg.model, sft.beta)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     ds, rows, too_long = prepare_dataset(files, cfg.model, sft.max_length, sft.seed, sft.shuffle)
