@@ -165,7 +165,7 @@ def resumed_run(ray_local, tiny_model_dir, procedural_parquet, tmp_path_factory)
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
 
-    out = tmp_path_factory.mktemp("rl_resume")
+    out = tmp_path_factory.mktemp("rl_resume") / "run"  # rl.out does not exist yet, as in `avar demo`
     heldout = [f"rl.eval_every={EVAL_EVERY}", f"rl.eval_data={procedural_parquet}", "rl.eval_samples=2"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -60,8 +60,8 @@ class HeldOut:
         self.text_only = {s.id: replace(s, images=[]) for s in self.prompts}
         seeds = np.random.default_rng([rl.seed, SEED_STREAM]).integers(0, 2**31 - 1, len(self.prompts))
         self.requests = [PromptRequest(i, ref, int(seed)) for i, (ref, seed) in enumerate(zip(self.refs, seeds))]
+        (self.out / ANSWERS).mkdir(parents=True, exist_ok=True)  # before rewind: a fresh run has no rl.out yet
         self.rewind(start_step)
-        (self.out / ANSWERS).mkdir(parents=True, exist_ok=True)
 
     def rewind(self, step: int) -> None:
         """Keep the curve up to ``step`` (a resumed or recovered run redoes the steps after it)."""
