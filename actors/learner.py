@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from actors.learner_batches import PromptCache
+from actors.perception import PerceptionPass
 from actors.policy import banned_token_ids, forward_logprobs, pad_rows
 from actors.records import ScoredPass, TrainItem
 from actors.weight_sync import (MIB, WeightHandle, broadcast_table, bucket_names, make_weight_group,
@@ -92,6 +93,7 @@ class Learner:
         self.processor = load_processor(self.model_cfg.path, self.model_cfg)  # the resolution vLLM uses
         self.banned = banned_token_ids(self.processor)
         self.prompts = PromptCache(self.processor, self.model_cfg.system_prompt)
+        self.perception = PerceptionPass(self.processor, rl)  # PAPO / VPPO (rl.perception); inert when off
         # The micro-batches are ours (token budget): DeepSpeed's accumulation boundary is set per call.
         config = deepspeed_config(rl.zero_stage, 1, 1, rl.grad_clip, rl.lr, rl.weight_decay, self.model_cfg.dtype)
         model = self._load(config)
@@ -128,11 +130,12 @@ class Learner:
 
     @torch.no_grad()
     def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]],
-              checks: list[tuple[int, TrainItem]] = (), with_old: bool = True) -> dict:
-        """r_visual (ungated) of the rows flagged True, their old log-probs (``with_old``) and the
-        prompt-id check against vLLM. ``micro_batches``: (step index, item, wants statistics) to
-        forward; ``checks``: (step index, item) whose prompts are only encoded (cached for the
-        update) and checked."""
+              checks: list[tuple[int, TrainItem]] = (), with_old: bool = True, step: int = 0) -> dict:
+        """r_visual (ungated) of the rows flagged True, their old log-probs (``with_old``), their
+        masked-image log-probs (``rl.perception``; ``step`` seeds the masks) and the prompt-id
+        check against vLLM. ``micro_batches``: (step index, item, wants statistics) to forward;
+        ``checks``: (step index, item) whose prompts are only encoded (cached for the update)
+        and checked."""
         from avar_ray.attention import AttentionContext
         from rewards import visual_ratio
 
@@ -152,6 +155,7 @@ class Learner:
             t = time.perf_counter()
             kwargs = {"avar_context": ctx} if ctx is not None else {}
             logprob, _, _ = self._logprobs(self.engine, encoded, items, **kwargs)
+            masked = self.perception.score_logprobs(self, prompts, items, step)
             seconds["forward"] += time.perf_counter() - t
             stats = ctx.stats() if ctx is not None else None
             for b, ((index, item, want), prompt) in enumerate(zip(micro, prompts)):
@@ -160,13 +164,13 @@ class Learner:
                     mass_v, mass_s = stats.sample(b)
                     vas = visual_ratio(mass_v, mass_s, eps=self.attention.eps)
                 old = logprob[b, :len(item.response_ids)].tolist() if with_old else None
-                out[index] = ScoredPass(old, vas, self._prompt_error(prompt, item))
+                out[index] = ScoredPass(old, vas, self._prompt_error(prompt, item), masked and masked[b])
         for (index, item), prompt in zip(checks, self.prompts.prompts([it.sample for _, it in checks])):
             out[index] = ScoredPass(None, math.nan, self._prompt_error(prompt, item))
         return {"passes": out, "seconds": seconds}
 
     # ------------------------------------------------------------------ training
-    def train(self, minis: list[list[list[TrainItem]]], infos: list[dict]) -> dict:
+    def train(self, minis: list[list[list[TrainItem]]], infos: list[dict], step: int = 0) -> dict:
         """``rl.ppo_epochs`` passes over ``minis`` (mini-batch -> micro-batches of items), one
         optimizer step per mini-batch; ``infos``: verl's global batch info per mini-batch. Items
         without old log-probs (one optimizer step in all: ``LearnerGroup.old_from_train``) take
@@ -175,7 +179,9 @@ class Learner:
         difference is measured here then.
 
         The sums stay tensors on the device until the end: a ``float()`` per micro-batch would
-        make the host wait for the GPU's backward before it builds the next micro-batch."""
+        make the host wait for the GPU's backward before it builds the next micro-batch.
+        ``rl.perception``: PAPO's terms join the loss, VPPO's keep-mask the token weights
+        (``actors.perception``; ``step`` seeds the masks of a masked forward with grad)."""
         from avar_ray.grpo import kl_loss, policy_loss, tis_weights
 
         rl, engine = self.rl, self.engine
@@ -188,7 +194,7 @@ class Learner:
             for m, mini in enumerate(minis):
                 for k, items in enumerate(mini):
                     engine.set_gradient_accumulation_boundary(k == len(mini) - 1)
-                    encoded = self.prompts.encode(items)[0]  # from the step's cached prompts
+                    encoded, prompts = self.prompts.encode(items)  # from the step's cached prompts
                     logprob, entropy, mask = self._logprobs(engine, encoded, items, with_entropy=epoch == 0)
                     width, n_tok = logprob.shape[1], sum(len(it.response_ids) for it in items)  # = mask.sum()
                     rollout = pad_rows([it.rollout_logprobs for it in items], width).to(logprob.device)
@@ -200,11 +206,13 @@ class Learner:
                         stats["diff_tokens"] += n_tok
                     else:
                         old = pad_rows([it.old_logprobs for it in items], width).to(logprob.device)
-                    weights = tis_weights(old, rollout, rl.tis_cap)
+                    tis = tis_weights(old, rollout, rl.tis_cap)
+                    weights = self.perception.token_weights(items, tis, width, logprob.device)  # VPPO's top-k
                     advantages = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logprob.device)
                     pg_loss, metrics = policy_loss(old, logprob, advantages, mask, rl.clip_ratio, rl.n_samples,
                                                    infos[m], rl.loss_agg_mode, weights)
-                    loss = pg_loss
+                    loss = pg_loss + self.perception.update_terms(self, logprob, mask, items, prompts, step, infos[m],
+                                                                  record=epoch == 0)
                     if self.reference is not None:
                         with torch.no_grad():
                             ref = self._logprobs(self.reference, encoded, items)[0]
@@ -215,9 +223,9 @@ class Learner:
                     stats["clipfrac_sum"] += metrics["actor/pg_clipfrac"] * n_tok
                     stats["ppo_kl_sum"] += metrics["actor/ppo_kl"] * n_tok
                     stats["update_tokens"] += n_tok
-                    if weights is not None:
-                        stats["tis_sum"] += (weights * mask).sum()
-                        stats["tis_capped"] += ((weights >= rl.tis_cap) & mask).sum()
+                    if tis is not None:
+                        stats["tis_sum"] += (tis * mask).sum()
+                        stats["tis_capped"] += ((tis >= rl.tis_cap) & mask).sum()
                     if epoch == 0:
                         stats["pg_loss"] += pg_loss.detach()
                         stats["tokens"] += n_tok
@@ -226,6 +234,7 @@ class Learner:
                 stats["updates"] += 1
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else math.nan
+        stats.update(self.perception.end_step())
         stats = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()}  # the one sync
         stats["pg_loss"] /= len(minis)
         stats["kl_loss"] /= len(minis)
@@ -384,21 +393,24 @@ class LearnerGroup:
         return self.rl.ppo_epochs == 1 and self.rl.mini_batches == 1
 
     def score(self, items: list[TrainItem], want_stats: list[bool],
-              with_old: Optional[bool] = None) -> tuple[list[ScoredPass], dict]:
+              with_old: Optional[bool] = None, step: int = 0) -> tuple[list[ScoredPass], dict]:
         """The no-grad pass over the step's rollouts, data-parallel (``grpo.plan_score``): one
         ``ScoredPass`` per item (in order) and the pass's metrics. ``with_old``: the old log-probs
-        of every rollout too (None: unless ``old_from_train``; else ``old_logprobs`` is None).
+        of every rollout too (None: unless ``old_from_train``; else ``old_logprobs`` is None; always
+        where ``rl.perception`` masks images here, ``step`` seeding the masks).
         Every rollout's prompt ids are checked against vLLM's."""
         import ray
 
+        from actors.perception import masked_in_score
         from avar_ray.grpo import plan_score
 
         lengths = row_lengths(items)
         with_old = not self.old_from_train if with_old is None else with_old
+        with_old = with_old or masked_in_score(self.rl.perception)  # VPPO's dependency: old vs masked
         forward, check = plan_score(lengths, want_stats, self.world_size, self.rl.micro_batch_size,
                                     self.rl.max_tokens_per_micro_batch, old_from_train=not with_old)
         calls = [a.score.remote([[(i, items[i], want_stats[i]) for i in micro] for micro in forward[r]],
-                                [(i, items[i]) for i in check[r]], with_old)
+                                [(i, items[i]) for i in check[r]], with_old, step)
                  for r, a in enumerate(self.actors)]
         passes: dict[int, ScoredPass] = {}
         results = ray.get(calls)
@@ -417,10 +429,12 @@ class LearnerGroup:
             metrics["actor/logprob_diff_mean"] = sum(diffs) / max(len(diffs), 1)
         return ordered, metrics
 
-    def train_step(self, items: list[TrainItem]) -> dict:
-        """The GRPO update: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps."""
+    def train_step(self, items: list[TrainItem], step: int = 0) -> dict:
+        """The GRPO update: ``rl.ppo_epochs`` x ``rl.mini_batches`` optimizer steps (with
+        ``rl.perception.vppo`` on VPPO-shaped advantages and token masks per mini-batch)."""
         import ray
 
+        from actors.perception import group_metrics, shape_items
         from avar_ray.grpo import batch_info, padding_fraction
 
         missing = sum(it.old_logprobs is None for it in items)
@@ -429,12 +443,15 @@ class LearnerGroup:
                              "rl.ppo_epochs or rl.mini_batches > 1 every rollout needs the score() pass's")
         plan = self._plan(items, self.rl.mini_batches)
         minis = range(self.rl.mini_batches)
+        items, shaped = shape_items(self.rl.perception, items,
+                                    [[i for r in range(self.world_size) for micro in plan[r][m] for i in micro]
+                                     for m in minis])
         infos = []
         for m in minis:
             rows = [i for r in range(self.world_size) for micro in plan[r][m] for i in micro]
             infos.append(batch_info(self.world_size, sum(len(items[i].response_ids) for i in rows), len(rows)))
         per_rank = ray.get([a.train.remote([[[items[i] for i in micro] for micro in plan[r][m]] for m in minis],
-                                           infos) for r, a in enumerate(self.actors)])
+                                           infos, step) for r, a in enumerate(self.actors)])
         n_tok = max(sum(r["tokens"] for r in per_rank), 1)
         n_upd = max(sum(r["update_tokens"] for r in per_rank), 1)
         out = {
@@ -458,6 +475,7 @@ class LearnerGroup:
         if diff_tokens:  # the old log-probs were the update's own: vLLM's vs them, over its tokens
             out["actor/logprob_diff_max"] = max(r["diff_max"] for r in per_rank)
             out["actor/logprob_diff_mean"] = sum(r["diff_sum"] for r in per_rank) / diff_tokens
+        out.update(shaped, **group_metrics(self.rl.perception, per_rank, self.world_size, self.rl.mini_batches))
         if self.rl.tis_cap is not None:
             out["actor/tis_weight_mean"] = sum(r["tis_sum"] for r in per_rank) / n_upd
             out["actor/tis_capped_frac"] = sum(r["tis_capped"] for r in per_rank) / n_upd

@@ -56,6 +56,8 @@ class TrainItem:
     rollout_logprobs: list[float]
     prompt_ids: list[int] = field(default_factory=list)  # vLLM's; [] = not checked
     old_logprobs: Optional[list[float]] = None  # None: the update's own forward gives them (one optimizer step)
+    masked_logprobs: Optional[list[float]] = None  # with the masked image (rl.perception; the score pass)
+    keep: Optional[list[float]] = None  # VPPO: 1 for the tokens that get the policy gradient
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ScoredPass:
     old_logprobs: Optional[list[float]]  # None: not computed (the update computes them)
     vas: float  # response-span VAS (SPEC.md §5's r_visual before the gate); nan if not asked for
     error: str = ""  # non-empty: the prompt ids differed from vLLM's, or the forward raised
+    masked_logprobs: Optional[list[float]] = None  # with the masked image (rl.perception); None: not computed
 
 
 def conversation(sample: Sample, system_prompt: str | None = None) -> tuple[list[dict], list]:

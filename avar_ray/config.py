@@ -168,6 +168,32 @@ class RewardConfig:
 
 
 @dataclass
+class PerceptionConfig:
+    """Visual-grounding objectives beside VARS (avar_ray/perception.py): PAPO and VPPO on one masked-image pass."""
+
+    # The masked copy of each image, built from the processed pixel_values on the vision tower's patch grid,
+    # seeded by rl.seed, the step, the sample and the image (a resumed run masks identically). patches: each
+    # patch blackened with probability mask_ratio (PAPO: 0.6; VPPO: 0.5); noise: VPPO's Gaussian noise (std
+    # 189 of 255) on every pixel (mask_ratio unused)
+    mask: Literal["patches", "noise"] = "patches"
+    mask_ratio: float = 0.6
+    # PAPO: - papo_coef * KL(real || masked) + papo_entropy_coef * (H_real + H_masked) added to the update's
+    # loss, per sampled token (PAPO's code: low_var_kl and -log p estimators). 0: off; paper (7B GRPO): 0.02
+    papo_coef: float = 0.0
+    papo_entropy_coef: float = 0.05  # the double-entropy regulariser, only with papo_coef > 0 (paper: 0.05)
+    # false: the masked log-probs come from the no-grad score pass (PAPO's released code); true: a second
+    # forward with grad on the masked image in the update (the paper's formula; PAPO's RECOMPUTE_AUG_LOG_PROBS)
+    papo_masked_grad: bool = False
+    # VPPO: per-token visual dependency (low_var_kl of the masked vs real log-prob, score pass, no grad); the
+    # trajectory's mean rescales its advantage into [vppo_advantage_min, dynamic max] (mean 1 per mini-batch)
+    # and only the top vppo_top_k share of each response's tokens gets the policy gradient. Paper (7B): 0.4, 0.9
+    vppo: bool = False
+    vppo_top_k: float = 0.4
+    vppo_advantage_min: float = 0.9
+    vppo_entropy_coef: float = 0.06  # VPPO's entropy penalty (-log p estimator) on every response token; 0: off
+
+
+@dataclass
 class PlacementConfig:
     rollout_workers: int = 1
     rollout_cpus: float = 1.0
@@ -238,6 +264,7 @@ class RLConfig:
     # reported and left as is. true: continue (also `avar rl --resume`); false: refuse an `out` with checkpoints.
     resume: Union[bool, Literal["auto"]] = "auto"
     reward: RewardConfig = field(default_factory=RewardConfig)
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
 
@@ -529,6 +556,7 @@ def validate(cfg: RunConfig) -> None:
         (None in (cfg.model.min_pixels, cfg.model.max_pixels) or cfg.model.min_pixels <= cfg.model.max_pixels,
          "model.min_pixels: must be <= model.max_pixels"),
         (cfg.rl.temperature > 0, "rl.temperature: must be positive (GRPO samples)"),
+        *perception_checks(cfg.rl.perception),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1"),
         (cfg.eval.num_engines >= 0 and cfg.eval.stats_workers >= 1,
@@ -540,6 +568,18 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def perception_checks(p: PerceptionConfig) -> list[tuple[bool, str]]:
+    return [
+        (0 < p.mask_ratio <= 1, "rl.perception.mask_ratio: must be in (0, 1] (the share of patches masked)"),
+        (min(p.papo_coef, p.papo_entropy_coef, p.vppo_entropy_coef) >= 0,
+         "rl.perception.papo_coef, papo_entropy_coef, vppo_entropy_coef: must be >= 0"),
+        (0 < p.vppo_top_k <= 1, "rl.perception.vppo_top_k: must be in (0, 1] (the share of each response's tokens kept)"),
+        (0 <= p.vppo_advantage_min <= 1, "rl.perception.vppo_advantage_min: must be in [0, 1] (the scales average 1)"),
+        (not p.papo_masked_grad or p.papo_coef > 0,
+         "rl.perception.papo_masked_grad: needs rl.perception.papo_coef > 0 (PAPO on)"),
+    ]
 
 
 def to_dict(cfg: Any) -> dict:

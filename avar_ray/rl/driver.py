@@ -245,7 +245,7 @@ class Run:
                 items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
                 want = visual_wanted(text, rl.reward)
                 with self.learner_calls:
-                    got_passes, learner_metrics = system.learners.score(items, want) if items else ([], {})
+                    got_passes, learner_metrics = system.learners.score(items, want, step=step) if items else ([], {})
                 got_scored = system.reward.combine(got, text, [p.vas for p in got_passes],
                                                    [p.error for p in got_passes])
             for key in ("learner/prompt_mismatch", "learner/visual_stats_rollouts", "learner/score_rollouts"):
@@ -280,11 +280,11 @@ class Run:
                                          np.array([r.prompt_index for r in rollouts]),
                                          norm_by_std=rl.norm_adv_by_std) if rollouts else np.zeros(0)
             items = [TrainItem(batch[r.prompt_index][1], r.response_ids, float(a), r.logprobs, r.prompt_ids,
-                               p.old_logprobs) for r, a, p in zip(rollouts, advantages, passes)]
+                               p.old_logprobs, p.masked_logprobs) for r, a, p in zip(rollouts, advantages, passes)]
         learner = {}
         with clock.phase("update"), self.learner_calls:
             if len(items) >= rl.placement.learners * rl.mini_batches:
-                learner = system.learners.train_step(items)
+                learner = system.learners.train_step(items, step)
             else:  # nothing (or too little) with a GRPO signal: no update this step
                 print(f"rl: step {step}: {len(items)} rollouts left to train on; update skipped", flush=True)
             self.version = step
