@@ -103,6 +103,11 @@ def is_correct(r_acc):
     return bool(out) if out.ndim == 0 else out
 
 
+# Spreads below this fraction of a group's scale are float noise (see normalise_visual, group_z).
+# Real differences between rollouts' VAS are orders above: 1e-4 relative is already a tie.
+ZERO_SPREAD_RTOL = 1e-5
+
+
 def normalise_visual(
     r_visual: np.ndarray,
     mode: VisualNorm,
@@ -121,10 +126,14 @@ def normalise_visual(
       samples only; incorrect samples stay 0. Standardising the zeros of wrong answers with
       the rest would hand wrong answers a positive or negative visual term and mix the
       correctness signal into the visual one. Population std (ddof=0); a group with fewer than
-      two correct samples (or zero spread) gives 0, since "more visual than your peers" is then
-      undefined. Note z can be negative: a correct answer with below-average visual attention
-      gets 1 + lambda_v * z; with n correct samples |z| <= sqrt(n - 1), so correct still beats
-      wrong whenever lambda_v * sqrt(n - 1) < 1 (lambda_v = 0.3, 8 rollouts: 0.79).
+      two correct samples, or zero spread, gives 0, since "more visual than your peers" is then
+      undefined. Zero spread means below ``ZERO_SPREAD_RTOL`` times the group's largest |r|:
+      the same response scored in another batch differs by float32 noise (~1e-7), which the
+      z-score would blow up to O(1) (+-1 for two rollouts without ``eps``; with eps = 1e-6 in
+      the denominator totals still differed by up to 0.17). Note z can be negative: a correct
+      answer with below-average visual attention gets 1 + lambda_v * z; with n correct samples
+      |z| <= sqrt(n - 1), so correct still beats wrong whenever lambda_v * sqrt(n - 1) < 1
+      (lambda_v = 0.3, 8 rollouts: 0.79).
 
     ``correct``: which rollouts are correct (default ``r_visual > 0``, exact since r_visual
     is gated to 0 for wrong answers).
@@ -150,7 +159,7 @@ def normalise_visual(
             continue
         vals = r[sel]
         std = vals.std()
-        if std <= 0:
+        if std <= ZERO_SPREAD_RTOL * np.abs(vals).max():
             continue
         out[sel] = (vals - vals.mean()) / (std + eps)
     return out

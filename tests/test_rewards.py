@@ -323,6 +323,20 @@ def test_group_z_hand_checked():
     assert np.allclose(z, [-k, 0.0, 0.0, k, -1.0, 0.0, 1.0, 0.0])
 
 
+def test_group_z_treats_float_noise_as_no_spread():
+    """Identical answers scored in different batches differ by float32 noise (~1e-7 in r_visual):
+    that is no spread, so their z and totals are equal (the z-score made the noise +-0.17 of
+    the totals); a spread of 1e-3 relative is still a difference."""
+    noisy = 8.0 + np.array([0.0, 1.3e-7, -0.9e-7, 2.1e-7, 0.0])
+    acc = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    gid = np.zeros(5)
+    totals = combine_rewards(acc, np.ones(5), noisy * acc, **{**PAPER, "visual_norm": "group_z"}, group_ids=gid)
+    assert np.array_equal(totals, [1.1, 1.1, 1.1, 1.1, 0.1])
+    z = normalise_visual(noisy[:2] + np.array([0.0, 8e-3]), "group_z", group_ids=np.zeros(2), eps=0.0)
+    assert np.allclose(z, [-1.0, 1.0])
+    assert np.allclose(normalise_visual(np.array([1e-9, 3e-9]), "group_z", group_ids=np.zeros(2), eps=0.0), [-1.0, 1.0])
+
+
 # the rl.reward defaults (SPEC.md §5: lambda_v 0.3, lambda_f 0.1, raw r_visual), from the schema
 PAPER = {k: getattr(RewardConfig(), k) for k in ("lambda_v", "lambda_f", "visual_norm", "accuracy_weight")}
 
