@@ -144,17 +144,18 @@ def test_statistics_match_eager(models, cases, case, query, method):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_vas_metrics_match_eager(models, cases, case):
-    _, avar, _, _ = models
+    proc, avar, _, _ = models
     enc, eo = cases[case]
     for query in ("user", "response"):
         result = compute_vas(avar, enc, query=query)
         a = torch.stack(eo.attentions, 1).double()  # [B, L, H, T, T]
         mv = (a * enc.spans.visual[:, None, None, None, :]).sum(-1)
         ms = (a * enc.spans.system[:, None, None, None, :]).sum(-1)
+        image_pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         for b in range(a.shape[0]):
             q = enc.spans.query(query)[b]
             ratio = (mv[b][..., q] / ms[b][..., q])  # [L, H, |Q|]
-            n_v = int(enc.spans.visual[b].sum())
+            n_v = int((enc.inputs["input_ids"][b] == image_pad).sum())  # |V| from the ids, not the spans
             expected = {"vas": ratio.mean(), "alpha_img": mv[b][..., q].mean(), "alpha_sys": ms[b][..., q].mean(),
                         "eps_img": mv[b][..., q].mean() / n_v}
             for key, value in expected.items():

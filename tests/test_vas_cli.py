@@ -16,12 +16,21 @@ def test_vas_cli_user_query(tiny_model_dir, procedural_parquet, tmp_path):
     out = tmp_path / "vas_user"
     assert main(["vas", "--model", str(tiny_model_dir), "--data", str(procedural_parquet), "--query", "user",
                  "--out", str(out), "--limit", "3", "--batch-size", "2"]) == 0
+    from avar_ray.data.readers import read_samples
+    from avar_ray.data.schema import build_messages, pil_images
+    from avar_ray.modeling import load_processor
+
     rows = _rows(out / "vas.jsonl")
     assert len(rows) == 3
-    for row in rows:
+    processor = load_processor(str(tiny_model_dir))
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row, sample in zip(rows, read_samples(procedural_parquet)[0]):
         assert {"id", "vas", "alpha_img", "eps_img", "alpha_sys", "per_layer", "band"} <= set(row)
         assert len(row["per_layer"]) == 4 and row["vas"] > 0 and row["alpha_img"] > 0
-        assert row["eps_img"] == pytest.approx(row["alpha_img"] / row["visual_tokens"])
+        text = processor.apply_chat_template(build_messages(sample), tokenize=False, add_generation_prompt=True)
+        n_v = int((processor(text=[text], images=pil_images(sample), return_tensors="pt")["input_ids"] == image_pad).sum())
+        assert row["id"] == sample.id and row["visual_tokens"] == n_v > 0  # |V| from the ids
+        assert row["eps_img"] == pytest.approx(row["alpha_img"] / n_v)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 3 and summary["band"] in ("narrow", "wide", "panoramic")
     assert summary["vas"] == pytest.approx(sum(r["vas"] for r in rows) / 3)
