@@ -325,7 +325,9 @@ class Learner:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         # Under one key: DeepSpeed hands back every unconsumed key of its own state beside ours.
-        self.engine.save_checkpoint(directory, tag=tag, client_state={CLIENT_STATE_KEY: dict(client_state)})
+        # save_latest off: avar_ray.rl.checkpoint points ``latest`` at a checkpoint once it is whole
+        self.engine.save_checkpoint(directory, tag=tag, client_state={CLIENT_STATE_KEY: dict(client_state)},
+                                    save_latest=False)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
         """Weights, optimizer and scheduler state of ``tag``; returns the ``client_state`` given
@@ -494,20 +496,23 @@ class LearnerGroup:
             return ray.get([a.logprobs.remote(items) for a in self.actors])[0]
         return ray.get(self.actors[0].logprobs.remote(items))
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict, wait: bool = True):
+        """Every rank saves; ``wait=False``: returns the calls' refs (``avar_ray.rl.checkpoint.Saver``)."""
         import ray
 
-        ray.get([a.save_checkpoint.remote(directory, tag, client_state) for a in self.actors])
+        refs = [a.save_checkpoint.remote(directory, tag, client_state) for a in self.actors]
+        return ray.get(refs) if wait else refs
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
         import ray
 
         return ray.get([a.load_checkpoint.remote(directory, tag) for a in self.actors])[0]
 
-    def export_hf(self, directory: str) -> None:
+    def export_hf(self, directory: str, wait: bool = True):
         import ray
 
-        ray.get([a.export_hf.remote(directory) for a in self.actors])
+        refs = [a.export_hf.remote(directory) for a in self.actors]
+        return ray.get(refs) if wait else refs
 
     def shutdown(self) -> None:
         import ray

@@ -235,7 +235,17 @@ class RLConfig:
     # a step trains only on rollouts at most k policy versions old. 0: on-policy (avar_ray/rl/pipeline.py)
     max_staleness: int = 0
     max_image_pixels: int = 4096 * 4096  # per image; larger ones are filtered at load (counted)
+    # Checkpoints (avar_ray/rl/checkpoint.py): the DeepSpeed state every save_every steps (0: only at the last step),
+    # written while the next step generates; an HF export (rl.export_hf) at the last step and, with save_hf_every = k
+    # > 0, at every k-th step too (such a step saves a checkpoint whatever save_every says). 0: the last step only
     save_every: int = 5
+    save_hf_every: int = 0
+    save_async: bool = True  # false: each step waits for its own checkpoint (the learners' save and export) to end
+    # The prompts' checks (avar_ray/rl/prompts.py: images decoded, lengths against model.max_model_len) run once, in
+    # prompt_workers processes (0: one per CPU core), and their verdicts are cached under <out>/prompt_cache, keyed
+    # by the data files and the settings they depend on: a resume reads them. false: checked at every start
+    prompt_workers: int = 0
+    prompt_cache: bool = True
     # Held-out curve (avar_ray/rl/heldout.py): every eval_every steps (and at the start and the last step) the
     # current policy answers eval_data on the rollout engines: greedy and eval_samples samples at rl.temperature
     eval_every: int = 0  # 0: off
@@ -258,7 +268,7 @@ class RLConfig:
     weight_decay: float = 0.0
     max_images: int = 1  # per prompt; samples with more are skipped (counted)
     gpu_memory_utilization: float = 0.6  # vLLM, GPU only
-    export_hf: bool = True  # an HF checkpoint beside each DeepSpeed checkpoint
+    export_hf: bool = True  # HF exports beside the DeepSpeed checkpoints (rl.save_hf_every says which); false: none
     keep_checkpoints: int = 2  # newest DeepSpeed checkpoints kept (0: all)
     # auto: continue from the newest checkpoint in `out` (or start fresh); a run already at rl.steps is
     # reported and left as is. true: continue (also `avar rl --resume`); false: refuse an `out` with checkpoints.
@@ -522,6 +532,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.attention.chunk_size is None or cfg.attention.chunk_size > 0,
          "attention.chunk_size: must be positive (or null: the automatic choice)"),
         (cfg.rl.placement.rollout_workers >= 1, "rl.placement.rollout_workers: must be >= 1"),
+        (min(cfg.rl.save_every, cfg.rl.save_hf_every, cfg.rl.prompt_workers) >= 0,
+         "rl.save_every, rl.save_hf_every, rl.prompt_workers: must be >= 0 (0: the last step only / one process per core)"),
         (cfg.rl.placement.learners >= 1, "rl.placement.learners: must be >= 1"),
         (cfg.rl.placement.reward_workers >= 1 and cfg.rl.reward.verify_timeout_s > 0,
          "rl.placement.reward_workers: must be >= 1; rl.reward.verify_timeout_s: must be > 0"),

@@ -7,7 +7,8 @@ old log-probs of every rollout only with several optimizer steps per update, els
 own forward gives them; every prompt's ids checked against vLLM's) -> the combined reward
 (reward actor) -> [dynamic sampling: drop equal-reward groups, draw more] -> group advantages
 (``avar_ray.grpo``) -> the learners' DeepSpeed update -> weight sync to the rollout workers ->
-metrics -> a checkpoint every ``rl.save_every`` steps and at the last one.
+metrics -> a checkpoint every ``rl.save_every`` steps and at the last one (written while the next
+step generates: ``avar_ray.rl.checkpoint.Saver``).
 With ``rl.max_staleness = k >= 1`` the rollouts of the next k steps are generated meanwhile
 (``avar_ray.rl.pipeline``). Outputs under ``rl.out``: ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/step_N/`` (DeepSpeed + ``hf/``) and ``rl_report.json``.
@@ -31,8 +32,8 @@ from avar_ray.config import TrackingConfig, to_dict
 from avar_ray.grpo import grpo_advantages, informative_groups
 from avar_ray.rl import checkpoint
 from avar_ray.rl.heldout import HeldOut, due
-from avar_ray.rl.pipeline import (PromptSampler, RolloutPipeline, SamplerState, load_prompts,
-                                  require_system_span_for_vars)
+from avar_ray.rl.pipeline import PromptSampler, RolloutPipeline, SamplerState, require_system_span_for_vars
+from avar_ray.rl.prompts import load_prompts
 from avar_ray.tracking import METRICS, Tracker, read_metrics
 
 # ---- per-step metrics: the reward parts, accuracy, the responses' VAS and lengths (a pure summary
@@ -165,8 +166,8 @@ class Run:
         self.cfg, self.system, self.prompts, self.sampler = cfg, system, prompts, sampler
         self.out, self.hook = out, hook
         self.ckpt_dir = out / "checkpoints"
+        self.saver = checkpoint.Saver(self.ckpt_dir, cfg.rl.keep_checkpoints, cfg.rl.save_async)
         self.version = 0  # the policy version the rollout workers hold (0: the starting checkpoint)
-        self.final_model = ""
         self.drawn: list = []  # the prompts drawn in the current step (refills included)
         self.pipeline = RolloutPipeline(cfg, system, prompts, sampler)
         self.heldout: Optional[HeldOut] = None  # the held-out curve (rl.eval_every), set by run_rl
@@ -175,15 +176,25 @@ class Run:
         return {"step": step, "policy_version": self.version, "sampler": self.sampler.state.to_dict(),
                 "seed": self.cfg.rl.seed, "prompts": len(self.prompts.samples), "in_flight": self.pipeline.state()}
 
-    @property
+    @contextmanager
     def learner_calls(self):
-        """Held around each learner call of this (the driver's main) thread: a rollout worker
-        restarted by the background generation publishes the weights from the learners under
-        the same lock, never in the middle of a train or score call (``actors.recovery``)."""
-        return self.system.rollout.handle_lock
+        """Around each learner call of this (the driver's main) thread: the checkpoint in flight
+        is committed first (its save is queued before the call on every rank anyway), then the
+        lock is held under which a rollout worker restarted by the background generation
+        publishes the weights from the learners, never in the middle of a train or score call
+        (``actors.recovery``)."""
+        self.saver.finish()
+        with self.system.rollout.handle_lock:
+            yield
+
+    def save(self, step: int) -> None:
+        """Step ``step``'s checkpoint, submitted to the learners (``checkpoint.Saver``)."""
+        with self.learner_calls():
+            self.saver.start(checkpoint.learner_submit(self.system.learners), step, self.state(step),
+                             checkpoint.hf_due(step, self.cfg.rl))
 
     def restore(self, step: int) -> None:
-        with self.learner_calls:
+        with self.learner_calls():
             state = self.system.learners.load_checkpoint(str(self.ckpt_dir), checkpoint.tag(step))
         if state.get("prompts") != len(self.prompts.samples) or state.get("seed") != self.cfg.rl.seed:
             raise ValueError(f"rl resume: the checkpoint of step {step} drew from {state.get('prompts')} prompts with "
@@ -191,15 +202,16 @@ class Run:
                              f"{self.cfg.rl.seed}; the data position would not carry over (data.train, rl.seed)")
         self.sampler.load_state(state["sampler"])
         self.version = int(state["policy_version"])
-        with self.learner_calls:
+        with self.learner_calls():
             self.system.sync_weights(self.version)  # the workers started from model.path
         self.pipeline.restore(state.get("in_flight", {}))  # regenerated from the same prompts and seeds
 
     def recover_learners(self) -> int:
         """After a learner rank died: a new learner group from the newest checkpoint (the start
         when there is none yet); returns the step it holds (the run goes on after it)."""
+        self.saver.abandon()  # its ranks are gone: the .partial folder stays, unread
         self.pipeline.discard()
-        with self.learner_calls:
+        with self.learner_calls():
             self.system.restart_learners()
         saved = checkpoint.latest_step(self.ckpt_dir)
         if self.heldout is not None:
@@ -209,7 +221,7 @@ class Run:
             return saved
         self.sampler.load_state(SamplerState().to_dict())
         self.version = 0
-        with self.learner_calls:
+        with self.learner_calls():
             self.system.sync_weights(0)  # the workers hold later weights: back to model.path's
         return 0
 
@@ -244,7 +256,10 @@ class Run:
                 text = system.reward.text(got, {s.id: replace(s, images=[]) for s in drawn})
                 items = [TrainItem(refs[r.prompt_index], r.response_ids, 0.0, r.logprobs, r.prompt_ids) for r in got]
                 want = visual_wanted(text, rl.reward)
-                with self.learner_calls:
+            with clock.phase("checkpoint", announce=False):  # the previous step's save, if it outlasted the above
+                self.saver.finish()
+            with clock.phase("reward", announce=False):
+                with self.learner_calls():
                     got_passes, learner_metrics = system.learners.score(items, want, step=step) if items else ([], {})
                 got_scored = system.reward.combine(got, text, [p.vas for p in got_passes],
                                                    [p.error for p in got_passes])
@@ -282,7 +297,7 @@ class Run:
             items = [TrainItem(batch[r.prompt_index][1], r.response_ids, float(a), r.logprobs, r.prompt_ids,
                                p.old_logprobs, p.masked_logprobs) for r, a, p in zip(rollouts, advantages, passes)]
         learner = {}
-        with clock.phase("update"), self.learner_calls:
+        with clock.phase("update"), self.learner_calls():
             if len(items) >= rl.placement.learners * rl.mini_batches:
                 learner = system.learners.train_step(items, step)
             else:  # nothing (or too little) with a GRPO signal: no update this step
@@ -294,17 +309,17 @@ class Run:
         counts["actor/update_skipped"] = int(not learner)
         with clock.phase("rollout", announce=False):  # the step's rollout phase began earlier
             self.pipeline.settle()  # the generation in flight ends on the weights it began with
-        with clock.phase("weight_sync"), self.learner_calls:
+        with clock.phase("weight_sync"), self.learner_calls():
             sync = system.sync_weights(self.version)
         evaluation = {}
         if self.heldout is not None and due(step, rl.eval_every, rl.steps):
             with clock.phase("eval"):  # on the weights just synced; nothing is generating meanwhile
                 evaluation = self.heldout.evaluate(step, self.version)
-        with clock.phase("checkpoint"), self.learner_calls:
-            if (rl.save_every > 0 and step % rl.save_every == 0) or step == rl.steps:
-                exported = checkpoint.save(system.learners, self.ckpt_dir, step, self.state(step), rl.export_hf,
-                                           rl.keep_checkpoints)
-                self.final_model = str(exported or "")
+        with clock.phase("checkpoint"):
+            if checkpoint.due(step, rl):
+                self.save(step)
+                if step == rl.steps:  # nothing left to overlap it with
+                    self.saver.finish()
         timing = clock.total()
         pipeline = self.pipeline.metrics(clock.start)
         tokens = sum(len(r.response_ids) for r in rollouts)
@@ -350,7 +365,7 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     if not Path(cfg.model.path).is_dir():
         raise FileNotFoundError(f"model.path: no model directory at {cfg.model.path}")
     start = start_step(out / "checkpoints", mode, "rl", "resume it with `avar rl --resume` (rl.resume=true or auto)")
-    prompts = load_prompts(cfg)
+    prompts = load_prompts(cfg, out / "prompt_cache")
     require_system_span_for_vars(cfg, prompts.samples[0])
     print(f"rl: {prompts.summary()}; steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts x "
           f"{rl.n_samples} rollouts per step", flush=True)
@@ -391,12 +406,11 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
             writer.log(step, record)
             report.steps = step
             step += 1
-        if start >= rl.steps:  # the last step's checkpoint was cut short after DeepSpeed's part: save it whole
-            with run.learner_calls:
-                exported = checkpoint.save(system.learners, run.ckpt_dir, start, run.state(start), rl.export_hf,
-                                           rl.keep_checkpoints)
-            run.final_model, report.steps = str(exported or ""), start
-        report.final_model = run.final_model
+        if start >= rl.steps:  # the last step's checkpoint has no driver state (an older save): save it whole
+            run.save(start)
+            report.steps = start
+        run.saver.finish()
+        report.final_model = run.saver.final_model
         report.restarts = system.restarts()
     finally:
         if writer is not None:

@@ -48,13 +48,14 @@ class HeldOut:
         import ray
 
         from avar_ray.data import sources
-        from avar_ray.rl.pipeline import load_prompts
+        from avar_ray.rl.prompts import load_prompts
 
         rl = cfg.rl
         if not sources.exists(rl.eval_data):  # a file, a folder or glob of shards, a datasets directory
             raise FileNotFoundError(f"rl.eval_data: no held-out data at {rl.eval_data}")
         # the training prompts' filters (images, pixels, prompt length) apply to the held-out set alike
-        self.prompts = load_prompts(replace(cfg, data=replace(cfg.data, train=rl.eval_data))).samples
+        self.prompts = load_prompts(replace(cfg, data=replace(cfg.data, train=rl.eval_data)), Path(out) / "prompt_cache",
+                                    "eval").samples
         self.rl, self.system, self.out = rl, system, Path(out)
         self.refs = [ray.put(s) for s in self.prompts]
         self.text_only = {s.id: replace(s, images=[]) for s in self.prompts}

@@ -1,8 +1,7 @@
 """The prompts of an RL run and their generation.
 
-Prompts: the training file read once (bad rows skipped and counted by the readers), prompts no
-step could use (too many or too large images, too long for the context) left out, counted and
-named, and a seeded sampler whose position (epoch, index) goes into every checkpoint so that
+Prompts: read and checked by ``avar_ray.rl.prompts`` (once, cached beside the run's output), and
+a seeded sampler whose position (epoch, index) goes into every checkpoint so that
 ``--resume`` draws exactly the prompts the uninterrupted run would have drawn.
 
 Generation, and asynchronous GRPO (``rl.max_staleness = k``): the rollouts of steps
@@ -36,56 +35,8 @@ import numpy as np
 
 from actors.records import PromptRequest, Rollout
 from avar_ray.data.schema import Sample
-
-
-@dataclass
-class PromptSet:
-    samples: list[Sample]
-    path: str
-    bad_rows: int = 0  # rows the reader could not parse (skipped)
-    too_many_images: int = 0  # samples with more images than rl.max_images (skipped)
-    too_long: list[str] = field(default_factory=list)  # ids: prompt tokens + max_new_tokens > max_model_len
-    too_large: list[str] = field(default_factory=list)  # ids: an image over rl.max_image_pixels
-
-    @property
-    def filtered(self) -> int:
-        return self.too_many_images + len(self.too_long) + len(self.too_large)
-
-    def summary(self) -> str:
-        return (f"{len(self.samples)} prompts from {self.path} ({self.bad_rows} bad rows skipped, "
-                f"{self.too_many_images} with more than the allowed images, {len(self.too_long)} too long "
-                f"for the context, {len(self.too_large)} with an image over the pixel limit: skipped)")
-
-
-def _too_large(sample: Sample, max_pixels: int) -> bool:
-    from io import BytesIO
-
-    from PIL import Image
-
-    for data in sample.images:
-        with Image.open(BytesIO(data)) as image:  # the header only: no decode
-            if image.size[0] * image.size[1] > max_pixels:
-                return True
-    return False
-
-
-def require_images(samples: list[Sample]) -> None:
-    """Every RL prompt has an image: under ZeRO-3 every rank must run the vision tower's gathers
-    in each micro-batch, and a rank whose micro-batch had none would wait for the others forever.
-    The readers skip text-only rows (counted); a prompt source that let one through is refused."""
-    text_only = [s.id for s in samples if not s.images]
-    if text_only:
-        raise ValueError(f"data.train: {len(text_only)} text-only prompts (no image), e.g. {text_only[:5]}: RL needs "
-                         "an image in every prompt (a rank without one would hang ZeRO-3's vision-tower gathers)")
-
-
-def prompt_tokens(processor, sample: Sample, system_prompt: str | None) -> int:
-    """Tokens of the sample's prompt as the engines see it (image placeholders expanded)."""
-    from actors.records import conversation
-
-    messages, images = conversation(sample, system_prompt)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return processor(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1]
+# the prompts' reading and checks live in avar_ray.rl.prompts; imported from here by older callers
+from avar_ray.rl.prompts import PromptSet, load_prompts, prompt_tokens, require_images  # noqa: F401
 
 
 def require_system_span_for_vars(cfg, sample: Sample) -> None:
@@ -99,43 +50,6 @@ def require_system_span_for_vars(cfg, sample: Sample) -> None:
     if lambda_v > 0:
         require_system_turn(load_processor(cfg.model.path, cfg.model), sample, cfg.model.system_prompt,
                             f"rl.reward.lambda_v = {lambda_v} (r_visual = V / (S + eps))", "set rl.reward.lambda_v=0")
-
-
-def load_prompts(cfg) -> PromptSet:
-    """``data.train``, minus the prompts no step could use: more images than ``rl.max_images``,
-    an image over ``rl.max_image_pixels``, or prompt tokens + ``rl.max_new_tokens`` beyond
-    ``model.max_model_len`` (vLLM would refuse the request). Each filtered id is logged."""
-    from pathlib import Path
-
-    from avar_ray.data import sources
-    from avar_ray.data.readers import DataKeys, read_samples
-    from avar_ray.modeling import load_processor
-
-    rl, path = cfg.rl, cfg.data.train
-    if not sources.exists(path):
-        raise FileNotFoundError(f"data.train: no training data at {path} (write procedural data with "
-                                "`avar make-data -c CONFIG`)")
-    samples, report = read_samples(path, keys=DataKeys.of(cfg.data))
-    require_images(samples)
-    kept = [s for s in samples if len(s.images) <= rl.max_images]
-    prompts = PromptSet([], str(path), bad_rows=report.skipped, too_many_images=len(samples) - len(kept))
-    processor = load_processor(cfg.model.path, cfg.model) if Path(cfg.model.path).is_dir() else None
-    budget = cfg.model.max_model_len - rl.max_new_tokens
-    for sample in kept:
-        if _too_large(sample, rl.max_image_pixels):
-            prompts.too_large.append(sample.id)
-        elif processor is not None and prompt_tokens(processor, sample, cfg.model.system_prompt) > budget:
-            prompts.too_long.append(sample.id)
-        else:
-            prompts.samples.append(sample)
-    for what, ids in (("longer than model.max_model_len - rl.max_new_tokens", prompts.too_long),
-                      ("with an image over rl.max_image_pixels", prompts.too_large)):
-        if ids:
-            print(f"rl: {len(ids)} prompts {what} skipped: {', '.join(ids[:20])}{' ...' if len(ids) > 20 else ''}",
-                  flush=True)
-    if not prompts.samples:
-        raise ValueError(f"data.train: {prompts.summary()}: nothing to train on")
-    return prompts
 
 
 @dataclass
