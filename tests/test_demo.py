@@ -9,13 +9,13 @@ from avar_ray.commands.demo import heldout_section, rl_prompt_pool, rl_trend, tr
 from avar_ray.data.schema import read_parquet
 
 
-def test_rl_prompt_pool_keeps_the_first_rows_and_zero_means_all(procedural_parquet, tmp_path):
+def test_rl_prompt_pool_keeps_the_first_rows_and_zero_means_the_fresh_split(procedural_parquet, tmp_path):
     rows = read_parquet(procedural_parquet)
-    path = rl_prompt_pool(str(procedural_parquet), tmp_path / "pool.parquet", 5)
+    path = rl_prompt_pool(str(procedural_parquet), tmp_path / "pool.parquet", 5, "fresh.parquet")
     assert [s.id for s in read_parquet(path)] == [s.id for s in rows[:5]]
-    assert rl_prompt_pool(str(procedural_parquet), tmp_path / "all.parquet", 0) == str(procedural_parquet)
+    assert rl_prompt_pool(str(procedural_parquet), tmp_path / "all.parquet", 0, "fresh.parquet") == "fresh.parquet"
     with pytest.raises(ValueError, match="--rl-prompts 999"):
-        rl_prompt_pool(str(procedural_parquet), tmp_path / "big.parquet", 999)
+        rl_prompt_pool(str(procedural_parquet), tmp_path / "big.parquet", 999, "fresh.parquet")
 
 
 def test_rl_trend_means_of_the_first_and_last_steps(tmp_path):

@@ -42,14 +42,15 @@ DEMO_SETTINGS = [
     "rl.gpu_memory_utilization=0.1", "eval.gpu_memory_utilization=0.1",
 ]
 CHAIN = "short"
-# GRPO cycles a fixed pool of this many training prompts (the first rows of data.train), one pool
-# per step, as tests/test_learning.py does. On fresh prompts drawn 8 per step the rollouts' accuracy
-# reward had no trend in 12 steps (0.41 0.33 0.36 0.33 0.39 0.52 0.48 0.36 0.55 0.38 0.33 0.41):
-# GRPO sharpens what each prompt was answered with, and which prompts were drawn dominates the
-# per-step figure. From the demo's cold-start model, 20 steps, accuracy reward of the first 3 steps
-# -> the last 3 (one sd of a 3-step mean ~0.035): a pool of 8: 0.37 -> 0.61 (seed 0), 0.37 -> 0.57
-# (seed 1); a pool of 16 (8 of it per step): 0.32 -> 0.55, 0.43 -> 0.50 (docs/results/demo.md).
-RL_PROMPTS = 8
+# GRPO's prompts: by default fresh ones every step (a procedural split of rl.steps x
+# rl.prompts_per_step rows, seeded apart from the SFT and evaluation rows, so no prompt repeats and
+# none was seen in SFT). A fixed pool (--rl-prompts N: the first N training rows, every step, as
+# tests/test_learning.py does) raises the training reward faster but fits the pool's answers:
+# from the same cold start (held-out greedy 0.640, sampled 0.376 at step 0), a pool of 8 took the
+# held-out greedy accuracy to 0.560 by step 10 (the count answers collapsed to the pool's `2`) and
+# back to 0.640 at step 20, while fresh prompts held it at 0.630-0.640 and raised the sampled
+# accuracy 0.376 -> 0.509 by step 15 (docs/results/demo.md).
+RL_PROMPTS = 0
 TREND_STEPS = 3  # the RL reward trend: mean of the first k steps -> mean of the last k
 STAGES = ("model", "data", "synth", "sft", "rl", "eval", "analyze")
 
@@ -61,7 +62,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep", action="store_true",
                         help="reuse the outputs of stages an earlier demo run in --out finished")
     parser.add_argument("--rl-prompts", type=int, default=RL_PROMPTS,
-                        help=f"RL cycles the first N training prompts (default {RL_PROMPTS}; 0: all of data.train)")
+                        help="RL cycles a fixed pool of the first N training prompts "
+                             f"(default {RL_PROMPTS}: fresh procedural prompts every step)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rl.steps=3")
 
 
@@ -107,12 +109,13 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def rl_prompt_pool(train: str, path: Path, n: int) -> str:
-    """The RL prompts: the first ``n`` rows of ``train`` written to ``path`` (``n`` 0: ``train`` itself)."""
+def rl_prompt_pool(train: str, path: Path, n: int, fresh: str) -> str:
+    """The RL prompts: the first ``n`` rows of ``train`` written to ``path`` (``n`` 0: ``fresh``,
+    the RL split the data stage wrote)."""
     from avar_ray.data.schema import read_parquet, write_parquet
 
     if n <= 0:
-        return train
+        return fresh
     samples = read_parquet(train)
     if n > len(samples):
         raise ValueError(f"--rl-prompts {n}: {train} has only {len(samples)} rows")
@@ -141,7 +144,7 @@ def rl_trend(metrics_path: str | Path, k: int = TREND_STEPS) -> dict:
 
 def pool_text(n: int) -> str:
     """The RL prompts, in words (``--rl-prompts n``)."""
-    return f"a fixed pool of {n} training prompts" if n > 0 else "prompts drawn from all of data.train"
+    return f"a fixed pool of {n} training prompts" if n > 0 else "fresh procedural prompts every step"
 
 
 def trend_section(trend: dict, pool: int) -> str:
@@ -252,7 +255,11 @@ def run(args) -> int:
         # A different seed, so no evaluation row is a training row.
         write_procedural(data_dir, n=cfg.data.n_eval, seed=cfg.data.seed + 10_000,
                          image_size=cfg.data.image_size, split_name="eval", chain=CHAIN, tasks=cfg.data.tasks)
-        return {"train": cfg.data.train, "eval": cfg.data.eval[0]}
+        # GRPO's fresh prompts: one per prompt slot of the run, so none repeats (RL_PROMPTS)
+        rl_train = write_procedural(data_dir, n=cfg.rl.steps * cfg.rl.prompts_per_step, seed=cfg.data.seed + 20_000,
+                                    image_size=cfg.data.image_size, split_name="rl_train", chain=CHAIN,
+                                    tasks=cfg.data.tasks)
+        return {"train": cfg.data.train, "eval": cfg.data.eval[0], "rl_train": str(rl_train)}
 
     def synth() -> dict:
         from avar_ray.synth.pipeline import run_synthesis
@@ -269,12 +276,13 @@ def run(args) -> int:
         print(report.summary())
         return {"model": report.export, "steps": report.final_step, "first": report.first, "last": report.last}
 
-    def rl(sft_model: str) -> dict:
+    def rl(sft_model: str, data: dict) -> dict:
         from avar_ray.rl import run_rl
 
         rl_cfg = copy.deepcopy(cfg)
         rl_cfg.model.path = sft_model  # RL starts from the cold-start model, as in the paper
-        rl_cfg.data.train = rl_prompt_pool(cfg.data.train, out / "data" / "rl_prompts.parquet", args.rl_prompts)
+        rl_cfg.data.train = rl_prompt_pool(cfg.data.train, out / "data" / "rl_prompts.parquet", args.rl_prompts,
+                                           data.get("rl_train", cfg.data.train))  # a --keep'd older demo: none
         rl_cfg.rl.resume = args.keep  # --keep: a run killed mid-stage goes on from its newest checkpoint
         report = run_rl(rl_cfg)
         print(report.summary())
@@ -315,13 +323,14 @@ def run(args) -> int:
     init_ray(cfg.ray)
     base = stage("model", "warm base: the tiny Qwen2.5-VL pre-trained on short procedural answers (cached)",
                  make_model)
-    stage("data", f"{cfg.data.n_train} training and {cfg.data.n_eval} evaluation procedural tasks", make_data)
+    data = stage("data", f"{cfg.data.n_train} training, {cfg.data.n_eval} evaluation and "
+                         f"{cfg.rl.steps * cfg.rl.prompts_per_step} RL procedural tasks", make_data)
     stage("synth", "VARD synthesis with the oracle teacher (Ray Data)", synth)
     sft_info = stage("sft", f"cold-start SFT with AGTO (alpha={cfg.sft.alpha}, beta={cfg.sft.beta}; "
                             f"Ray Train + DeepSpeed ZeRO-{cfg.sft.zero_stage})", sft)
     rl_info = stage("rl", f"{cfg.rl.steps} GRPO steps on {pool_text(args.rl_prompts)} with the visual-attention "
                           "reward (Ray actors)",
-                    lambda: rl(sft_info["model"]))
+                    lambda: rl(sft_info["model"], data))
     runs = stage("eval", "accuracy and VAS of the base, intervened, cold-start and RL models",
                  lambda: evaluate({"base": cfg.model.path, "sft": sft_info["model"], "rl": rl_info["model"]}))
     analysis = stage("analyze", "VAS vs accuracy across the stages", lambda: analyze(runs, base, rl_info))
