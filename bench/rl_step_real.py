@@ -3,6 +3,7 @@ shapes (issue 24), before vs after, interleaved.
 
     .venv/bin/python bench/rl_step.py --shape real [--prompts 16] [--n 8] [--length-scale 1.0]
         [--rounds 2] [--base 7a873c2] [--reward-rollouts 2048]
+        [--parts learner,startup,checkpoint] [--startup-prompts 5000] [--gen-seconds 0]
 
 * The model: the tiny Qwen2.5-VL at Qwen2.5-VL-3B's text widths, 2 layers (hidden 2,048, 16/2
   heads, intermediate 11,008, vocabulary 151,936, the head tied to the embedding as 3B's), the
@@ -24,6 +25,8 @@ shapes (issue 24), before vs after, interleaved.
 * Rewards: ``--reward-rollouts`` answers (a third right, a third wrong, a third without an
   answer; numbers, fractions, expressions, choices) through the reward actor's scoring: the
   serial loop of before, and the pool (``actors.reward_pool``) at 1 and 2 workers.
+* Driver start-up (5,000 prompts cold and on resume) and checkpoint seconds on the step's
+  critical path: ``bench/rl_start_save.py``.
 """
 from __future__ import annotations
 
@@ -255,6 +258,17 @@ def reward_seconds(count: int) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def run(args) -> None:
+    from bench import rl_start_save
+
+    parts = set(args.parts.split(","))
+    if parts - {"learner"}:
+        with tempfile.TemporaryDirectory(prefix="avar_rl_start_") as tmp:
+            rl_start_save.run(args, Path(tmp), parts)
+    if "learner" in parts:
+        learner_and_rewards(args)
+
+
+def learner_and_rewards(args) -> None:
     import pickle
 
     from avar_ray.tiny_model import build_tiny_model
@@ -320,6 +334,11 @@ def main(argv) -> None:
     parser.add_argument("--base", default="7a873c2", help="the commit measured as before")
     parser.add_argument("--reward-rollouts", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=2048, help="text width (3B's 2048; smaller where memory is short)")
+    parser.add_argument("--parts", default="learner,startup,checkpoint",
+                        help="comma-separated: learner (the learner phase, padding, rewards), startup, checkpoint")
+    parser.add_argument("--startup-prompts", type=int, default=5000, help="prompts of the start-up measurement")
+    parser.add_argument("--gen-seconds", type=float, default=0.0,
+                        help="the next step's generation the save overlaps (0: as long as the old save took)")
     run(parser.parse_args(argv))
 
 

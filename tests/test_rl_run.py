@@ -222,6 +222,7 @@ def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, proce
 
     report, first, metrics = resumed_run["report"], resumed_run["first"], resumed_run["metrics"]
     assert report.start_step == 3 and report.steps == 7
+    assert report.prompt_cache == "hit"  # the first run's prompt checks, not redone
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6, 7]  # 4 and 5 redone, not duplicated
     assert metrics[:3] == first[:3]  # the records up to the checkpoint are kept as they were
     for record in metrics[3:]:
@@ -238,7 +239,7 @@ def test_resume_continues_at_the_saved_step_and_data_position(resumed_run, proce
     for key in ("response/length_mean", "reward/total", "vas/response"):
         assert metrics[3][key] == pytest.approx(first[3][key], rel=1e-4, abs=1e-5), key
     ckpts = resumed_run["out"] / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_6", "step_7"]  # keep_checkpoints=2
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_6", "step_7"]  # keep_checkpoints=2, none .partial
     state = json.loads((ckpts / "step_7" / "driver_state.json").read_text())
     assert state["step"] == 7 and state["policy_version"] == 7
     assert state["sampler"] == {"epoch": 0, "position": 14, "drawn": 14}

@@ -4,8 +4,9 @@
     report = run_rl(cfg)            # report.final_model: HF directory of the last step
 
 Kept import-light: the driver (``avar_ray.rl.driver``) is imported on first use.
-Modules: ``driver`` (the loop, its metrics, resume), ``pipeline`` (the prompts, the seeded
-sampler, generation on- or off-policy), ``system`` (the actors from the config), ``checkpoint``.
+Modules: ``driver`` (the loop, its metrics, resume), ``prompts`` (read, checked and cached once),
+``pipeline`` (the seeded sampler, generation on- or off-policy), ``system`` (the actors from the
+config), ``checkpoint`` (saved off the critical path, never half-written).
 """
 from __future__ import annotations
 

@@ -107,9 +107,12 @@ class RLReport:
     final_model: str = ""  # HF export of the last step (evaluate this)
     metrics_path: str = ""
     prompts: int = 0
+    prompts_s: float = 0.0  # reading and checking them (a cache hit: reading only)
+    prompt_cache: str = ""  # "hit", "miss" or "off" (avar_ray.rl.prompts)
     seconds: float = 0.0
     start_s: float = 0.0  # actor start-up
     restarts: dict = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)  # role -> each actor's node, GPU ids, CUDA (RLSystem.placement)
     first: dict = field(default_factory=dict)  # metrics of this run's first step
     last: dict = field(default_factory=dict)
 
@@ -377,7 +380,8 @@ def run_rl(cfg, resume: bool = False, on_phase: Optional[PhaseHook] = None) -> R
     print(f"rl: actors up in {system.start_s:.1f}s ({rl.placement.rollout_workers} rollout workers, "
           f"{rl.placement.learners} learners, 1 reward actor)", flush=True)
     report = RLReport(out=str(out), start_step=start, prompts=len(prompts.samples), start_s=system.start_s,
-                      metrics_path=str(out / "metrics.jsonl"))
+                      metrics_path=str(out / "metrics.jsonl"), prompts_s=prompts.check_s, prompt_cache=prompts.cache,
+                      placement=system.placement())
     writer = run = None
     try:
         run = Run(cfg, system, prompts, PromptSampler(len(prompts.samples), rl.seed), out, on_phase)
