@@ -193,7 +193,6 @@ def test_repeated_in_process_evals_under_ray_free_their_engines(ray_local, tiny_
     for k in range(2):
         results = run_eval(tiny_model_dir, [bench_files["rows"]], tmp_path / f"run{k}", cfg, label=f"run{k}")
         assert results["generation"] == "vllm" and results["overall"]["n"] == 1
-        assert results["timings"]["engine_start_s"] < results["timings"]["generate_s"]
         assert alive() == before, f"call {k} left a vLLM engine behind"
     engines_stopped(at_least=2)
 
