@@ -20,7 +20,7 @@ import torch
 from actors.learner_batches import Prompt, assemble
 from actors.policy import pad_rows
 from actors.records import TrainItem
-from avar_ray.perception import entropy_penalty, mask_pixels, mask_seed, papo_terms, vppo_shape
+from avar_ray.perception import entropy_penalty, mask_pixels, mask_ratio, mask_seed, papo_terms, vppo_shape
 
 PARTS = ("kl", "entropy_real", "entropy_masked")
 
@@ -55,7 +55,7 @@ class PerceptionPass:
         if grid is not None:
             pieces = torch.split(inputs["pixel_values"], [t * h * w for t, h, w in grid.tolist()])
             inputs["pixel_values"] = torch.cat([
-                mask_pixels(piece, self.p.mask, self.p.mask_ratio, mask_seed(self.seed, step, prompt.sample_id, k),
+                mask_pixels(piece, self.p.mask, mask_ratio(self.p), mask_seed(self.seed, step, prompt.sample_id, k),
                             self.mean, self.std, self.temporal) for k, piece in enumerate(pieces)])
         masked = Prompt(inputs, prompt.sample_id)
         self.cache[id(prompt)] = (prompt, step, masked)  # the prompt kept alive: its id is not reused

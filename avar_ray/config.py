@@ -173,10 +173,9 @@ class PerceptionConfig:
 
     # The masked copy of each image, built from the processed pixel_values on the vision tower's patch grid,
     # seeded by rl.seed, the step, the sample and the image (a resumed run masks identically). patches: each
-    # patch blackened with probability mask_ratio (PAPO: 0.6; VPPO: 0.5); noise: VPPO's Gaussian noise (std
-    # 189 of 255) on every pixel (mask_ratio unused)
+    # patch blackened with probability mask_ratio; noise: VPPO's Gaussian noise (std 189 of 255) on every pixel
     mask: Literal["patches", "noise"] = "patches"
-    mask_ratio: float = 0.6
+    mask_ratio: Optional[float] = None  # None: the method's own, PAPO's 0.6 (also with both on), else VPPO's 0.5
     # PAPO: - papo_coef * KL(real || masked) + papo_entropy_coef * (H_real + H_masked) added to the update's
     # loss, per sampled token (PAPO's code: low_var_kl and -log p estimators). 0: off; paper (7B GRPO): 0.02
     papo_coef: float = 0.0
@@ -584,7 +583,8 @@ def validate(cfg: RunConfig) -> None:
 
 def perception_checks(p: PerceptionConfig) -> list[tuple[bool, str]]:
     return [
-        (0 < p.mask_ratio <= 1, "rl.perception.mask_ratio: must be in (0, 1] (the share of patches masked)"),
+        (p.mask_ratio is None or 0 < p.mask_ratio <= 1,
+         "rl.perception.mask_ratio: must be in (0, 1] (the share of patches masked) or null (the method's own)"),
         (min(p.papo_coef, p.papo_entropy_coef, p.vppo_entropy_coef) >= 0,
          "rl.perception.papo_coef, papo_entropy_coef, vppo_entropy_coef: must be >= 0"),
         (0 < p.vppo_top_k <= 1, "rl.perception.vppo_top_k: must be in (0, 1] (the share of each response's tokens kept)"),

@@ -43,6 +43,14 @@ import torch
 
 CHANNELS = 3
 NOISE_STD = 189.0 / 255.0  # VPPO's add_gaussian_noise (std 189 on 0..255)
+PAPO_MASK_RATIO, VPPO_MASK_RATIO = 0.6, 0.5  # black_prob of their random_patch_blackening
+
+
+def mask_ratio(p) -> float:
+    """``rl.perception.mask_ratio``, or where null the method's own (PAPO's when it is on)."""
+    if p.mask_ratio is not None:
+        return p.mask_ratio
+    return PAPO_MASK_RATIO if p.papo_coef > 0 else VPPO_MASK_RATIO
 
 
 def mask_seed(seed: int, step: int, sample_id: str, image: int) -> int:

@@ -287,3 +287,45 @@ def test_vppo_token_mask_weighs_the_policy_loss_as_their_loss_token_mask():
     surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
     surrogate = torch.where(a < 0, torch.minimum(surrogate, -a * 3.0), surrogate)  # verl's dual clip
     assert torch.allclose(loss, (surrogate * keep * mask).sum() / mask.sum(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- RL runs
+RUNS = {  # issue 23's three runs: PAPO (here with its masked forward with grad), VPPO, both with VARS
+    "papo": ["rl.perception.papo_coef=0.02", "rl.perception.papo_masked_grad=true", "rl.reward.lambda_v=0"],
+    "vppo": ["rl.perception.vppo=true", "rl.reward.lambda_v=0"],
+    # + 2 mini-batches: VPPO's scales per mini-batch, old log-probs from the score pass
+    "papo_vppo_vars": ["rl.perception.papo_coef=0.02", "rl.perception.vppo=true", "rl.mini_batches=2"],
+}
+
+
+@slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_rl_run_with_perception_objectives(ray_local, tiny_model_dir, procedural_parquet, tmp_path, name):
+    from test_rl_run import CONFIG, N_SAMPLES, PROMPTS_PER_STEP, _overrides
+
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+    from avar_ray.tracking import read_metrics
+
+    steps = 3
+    cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps)
+                      + ["rl.export_hf=false", "rl.save_every=0"] + RUNS[name])
+    report = run_rl(cfg)
+    records = read_metrics(tmp_path / "rl" / "metrics.jsonl")
+    assert report.steps == steps and [r["step"] for r in records] == [1, 2, 3]
+    papo, vppo = cfg.rl.perception.papo_coef > 0, cfg.rl.perception.vppo
+    for r in records:
+        assert r["actor/update_skipped"] == 0 and r["actor/grad_norm"] > 0
+        # the score pass forwards every rollout's masked image, none with PAPO's masked forward in the update
+        assert r["learner/score_rollouts"] == (0 if name == "papo" else PROMPTS_PER_STEP * N_SAMPLES)
+        assert (r.get("perception/papo_kl") is not None) == papo and (r.get("perception/vppo_kept") is not None) == vppo
+        if papo:
+            assert r["perception/papo_kl"] > 0 and r["perception/papo_entropy_real"] > 0
+            assert r["perception/papo_entropy_masked"] > 0 and math.isfinite(r["perception/papo_loss"])
+        if vppo:
+            assert 0.4 <= r["perception/vppo_kept"] < 1 and r["perception/vppo_dependency"] > 0
+            assert r["perception/vppo_scale_min"] >= 0.9 - 1e-6 and r["perception/vppo_scale_max"] > 1
+        if name == "papo_vppo_vars":
+            assert r["reward/visual"] > 0 and r["actor/updates"] == 2
+        else:
+            assert r["learner/visual_stats_rollouts"] == 0
