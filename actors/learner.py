@@ -55,7 +55,11 @@ class Learner:
 
     def __init__(self, rl, model, attention, rank: int, world_size: int):
         self.rl, self.model_cfg, self.attention, self.rank, self.world_size = rl, model, attention, rank, world_size
-        self.use_gpu = rl.placement.learner_gpus > 0
+        # Ray's logical GPUs without CUDA (a simulated cluster on CPU, ray.cluster_utils.Cluster): gloo on CPU
+        self.use_gpu = rl.placement.learner_gpus > 0 and torch.cuda.is_available()
+        if rl.placement.learner_gpus > 0 and not self.use_gpu:
+            log.warning("learner rank %d: rl.placement.learner_gpus=%g but CUDA is not available here; "
+                        "running on CPU with gloo", rank, rl.placement.learner_gpus)
         self.engine = self.reference = None
 
     def address(self) -> tuple[str, int, str]:
@@ -110,7 +114,9 @@ class Learner:
                 self.reference, _, _, _ = deepspeed.initialize(model=reference, config=ref_config)
             else:
                 self.reference = reference.to(self.engine.device)
-        return {"rank": self.rank, "pid": os.getpid(), "setup_s": time.perf_counter() - start,
+        from avar_ray.ray_utils import where_am_i
+
+        return {**where_am_i(), "rank": self.rank, "setup_s": time.perf_counter() - start,
                 "trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)}
 
     def _logprobs(self, model, encoded, items, with_entropy: bool = False, **kwargs):

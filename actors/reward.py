@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Sequence
 
 import numpy as np
@@ -41,7 +40,9 @@ class RewardScorer:
         self.pool = None
 
     def ready(self) -> dict:
-        return {"pid": os.getpid()}
+        from avar_ray.ray_utils import where_am_i
+
+        return where_am_i()
 
     def text(self, rollouts: list[Rollout], samples: dict[str, Sample]) -> list[tuple[float, float, str]]:
         """``(r_acc, r_format, error)`` per rollout, in order, scored in parallel by the pool

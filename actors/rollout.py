@@ -52,7 +52,9 @@ class RolloutWorker:
         self.start_s = time.perf_counter() - start
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "version": self.version, "start_s": self.start_s, "worker": self.worker_index}
+        from avar_ray.ray_utils import where_am_i
+
+        return {**where_am_i(), "version": self.version, "start_s": self.start_s, "worker": self.worker_index}
 
     def close(self) -> None:
         """The engine's processes stopped (``ActorSet.shutdown`` calls this before killing the actor)."""

@@ -41,3 +41,14 @@ def init_ray(ray_cfg=None, **kwargs):
         num_cpus = ray_cfg.num_cpus if ray_cfg is not None else None
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
     return ray
+
+
+def where_am_i() -> dict:
+    """Inside an actor: its node, the GPU ids Ray gave it and whether CUDA is usable there. A
+    simulated cluster's logical GPUs (``ray.cluster_utils.Cluster`` on CPU) come with ids but no
+    CUDA; the learners then run gloo on CPU and the weight sync takes gloo too."""
+    import ray
+    import torch
+
+    return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "cuda": torch.cuda.is_available(), "pid": os.getpid()}

@@ -7,6 +7,10 @@ as ``RLSystem`` does, then the rollout workers and the reward actor), and so are
 anchor teachers (Ray Data asks ``synth.anchor.num_gpus`` per actor); each is a small probe
 reporting its node and GPU ids (no engine, no model). The Cluster runs in a child process:
 Ray is initialised once per process and the suite's session Ray may be up.
+
+The tiny RL job runs to completion on such a cluster with its real requests (learners and the
+rollout engine asking for logical GPUs, the reward actor for CPUs): the learners find no CUDA
+behind their GPU ids and run gloo on CPU, as does the weight broadcast (``where_am_i``).
 """
 from __future__ import annotations
 
@@ -66,14 +70,69 @@ def _place(config: str) -> dict:
     return {"head": head, "rl": rl, "synth": synth, "requested": requested, "learners": p.learners}
 
 
-@pytest.mark.slow
-def test_7b_actors_on_a_simulated_2x8_cluster():
+def _run_tiny(model_dir: str, data: str, out: str) -> dict:
+    """In the child: the tiny RL job (2 steps) on a head without GPUs and two nodes of logical GPUs."""
+    from ray.cluster_utils import Cluster
+
+    from avar_ray.config import load_config
+    from avar_ray.rl import run_rl
+
+    store = 80 * 2 ** 20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": store})
+    for gpus in (TINY_LEARNERS, 1):  # the learners' node, the rollout engine's node
+        cluster.add_node(num_cpus=gpus + 1, num_gpus=gpus, object_store_memory=store)
+    cluster.wait_for_nodes()
+    cfg = load_config(str(REPO / "configs" / "tiny_local.yaml"), [
+        f"model.path={model_dir}", f"data.train={data}", f"rl.out={out}", f"ray.address={cluster.address}",
+        "rl.steps=2", "rl.prompts_per_step=2", "rl.n_samples=2", "rl.max_new_tokens=8", "rl.save_every=0",
+        "rl.reward.visual_gate=false", "rl.gpu_memory_utilization=0.1", "rl.weight_sync_backend=broadcast",
+        f"rl.placement.learners={TINY_LEARNERS}", "rl.placement.learner_gpus=1", "rl.placement.learner_cpus=1",
+        "rl.placement.rollout_workers=1", "rl.placement.rollout_gpus=1", "rl.placement.rollout_cpus=1",
+        "rl.placement.reward_gpus=0", "rl.placement.reward_cpus=1"])
+    import ray
+
+    from avar_ray.ray_utils import init_ray
+
+    init_ray(cfg.ray)
+    head = ray.get_runtime_context().get_node_id()
+    report = run_rl(cfg)
+    ray.shutdown()
+    cluster.shutdown()
+    return {"head": head, "steps": report.steps, "placement": report.placement}
+
+
+TINY_LEARNERS = 2
+
+
+def _child(*args: str) -> dict:
     env = {**os.environ, "RAY_prestart_worker_first_driver": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, __file__, str(CONFIG_7B)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
                           timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tiny_rl_job_completes_on_a_simulated_multi_node_cluster(tiny_model_dir, procedural_parquet, tmp_path):
+    """The job's steps all done; the learners on one node, each holding its own GPU id; the rollout
+    engine holding one GPU off the head; the reward actor holding none; no actor found CUDA (so
+    the learners and the weight sync ran gloo, not the NCCL a real GPU node would take)."""
+    out = _child("tiny", str(tiny_model_dir), str(procedural_parquet), str(tmp_path / "rl"))
+    assert out["steps"] == 2
+    placed, head = out["placement"], out["head"]
+    learners = placed["learner"]
+    assert len(learners) == TINY_LEARNERS and len({a["node"] for a in learners}) == 1
+    assert sorted(g for a in learners for g in a["gpus"]) == sorted({g for a in learners for g in a["gpus"]})
+    assert all(len(a["gpus"]) == 1 and a["node"] != head for a in learners + placed["rollout"])
+    assert placed["rollout"][0]["node"] != learners[0]["node"]  # the learners' node has no GPU left
+    assert placed["reward"][0]["gpus"] == []
+    assert not any(a["cuda"] for role in placed.values() for a in role)
+
+
+@pytest.mark.slow
+def test_7b_actors_on_a_simulated_2x8_cluster():
+    out = _child(str(CONFIG_7B))
     head, requested = out["head"], out["requested"]
     for stage in ("rl", "synth"):
         per_node: dict[str, list[str]] = {}
@@ -94,4 +153,4 @@ def test_7b_actors_on_a_simulated_2x8_cluster():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    print(json.dumps(_place(sys.argv[1])))
+    print(json.dumps(_run_tiny(*sys.argv[2:]) if sys.argv[1] == "tiny" else _place(sys.argv[1])))

@@ -28,14 +28,15 @@ def sampling_spec(cfg) -> SamplingSpec:
     return SamplingSpec(n=rl.n_samples, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p)
 
 
-def transport(rl) -> str:
+def transport(rl, cuda: bool = True) -> str:
     """``rl.weight_sync_backend`` as a transport: broadcast is nccl when the learners and the
     rollout workers each have whole GPUs, else gloo (the same code, over CUDA tensors too; how
     the CPU tests run it). Fractional shares may put two ranks on one GPU, which NCCL refuses
-    ("Duplicate GPU detected")."""
+    ("Duplicate GPU detected"). ``cuda``: whether the learners found CUDA where Ray placed them
+    (a simulated cluster's logical GPUs have none: gloo)."""
     if rl.weight_sync_backend == "object_store":
         return "object_store"
-    return "nccl" if rl.placement.rollout_gpus >= 1 and rl.placement.learner_gpus >= 1 else "gloo"
+    return "nccl" if cuda and rl.placement.rollout_gpus >= 1 and rl.placement.learner_gpus >= 1 else "gloo"
 
 
 class RLSystem:
@@ -80,7 +81,8 @@ class RLSystem:
         self.start_s = time.perf_counter() - start
 
     def _weight_sync(self) -> WeightSync:
-        return WeightSync(self.learners, self.rollout, transport(self.cfg.rl), self.cfg.rl.weight_sync_bucket_mb,
+        cuda = all(info["cuda"] for info in self.learners.info)
+        return WeightSync(self.learners, self.rollout, transport(self.cfg.rl, cuda), self.cfg.rl.weight_sync_bucket_mb,
                           self.cfg.rl.rollout_tensor_parallel_size, self.cfg.rl.weight_sync_timeout_s)
 
     def learner_died(self, exc: BaseException) -> bool:
@@ -114,6 +116,11 @@ class RLSystem:
     def sync_weights(self, version: int) -> dict:
         """Learner weights (the trainable ones) -> every rollout worker (``actors.weight_sync``)."""
         return self.weights.sync(version)
+
+    def placement(self) -> dict[str, list[dict]]:
+        """Where each actor runs: per role, each actor's node, GPU ids (Ray's) and CUDA."""
+        roles = {"learner": self.learners.info, "rollout": self.rollout.info, "reward": self.reward.info}
+        return {role: [{k: info[k] for k in ("node", "gpus", "cuda")} for info in infos] for role, infos in roles.items()}
 
     def restarts(self) -> dict:
         return {"restarts/rollout": self.rollout.restarts, "restarts/reward": self.reward.restarts,
