@@ -329,3 +329,44 @@ def test_rl_run_with_perception_objectives(ray_local, tiny_model_dir, procedural
             assert r["reward/visual"] > 0 and r["actor/updates"] == 2
         else:
             assert r["learner/visual_stats_rollouts"] == 0
+
+
+@slow
+def test_two_zero3_learners_agree_with_one(ray_local, tiny, tiny_model_dir):
+    """PAPO (masked forward with grad: two forwards before each backward under ZeRO-3) and VPPO
+    on 1 and on 2 ZeRO-3 learner ranks: the same masked log-probs, metrics and update."""
+    from test_rl_actors import make_learners
+
+    from actors.records import TrainItem
+
+    gen = torch.Generator().manual_seed(2)
+    allowed = sorted({t for r in tiny.responses for t in r})
+    items = [TrainItem(tiny.samples[i // 4], [allowed[int(j)] for j in torch.randint(0, len(allowed), (3 + i,),
+                                                                                        generator=gen)],
+                       float(i % 4) - 1.5, [0.0] * (3 + i)) for i in range(8)]
+    perception = {"papo_coef": 0.02, "papo_masked_grad": True, "vppo": True}
+    runs = []
+    for learners in (1, 2):
+        from avar_ray.config import PerceptionConfig
+
+        group = make_learners(tiny_model_dir, zero_stage=3, lr=1e-4, placement={"learners": learners},
+                              perception=PerceptionConfig(**perception))
+        try:
+            before = group.logprobs(items)
+            passes, _ = group.score(items, [False] * len(items), step=7)
+            scored = [replace(it, old_logprobs=p.old_logprobs, masked_logprobs=p.masked_logprobs)
+                      for it, p in zip(items, passes)]
+            runs.append((passes, group.train_step(scored, step=7), before, group.logprobs(items)))
+        finally:
+            group.shutdown()
+    (p1, m1, before, after1), (p2, m2, _, after2) = runs
+    for a, b in zip(p1, p2):
+        assert a.masked_logprobs is not None
+        assert max(abs(x - y) for x, y in zip(a.masked_logprobs, b.masked_logprobs)) < 1e-5
+    for key in ("perception/papo_kl", "perception/papo_entropy_masked", "perception/papo_loss",
+                "perception/vppo_dependency", "perception/vppo_kept", "perception/vppo_scale_max", "actor/pg_loss",
+                "actor/grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), key
+    moved = max(abs(x - y) for a, b in zip(after1, before) for x, y in zip(a, b))
+    apart = max(abs(x - y) for a, b in zip(after1, after2) for x, y in zip(a, b))
+    assert moved > 1e-3 and apart < 0.05 * moved, (moved, apart)
