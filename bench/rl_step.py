@@ -1,5 +1,6 @@
 """Stage 3's costs, each against a baseline measured in the same run (issues 5 and 10); with
-``--shape real``, the learner phase and rewards at the real job's shapes (``bench/rl_step_real.py``).
+``--shape real``, the learner phase and rewards at the real job's shapes (``bench/rl_step_real.py``);
+with ``--perception``, the learner phase with PAPO and VPPO vs VARS and accuracy-only (``bench/rl_perception.py``).
 
     .venv/bin/python bench/rl_step.py [--model DIR | --layers 28] [--prompts 4] [--n 4]
                                       [--max-new-tokens 64] [--image-size 0] [--steps 3] [--repeats 3]
@@ -369,6 +370,10 @@ def grpo_step(worker, old, reward, learners, samples, version: int, args) -> dic
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "--perception" in argv:  # the learner phase with PAPO / VPPO vs VARS and accuracy-only (its own flags)
+        from bench.rl_perception import main as perception
+
+        return perception([a for a in argv if a != "--perception"])
     if "--shape" in argv:  # --shape real: bench/rl_step_real.py (its own flags); --shape tiny: this bench
         shape = argv[argv.index("--shape") + 1]
         argv = argv[:argv.index("--shape")] + argv[argv.index("--shape") + 2:]
