@@ -131,6 +131,30 @@ def test_prompt_files_carry_versions_and_reject_unknown_slots(tmp_path):
         load_prompt(str(tmp_path / "q.txt"), "caption", "synth.caption.prompt")
 
 
+def test_teacher_requests_reference_image_markers_instead_of_sending_them(tiny_model_dir):
+    """EasyR1/verl questions mark their images with `<image>`: in a teacher's request each marker
+    becomes a reference ([image], [image k] with several) and the images go as parts, so the
+    prompt the teacher's chat template renders holds one vision block per image and no literal
+    `<image>` (an image token for LLaVA-style processors, noise for the rest)."""
+    from avar_ray.modeling import load_processor
+    from avar_ray.synth.steps import build_request
+
+    one, two = generate_samples(2, seed=0)
+    one = dataclasses.replace(one, question="<image>Find x.")
+    two = dataclasses.replace(two, question="Compare <image> and <image>. Which is larger?", images=two.images * 2)
+    processor = load_processor(str(tiny_model_dir))
+    tcfg = TeacherConfig()
+    for sample, refs in ((one, ["[image]"]), (two, ["[image 1]", "[image 2]"])):
+        for step, row in (("caption", {}), ("reasoning", {"caption": "A figure."}), ("anchor", {"caption": "A figure.", "reasoning": "R."})):
+            path = REPO / "configs" / "prompts" / f"{step}.txt"
+            messages = build_request(step, sample, row, load_prompt(str(path), step, step), tcfg, 0).messages
+            rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            asked = "{question}" in path.read_text()  # (the anchor step's prompt does not quote it)
+            assert "<image>" not in rendered and all((ref in rendered) == asked for ref in refs), (step, rendered)
+            images = len(sample.images) if step == "caption" else 0
+            assert rendered.count("<|vision_start|><|image_pad|><|vision_end|>") == images, (step, rendered)
+
+
 def test_shard_store_removes_uncommitted_files_and_resumes(tmp_path):
     store = ShardStore(tmp_path)
     store.recover()

@@ -10,13 +10,13 @@ import base64
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 
 from avar_ray.data.fields import RowError
-from avar_ray.data.schema import decode_image
+from avar_ray.data.schema import IMAGE_PLACEHOLDER, decode_image
 
 
 class TeacherError(RowError):
@@ -53,11 +53,20 @@ def image_data_url(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def user_message(text: str, images: list[bytes] = ()) -> list[dict]:
+def user_message(text: str, images: Sequence[bytes] = ()) -> list[dict]:
+    """One user turn: the images first, in order, then the text. An EasyR1/verl question marks
+    its images with ``<image>``; the teacher gets each marker as a reference, ``[image]`` (``[image
+    k]`` with several), in every step, since a literal ``<image>`` must not reach it: its chat
+    template renders the image parts itself, and for some processors (LLaVA's) the string is the
+    image token. (The policy's prompt puts each image at its marker: ``schema.user_content``;
+    here the prompt templates wrap the question, and an image inside their sentences would
+    split them.)"""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    refs = [f"[image {k}]" if len(pieces) > 2 else "[image]" for k in range(1, len(pieces))]
+    text = pieces[0] + "".join(ref + piece for ref, piece in zip(refs, pieces[1:]))
     content: list[dict] = [{"type": "image_url", "image_url": {"url": image_data_url(b)}} for b in images]
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
-
 
 
 def public_url(url: str) -> str:
