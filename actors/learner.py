@@ -137,11 +137,10 @@ class Learner:
     @torch.no_grad()
     def score(self, micro_batches: list[list[tuple[int, TrainItem, bool]]],
               checks: list[tuple[int, TrainItem]] = (), with_old: bool = True, step: int = 0) -> dict:
-        """r_visual (ungated) of the rows flagged True, their old log-probs (``with_old``), their
-        masked-image log-probs (``rl.perception``; ``step`` seeds the masks) and the prompt-id
-        check against vLLM. ``micro_batches``: (step index, item, wants statistics) to forward;
-        ``checks``: (step index, item) whose prompts are only encoded (cached for the update)
-        and checked."""
+        """r_visual (ungated) of the rows flagged True, their old log-probs (``with_old``), masked-image
+        log-probs (``rl.perception``, masks seeded by ``step``) and the prompt-id check against vLLM.
+        ``micro_batches``: (step index, item, wants statistics) to forward; ``checks``: (step
+        index, item) whose prompts are only encoded (cached for the update) and checked."""
         from avar_ray.attention import AttentionContext
         from rewards import visual_ratio
 
@@ -186,8 +185,7 @@ class Learner:
 
         The sums stay tensors on the device until the end: a ``float()`` per micro-batch would
         make the host wait for the GPU's backward before it builds the next micro-batch.
-        ``rl.perception``: PAPO's terms join the loss, VPPO's keep-mask the token weights
-        (``actors.perception``; ``step`` seeds the masks of a masked forward with grad)."""
+        ``rl.perception`` (``actors.perception``): PAPO's loss terms, VPPO's token weights."""
         from avar_ray.grpo import kl_loss, policy_loss, tis_weights
 
         rl, engine = self.rl, self.engine
@@ -451,12 +449,11 @@ class LearnerGroup:
                              "rl.ppo_epochs or rl.mini_batches > 1 every rollout needs the score() pass's")
         plan = self._plan(items, self.rl.mini_batches)
         minis = range(self.rl.mini_batches)
-        items, shaped = shape_items(self.rl.perception, items,
-                                    [[i for r in range(self.world_size) for micro in plan[r][m] for i in micro]
-                                     for m in minis])
+        rows_of = [[i for r in range(self.world_size) for micro in plan[r][m] for i in micro] for m in minis]
+        items, shaped = shape_items(self.rl.perception, items, rows_of)  # VPPO's, per mini-batch
         infos = []
         for m in minis:
-            rows = [i for r in range(self.world_size) for micro in plan[r][m] for i in micro]
+            rows = rows_of[m]
             infos.append(batch_info(self.world_size, sum(len(items[i].response_ids) for i in rows), len(rows)))
         per_rank = ray.get([a.train.remote([[[items[i] for i in micro] for micro in plan[r][m]] for m in minis],
                                            infos, step) for r, a in enumerate(self.actors)])

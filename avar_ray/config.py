@@ -591,6 +591,8 @@ def perception_checks(p: PerceptionConfig) -> list[tuple[bool, str]]:
         (0 <= p.vppo_advantage_min <= 1, "rl.perception.vppo_advantage_min: must be in [0, 1] (the scales average 1)"),
         (not p.papo_masked_grad or p.papo_coef > 0,
          "rl.perception.papo_masked_grad: needs rl.perception.papo_coef > 0 (PAPO on)"),
+        (p.mask == "patches" or p.mask_ratio is None,
+         "rl.perception.mask_ratio: unused with rl.perception.mask noise (every pixel is perturbed); leave it null"),
     ]
 
 

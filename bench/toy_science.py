@@ -11,15 +11,17 @@ finished seeds (so a crash late in seed 2 costs seed 2 only).
 
 From the warm base (avar_ray/warm_base.py), per seed: procedural data (short chains) -> oracle
 VARD synthesis -> cold start twice (AGTO: sft.alpha/beta as configured; plain SFT: alpha =
-beta = 0) -> GRPO twice from the AGTO model at equal steps (VARS: lambda_v > 0; accuracy only:
-lambda_v = 0) -> eval of every checkpoint, and of the base and the AGTO model with the
+beta = 0) -> GRPO from the AGTO model at equal steps, one run per ``--rl-arms`` (VARS: lambda_v > 0;
+accuracy only: lambda_v = 0; PAPO and VPPO, rl.perception at their papers' settings, lambda_v = 0;
+VARS + VPPO) -> eval of every checkpoint, and of the base and the AGTO model with the
 training-free intervention. Then:
 
 (a) Pearson r of VAS (Q = U) against accuracy over every evaluated checkpoint, with p;
 (b) the intervention's effect on accuracy and alpha_img at the base and the cold-start model,
     with paired-bootstrap 95% intervals over the eval samples;
-(c) AGTO vs plain SFT and VARS vs accuracy-only GRPO: mean and spread over seeds of accuracy,
-    VAS and alpha_img.
+(c) AGTO vs plain SFT and each GRPO arm vs accuracy-only (VARS + VPPO vs VARS): mean and
+    spread over seeds of accuracy, VAS and alpha_img. Not yet: each method's own perception
+    figure (PAPO's KL, VPPO's dependency) measured on every arm's final model.
 
 Every stage is the production code path (Ray Data synthesis, Ray Train + DeepSpeed SFT, the RL
 actors, the eval runner) on an embedded local Ray.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -40,6 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+RL_ARMS = {  # name: (VARS on: lambda_v = --lambda-v, else 0; rl.perception settings)
+    "vars": (True, {}), "acc-only": (False, {}), "papo": (False, {"papo_coef": 0.02}), "vppo": (False, {"vppo": True}),
+    "vars+vppo": (True, {"vppo": True}),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / "docs" / "results"))
@@ -50,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--sft-epochs", type=int, default=2)
     p.add_argument("--rl-steps", type=int, default=12)
     p.add_argument("--lambda-v", type=float, default=0.3)
+    p.add_argument("--rl-arms", nargs="*", default=list(RL_ARMS), choices=list(RL_ARMS),
+                   help="GRPO arms from the AGTO model (PAPO and VPPO at their papers' settings: rl.perception)")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the report from the evals recorded in WORK/evals.json")
     p.add_argument("overrides", nargs="*", help="dotted config overrides after the demo's settings")
@@ -125,9 +136,11 @@ def one_seed(args, seed: int, base: Path, evals: dict) -> None:
     if seed == 0:
         evaluate("base", str(base))
         evaluate("base+intervention", str(base), iv)
-    for name, lam in (("vars", args.lambda_v), ("acc-only", 0.0)):
+    for name in args.rl_arms:
         rcfg = with_paths(cfg, rl__out=str(work / f"rl_{name}"), model__path=sft["agto"])
-        rcfg.rl.reward.lambda_v = lam
+        vars_on, perception = RL_ARMS[name]
+        rcfg.rl.reward.lambda_v = args.lambda_v if vars_on else 0.0
+        rcfg.rl.perception = dataclasses.replace(rcfg.rl.perception, **perception)
         evaluate(f"s{seed} RL ({name})", str(stage(seed, f"RL {name}", lambda: run_rl(rcfg)).final_model))
 
 
@@ -285,13 +298,15 @@ def summarise(args, evals: dict, seconds: float) -> str:
         "points, less than one checkpoint's interval.")
     cmd = (f".venv/bin/python bench/toy_science.py --seeds {args.seeds} --n-eval {args.n_eval} --rl-steps "
            f"{args.rl_steps} --sft-epochs {args.sft_epochs} --n-train {args.n_train} --lambda-v {args.lambda_v}"
+           f" --rl-arms {' '.join(args.rl_arms)}"
            + "".join(f" {o}" for o in args.overrides))
     lines = ["# The paper's findings at toy scale", "",
              f"Regenerate: `{cmd}` ({seconds / 60:.0f} min on the shared 2-core machine). Every stage is the "
              "production code path, from the warm base (avar_ray/warm_base.py) with the demo's settings "
              "(avar_ray/commands/demo.py DEMO_SETTINGS, short chains, the warm base's tasks), per seed: oracle VARD "
              "synthesis -> cold start with AGTO and with plain SFT (alpha = beta = 0) -> GRPO from the AGTO model "
-             f"with VARS (lambda_v = {args.lambda_v}) and accuracy only (lambda_v = 0) at equal steps "
+             f"with VARS (lambda_v = {args.lambda_v}), accuracy only (lambda_v = 0), PAPO and VPPO (rl.perception at "
+             f"their papers' settings, lambda_v = 0) and VARS + VPPO at equal steps "
              f"({args.rl_steps}). Eval: the same {args.n_eval} procedural samples (seed 10000) for every checkpoint.",
              "", "## (a) VAS against accuracy across checkpoints", "",
              f"Headline (the paper's VAS, mean over samples of the mean of per-query V/S ratios): Pearson r = "
@@ -352,7 +367,7 @@ def summarise(args, evals: dict, seconds: float) -> str:
               "| variant | accuracy % | VAS (Q=U) | robust VAS (Q=U) | alpha_img (U) | alpha_img (R) |",
               "| --- | --- | --- | --- | --- | --- |"]
     table = {}
-    for variant in ("cold start (agto SFT)", "cold start (plain SFT)", "RL (vars)", "RL (acc-only)"):
+    for variant in ("cold start (agto SFT)", "cold start (plain SFT)", *(f"RL ({a})" for a in RL_ARMS)):
         table[variant] = [runs[f"s{s} {variant}"]["overall"] for s in range(args.seeds) if f"s{s} {variant}" in runs]
     for variant, got in table.items():
         if not got:
@@ -371,7 +386,10 @@ def summarise(args, evals: dict, seconds: float) -> str:
               "| comparison | Δ accuracy (points) per seed | mean | Δ alpha_img (U) per seed | same prediction |",
               "| --- | --- | --- | --- | --- |"]
     for name, a, b in (("AGTO - plain SFT", "cold start (agto SFT)", "cold start (plain SFT)"),
-                       ("VARS - accuracy-only GRPO", "RL (vars)", "RL (acc-only)")):
+                       ("VARS - accuracy-only GRPO", "RL (vars)", "RL (acc-only)"),
+                       ("PAPO - accuracy-only GRPO", "RL (papo)", "RL (acc-only)"),
+                       ("VPPO - accuracy-only GRPO", "RL (vppo)", "RL (acc-only)"),
+                       ("VARS + VPPO - VARS", "RL (vars+vppo)", "RL (vars)")):
         d = [(runs[f"s{s} {a}"]["overall"], runs[f"s{s} {b}"]["overall"]) for s in range(args.seeds)
              if f"s{s} {a}" in runs and f"s{s} {b}" in runs]
         if d:
@@ -389,7 +407,7 @@ def summarise(args, evals: dict, seconds: float) -> str:
                 f"models give the same prediction on {statistics.mean(same) * 100:.0f}% of the eval rows.")
     lines += ["", "GRPO's own training curve (mean over the first and the last half of the steps, over seeds):", "",
               "| run | accuracy reward first -> last half | total reward first -> last half |", "| --- | --- | --- |"]
-    for name in ("vars", "acc-only"):
+    for name in RL_ARMS:
         halves = [rl_halves(evals[f"s{s} RL ({name})"], name) for s in range(args.seeds) if f"s{s} RL ({name})" in evals]
         halves = [h for h in halves if h]
         if halves:

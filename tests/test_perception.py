@@ -125,6 +125,25 @@ def masked_by_hand(tiny, pp, step: int):
 
 
 # ----------------------------------------------------------------------------- the masked image
+@pytest.mark.parametrize("override, key", [
+    ("rl.perception.mask_ratio=0", "rl.perception.mask_ratio"),
+    ("rl.perception.vppo_top_k=0", "rl.perception.vppo_top_k"),
+    ("rl.perception.vppo_advantage_min=1.5", "rl.perception.vppo_advantage_min"),
+    ("rl.perception.papo_coef=-0.1", "rl.perception.papo_coef"),
+    ("rl.perception.papo_masked_grad=true", "rl.perception.papo_masked_grad"),  # PAPO off
+    ("rl.perception.mask=noise", "rl.perception.mask_ratio"),  # with mask_ratio=0.5 below
+    ("rl.perception.mask=blur", "rl.perception.mask"),
+])
+def test_settings_that_cannot_work_are_refused_naming_the_key(override, key):
+    from avar_ray.config import ConfigError, load_config
+
+    extra = ["rl.perception.mask_ratio=0.5"] if override.endswith("noise") else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override, *extra])
+    assert load_config(None, ["rl.perception.papo_coef=0.02", "rl.perception.papo_masked_grad=true",
+                              "rl.perception.vppo=true"]).rl.perception.vppo
+
+
 def test_mask_is_a_function_of_seed_step_sample_and_image(tiny):
     from avar_ray.perception import mask_pixels, mask_seed
 
