@@ -135,7 +135,8 @@ def check_all(samples: list[Sample], check: Check, workers: int) -> list[str]:
     import multiprocessing as mp
 
     has_model = Path(check.model.path).is_dir()
-    workers = max(1, min(workers or os.cpu_count() or 1, len(samples) // POOL_MIN_PROMPTS))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(workers or cores, len(samples) // POOL_MIN_PROMPTS))
     if workers == 1 or not has_model:
         from avar_ray.modeling import load_processor
 
