@@ -197,9 +197,12 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_refills(real_run):
 
 @slow
 def test_a_request_vllm_refuses_fails_alone(real_run, data_with_a_long_prompt):
-    """Sent past the load filter, the over-long prompt fails inside vLLM: its request alone."""
+    """Sent past the load filter, the over-long prompt fails inside vLLM: its request alone; in a
+    step (drawn in the long prompt's place) it is counted in rollout/failed_prompts and the step
+    trains on the other prompt's rollouts."""
     from actors.records import PromptRequest
     from avar_ray.data.readers import read_samples
+    from avar_ray.rl.pipeline import PromptSampler
     from avar_ray.rl.system import sampling_spec
 
     path, long_id = data_with_a_long_prompt
@@ -208,3 +211,15 @@ def test_a_request_vllm_refuses_fails_alone(real_run, data_with_a_long_prompt):
     rollouts = real_run["system"].rollout.generate([PromptRequest(0, good, 1), PromptRequest(1, long, 2)],
                                                    sampling_spec(real_run["cfg"]))
     assert len(rollouts) == N and {r.prompt_index for r in rollouts} == {0}
+
+    run, samples = real_run["run"], real_run["prompts"].samples  # the list the run draws from
+    peek = PromptSampler(run.sampler.size, run.sampler.seed)
+    peek.load_state(run.sampler.state.to_dict())
+    index = peek.next_indices(PROMPTS)[1]  # the next step's second prompt
+    kept, samples[index] = samples[index], long
+    try:
+        rec = run.step(4)
+    finally:
+        samples[index] = kept
+    assert rec["data/prompt_ids"][1] == long_id and rec["rollout/failed_prompts"] == 1
+    assert rec["rollout/count"] == (PROMPTS - 1) * N and rec["actor/update_skipped"] == 0

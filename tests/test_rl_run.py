@@ -187,8 +187,8 @@ def _check_step(record: dict) -> None:
     step = record["step"]
     for key in ("reward/total", "reward/visual", "reward/accuracy", "reward/format", "vas/response",
                 "response/length_mean", "actor/entropy", "actor/kl_loss", "actor/ppo_kl", "actor/grad_norm"):
-        assert record[key] is not None and math.isfinite(record[key]), (step, key, record[key])
-    assert record["reward/errors"] == 0
+        assert math.isfinite(record[key]), (step, key, record[key])
+    assert record["reward/errors"] == 0 and record["rollout/failed_prompts"] == 0
     assert record["rollout/count"] == PROMPTS_PER_STEP * N_SAMPLES
     assert record["policy_version"] == step
     # Every rollout of step s came from the policy after update s-1 (the workers got each sync).
@@ -196,7 +196,7 @@ def _check_step(record: dict) -> None:
     assert record["actor/logprob_diff_max"] < LOGPROB_TOL, (step, record["actor/logprob_diff_max"])
     assert record["reward/visual"] > 0 and record["actor/grad_norm"] > 0  # a real update happened
     phases = [record[f"time/{p}"] for p in PHASES]
-    assert all(t >= 0 for t in phases) and sum(phases) <= record["time/step"] + 1e-6
+    assert sum(phases) <= record["time/step"] + 1e-6  # the phases do not overlap
     for p in ("rollout", "reward", "update", "weight_sync"):
         assert record[f"time/{p}"] > 0, (step, p)
     assert len(record["data/prompt_ids"]) == PROMPTS_PER_STEP
