@@ -312,8 +312,9 @@ def test_vppo_token_mask_weighs_the_policy_loss_as_their_loss_token_mask():
 RUNS = {  # issue 23's three runs: PAPO (here with its masked forward with grad), VPPO, both with VARS
     "papo": ["rl.perception.papo_coef=0.02", "rl.perception.papo_masked_grad=true", "rl.reward.lambda_v=0"],
     "vppo": ["rl.perception.vppo=true", "rl.reward.lambda_v=0"],
-    # + 2 mini-batches: VPPO's scales per mini-batch, old log-probs from the score pass
-    "papo_vppo_vars": ["rl.perception.papo_coef=0.02", "rl.perception.vppo=true", "rl.mini_batches=2"],
+    # composed: VPPO's scales per mini-batch over 2 PPO epochs, the asynchronous pipeline, dynamic sampling
+    "papo_vppo_vars": ["rl.perception.papo_coef=0.02", "rl.perception.vppo=true", "rl.mini_batches=2",
+                       "rl.ppo_epochs=2", "rl.max_staleness=1", "rl.dynamic_sampling=true"],
 }
 
 
@@ -345,7 +346,7 @@ def test_rl_run_with_perception_objectives(ray_local, tiny_model_dir, procedural
             assert 0.4 <= r["perception/vppo_kept"] < 1 and r["perception/vppo_dependency"] > 0
             assert r["perception/vppo_scale_min"] >= 0.9 - 1e-6 and r["perception/vppo_scale_max"] > 1
         if name == "papo_vppo_vars":
-            assert r["reward/visual"] > 0 and r["actor/updates"] == 2
+            assert r["reward/visual"] > 0 and r["actor/updates"] == 4 and r["dynamic/dropped_groups"] == 0
         else:
             assert r["learner/visual_stats_rollouts"] == 0
 
