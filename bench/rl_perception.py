@@ -67,7 +67,8 @@ def learner_phase(group, items, want: bool, step: int) -> tuple[float, float, di
     start = time.perf_counter()
     passes, _ = group.score(items, [want] * len(items), step=step)
     score_s = time.perf_counter() - start
-    items = [replace(it, old_logprobs=p.old_logprobs, masked_logprobs=p.masked_logprobs) for it, p in zip(items, passes)]
+    items = [replace(it, old_logprobs=p.old_logprobs, masked_logprobs=p.masked_logprobs)
+             for it, p in zip(items, passes)]
     start = time.perf_counter()
     metrics = group.train_step(items, step)
     return score_s, time.perf_counter() - start, metrics

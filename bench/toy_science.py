@@ -20,8 +20,8 @@ training-free intervention. Then:
 (b) the intervention's effect on accuracy and alpha_img at the base and the cold-start model,
     with paired-bootstrap 95% intervals over the eval samples;
 (c) AGTO vs plain SFT and each GRPO arm vs accuracy-only (VARS + VPPO vs VARS): mean and
-    spread over seeds of accuracy, VAS and alpha_img. Not yet: each method's own perception
-    figure (PAPO's KL, VPPO's dependency) measured on every arm's final model.
+    spread over seeds of accuracy, VAS and alpha_img; each method's own perception figure (PAPO's
+    KL, VPPO's dependency: ``bench/perception_probe.py``) measured on every arm's final model.
 
 Every stage is the production code path (Ray Data synthesis, Ray Train + DeepSpeed SFT, the RL
 actors, the eval runner) on an embedded local Ray.
@@ -141,7 +141,15 @@ def one_seed(args, seed: int, base: Path, evals: dict) -> None:
         vars_on, perception = RL_ARMS[name]
         rcfg.rl.reward.lambda_v = args.lambda_v if vars_on else 0.0
         rcfg.rl.perception = dataclasses.replace(rcfg.rl.perception, **perception)
-        evaluate(f"s{seed} RL ({name})", str(stage(seed, f"RL {name}", lambda: run_rl(rcfg)).final_model))
+        label, final = f"s{seed} RL ({name})", str(stage(seed, f"RL {name}", lambda: run_rl(rcfg)).final_model)
+        evaluate(label, final)
+        figures = Path(evals[label]) / "perception.json"  # PAPO's and VPPO's figures on this arm's model
+        if not figures.exists():
+            from bench.perception_probe import perception_figures
+
+            got = stage(seed, f"perception figures {name}",
+                        lambda: perception_figures(final, cfg.data.eval, Path(evals[label]) / "samples.jsonl"))
+            figures.write_text(json.dumps(got))
 
 
 def records(run_dir: str) -> list[dict]:
@@ -413,6 +421,16 @@ def summarise(args, evals: dict, seconds: float) -> str:
         if halves:
             m = [statistics.mean(h[i] for h in halves) for i in range(4)]
             lines.append(f"| RL ({name}) | {m[0]:.3f} -> {m[1]:.3f} | {m[2]:.3f} -> {m[3]:.3f} |")
+    lines += ["", "Each method's own perception figure on every arm's final model (its greedy eval responses; "
+              "bench/perception_probe.py), mean over seeds: PAPO's masked-vs-real KL (mask 0.6), VPPO's mean token "
+              "dependency (mask 0.5).", "", "| run | PAPO KL | VPPO dependency |", "| --- | --- | --- |"]
+    for name in RL_ARMS:
+        paths = [Path(evals[f"s{s} RL ({name})"]) / "perception.json" for s in range(args.seeds)
+                 if f"s{s} RL ({name})" in evals]
+        got = [json.loads(path.read_text()) for path in paths if path.exists()]
+        if got:
+            lines.append(f"| RL ({name}) ({len(got)}) | {statistics.mean(g['papo_kl'] for g in got):.4f} | "
+                         f"{statistics.mean(g['vppo_dependency'] for g in got):.4f} |")
     ablation_plot(table, figs / "ablations.png")
     lines += ["", "![ablations](toy_science/ablations.png)", "",
               "Runs (under --work): " + ", ".join(f"`{d}`" for d in evals.values()), ""]
