@@ -206,3 +206,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def require_system_turn(processor, sample, system_prompt: str | None, setting: str, off: str = "") -> None:
+    """The start-up guard of every stage whose numbers need S (RL's r_visual = V / (S + eps), SFT's
+    L_sup, eval's VAS): ``sample``'s conversation, built as the stages build it, must get a system
+    turn from ``system_prompt`` or the chat template's default one (Qwen3-VL's has none: S would be
+    empty and the numbers x / eps or 0, silently). One sample decides for the run, since every
+    conversation gets the same system turn. ``setting``: what needs S; ``off``: how to do without."""
+    from avar_ray.attention.context import NO_SYSTEM_PROMPT, NoSystemPromptError
+    from avar_ray.data.schema import build_messages, pil_images
+
+    encoded = encode_batch(processor, [build_messages(sample, system_prompt)], [pil_images(sample)])
+    if not bool(encoded.spans.system.any()):
+        raise NoSystemPromptError(f"{setting}: {NO_SYSTEM_PROMPT}" + (f", or {off}" if off else ""))

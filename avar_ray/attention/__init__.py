@@ -13,7 +13,7 @@ The model must run ``attn_implementation="avar"`` (``avar_ray.modeling.load_mode
 from avar_ray.attention.agto import AGTOLosses, agto_losses
 from avar_ray.attention.context import (NO_SYSTEM_PROMPT, AttentionContext, AttentionStats, Intervention,
                                         NoSystemPromptError, attention_statistics, generate, require_avar,
-                                        require_system_span, require_system_turn, use_context)
+                                        require_system_span, use_context)
 from avar_ray.attention.kernel import ATTN_IMPLEMENTATION, avar_attention_forward, register_attention
 from avar_ray.attention.vas import BANDS, VASResult, band, compute_vas, vas_from_stats
 
@@ -21,5 +21,5 @@ __all__ = [
     "AGTOLosses", "ATTN_IMPLEMENTATION", "AttentionContext", "AttentionStats", "BANDS", "Intervention",
     "NO_SYSTEM_PROMPT", "NoSystemPromptError", "VASResult", "agto_losses", "attention_statistics",
     "avar_attention_forward", "band", "compute_vas", "generate", "register_attention", "require_avar",
-    "require_system_span", "require_system_turn", "use_context", "vas_from_stats",
+    "require_system_span", "use_context", "vas_from_stats",
 ]

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from avar_ray.attention import Intervention, require_system_turn
+from avar_ray.attention import Intervention
 from avar_ray.config import RunConfig, to_dict
 from avar_ray.data.fields import RowError
 from avar_ray.data.readers import DataKeys
@@ -36,7 +36,7 @@ from avar_ray.eval.pool import finish_batch, run_on_ray
 from avar_ray.eval.progress import ProgressStore, item_keys
 from avar_ray.eval.report import eval_report
 from avar_ray.eval.scoring import results_summary
-from avar_ray.modeling import image_resolution, load_model, load_processor, resolve_device
+from avar_ray.modeling import image_resolution, load_model, load_processor, require_system_turn, resolve_device
 from avar_ray.tracking import Tracker
 
 log = logging.getLogger("avar_ray.eval")

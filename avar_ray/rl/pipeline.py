@@ -43,7 +43,7 @@ def require_system_span_for_vars(cfg, sample: Sample) -> None:
     """r_visual is V / (S + eps): with ``rl.reward.lambda_v > 0`` on a chat template that adds no
     system turn (Qwen3-VL) and no ``model.system_prompt``, S is empty and r_visual would be
     V / eps (about 1e6) on every gated rollout. Refused at start, naming the key."""
-    from avar_ray.attention import require_system_turn
+    from avar_ray.modeling import require_system_turn
     from avar_ray.modeling import load_processor
 
     lambda_v = cfg.rl.reward.lambda_v

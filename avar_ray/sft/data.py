@@ -52,7 +52,7 @@ def require_system_turn_for_agto(files: Sequence[str], model: ModelConfig, beta:
     row gets the same system turn). L_enh reads only V, so ``sft.alpha`` alone needs no S."""
     import pyarrow.parquet as pq
 
-    from avar_ray.attention import require_system_turn
+    from avar_ray.modeling import require_system_turn
     from avar_ray.modeling import load_processor
 
     if beta <= 0 or not files:
