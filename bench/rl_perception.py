@@ -75,7 +75,7 @@ def learner_phase(group, items, want: bool, step: int) -> tuple[float, float, di
 
 
 def make_group(model_dir: str, settings: dict, args):
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from avar_ray.config import AttentionConfig, ModelConfig, PerceptionConfig, PlacementConfig, RLConfig
 
     rl = RLConfig(zero_stage=args.zero_stage, micro_batch_size=4, n_samples=args.n,

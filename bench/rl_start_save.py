@@ -54,7 +54,7 @@ def checkpoint_seconds(work: Path, hidden: int, rounds: int, gen_seconds: float)
     """Seconds on the step's critical path per checkpoint, before vs after (module docstring)."""
     import ray
 
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from avar_ray.config import load_config
     from avar_ray.rl import checkpoint
     from avar_ray.tiny_model import build_tiny_model

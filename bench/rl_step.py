@@ -164,7 +164,7 @@ def bench_memory(args) -> dict:
 def start_actors(model: str, args):
     import ray
 
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from actors.reward import RewardScorer
     from actors.rollout import RolloutWorker
     from avar_ray.config import AttentionConfig, ModelConfig, PlacementConfig, RewardConfig, RLConfig

@@ -76,7 +76,7 @@ def rollout_worker(ray_local, tiny_model_dir):
 
 
 def make_learners(model_dir, zero_stage: int, lr: float = 1e-4, **rl):
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from avar_ray.config import AttentionConfig, ModelConfig, PlacementConfig, RLConfig
 
     # 8 rollouts in micro-batches of 4: two accumulation steps in one optimizer step

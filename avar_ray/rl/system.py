@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from actors.learner import LearnerGroup
+from actors.learner_group import LearnerGroup
 from actors.placement import check_resources, learner_placement_group, reward_options, rollout_options
 from actors.reward import RewardService
 from actors.rollout import RolloutPool, SamplingSpec
