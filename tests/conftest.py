@@ -52,6 +52,20 @@ def start_test_ray():
                     runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
 
 
+def visual_tokens(model_dir, image_bytes: bytes) -> int:
+    """|V| of one image from the image processor's patch grid (t x h x w patches, merged
+    merge_size^2 to a token): a count independent of the spans and the attention statistics."""
+    import io
+
+    from PIL import Image
+
+    from avar_ray.modeling import load_processor
+
+    image_processor = load_processor(str(model_dir)).image_processor
+    grid = image_processor(images=[Image.open(io.BytesIO(image_bytes)).convert("RGB")], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // image_processor.merge_size ** 2
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL checkpoint (seed 0), built once per session."""

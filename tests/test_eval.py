@@ -18,6 +18,7 @@ from avar_ray.attention import Intervention
 from avar_ray.config import load_config
 from avar_ray.data.procedural import generate_samples
 from avar_ray.data.schema import write_parquet
+from conftest import visual_tokens
 
 OVERRIDES = ["model.max_model_len=1024", "eval.max_new_tokens=8", "eval.heatmaps=2", "eval.batch_size=4"]
 # benchmark name -> the reason its planted bad row must be counted under
@@ -90,7 +91,7 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_eval_writes_results_report_and_counts_bad_rows(plain_run):
+def test_eval_writes_results_report_and_counts_bad_rows(plain_run, tiny_model_dir):
     out, results = plain_run
     assert json.loads((out / "results.json").read_text()) == results
     assert results["generation"] == "vllm" and results["intervention"] is None and results["label"] == "base"
@@ -103,6 +104,8 @@ def test_eval_writes_results_report_and_counts_bad_rows(plain_run):
 
     records = _records(out)
     assert len(records) == 8
+    # every benchmark image is a procedural one of the default size: one |V|, from the image processor
+    n_v = visual_tokens(tiny_model_dir, generate_samples(1, seed=0)[0].images[0])
     assert results["overall"]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 8)
     assert results["prompt_ids_mismatch"] == 0 and all(r["prompt_ids_match"] for r in records)
     for r in records:
@@ -111,7 +114,7 @@ def test_eval_writes_results_report_and_counts_bad_rows(plain_run):
         assert user["visual_tokens"] > 0 and user["query_tokens"] > 0
         for span in (user, resp):
             assert math.isfinite(span["vas"]) and span["vas"] > 0 and 0 < span["alpha_img"] < 1
-            assert span["eps_img"] == pytest.approx(span["alpha_img"] / span["visual_tokens"])
+            assert span["visual_tokens"] == n_v and span["eps_img"] == pytest.approx(span["alpha_img"] / n_v)
             assert len(span["per_layer"]) == 4
         assert r["vas"] == user["vas"]
 

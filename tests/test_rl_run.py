@@ -20,8 +20,6 @@ import json
 import math
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -315,32 +313,58 @@ def _actor_pids(class_name: str) -> list[int]:
 
 @slow
 def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_lost(
-        ray_local, tiny_model_dir, procedural_parquet, tmp_path):
+        ray_local, tiny_model_dir, procedural_parquet, tmp_path, monkeypatch):
+    """Each kill lands inside the phase it names: when the phase begins, the hook arms the
+    actors (through ``__ray_call__``, before the phase's own call is submitted) so that the
+    phase's call SIGKILLs its own process, the rollout workers in ``generate`` (step 2), the
+    reward actor in its scoring pool (step 3)."""
+    import ray
+
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
+    from avar_ray.rl.system import RLSystem
 
-    killed: dict[str, list[int]] = {"RolloutWorker": [], "RewardScorer": []}
+    systems: list = []
+    start = RLSystem.__init__
 
-    def kill_soon(class_name: str):
-        time.sleep(0.05)  # let the phase's call reach the actor
-        for pid in _actor_pids(class_name):
-            os.kill(pid, signal.SIGKILL)
-            killed[class_name].append(pid)
+    def capture(self, *args, **kwargs):  # the run's actors, for the hook
+        start(self, *args, **kwargs)
+        systems.append(self)
+
+    monkeypatch.setattr(RLSystem, "__init__", capture)
+
+    def die(*_, **__):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def arm_rollout(worker) -> int:  # generate's first call: the chat template
+        worker.processor.apply_chat_template = die
+        return os.getpid()
+
+    def arm_reward(scorer) -> int:  # text's scoring pool (made in step 1)
+        scorer.pool.score = die
+        return os.getpid()
+
+    killed: dict[str, list[int]] = {}
 
     def on_phase(step: int, phase: str) -> None:
-        target = {(2, "rollout"): "RolloutWorker", (3, "reward"): "RewardScorer"}.get((step, phase))
-        if target:
-            threading.Thread(target=kill_soon, args=(target,), daemon=True).start()
+        armed = {(2, "rollout"): ("rollout", arm_rollout), (3, "reward"): ("reward", arm_reward)}.get((step, phase))
+        if armed:
+            role, arm = armed
+            actors = getattr(systems[-1], role).actors
+            killed[role] = ray.get([a.__ray_call__.remote(arm) for a in actors])
 
     cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps=3))
     report = run_rl(cfg, on_phase=on_phase)
-    assert killed["RolloutWorker"] and killed["RewardScorer"], f"nothing to kill: {killed}"
+    assert set(killed) == {"rollout", "reward"}, killed
     metrics = read_metrics(Path(report.metrics_path))
     assert [r["step"] for r in metrics] == [1, 2, 3]
     for record in metrics:
         _check_step(record)  # all rollouts of every step, from the current policy, all scored
     assert metrics[0]["restarts/rollout"] == 0 and metrics[0]["restarts/reward"] == 0
-    assert report.restarts["restarts/rollout"] >= 1 and report.restarts["restarts/reward"] >= 1
+    # every armed actor died in its phase and was restarted once (a restarted actor is not armed)
+    assert metrics[1]["restarts/rollout"] == len(killed["rollout"]) and metrics[1]["restarts/reward"] == 0
+    assert report.restarts == {"restarts/rollout": len(killed["rollout"]), "restarts/reward": len(killed["reward"]),
+                               "restarts/learner": 0}
 
 
 @slow

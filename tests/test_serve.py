@@ -13,6 +13,7 @@ from avar_ray.config import InterventionConfig, ServeConfig, load_config
 from avar_ray.data.procedural import generate_samples
 from avar_ray.ray_utils import free_port
 from avar_ray.serve.validation import RequestError, check_image, from_json
+from conftest import visual_tokens
 
 MAX_IMAGE_BYTES = 60_000
 MAX_PIXELS = 300 * 300
@@ -60,7 +61,7 @@ def _post(url: str, **kwargs):
 
 
 @pytest.mark.slow
-def test_answers_a_real_request_on_loopback(serve_url, sample):
+def test_answers_a_real_request_on_loopback(serve_url, sample, tiny_model_dir):
     import psutil
     import requests
 
@@ -79,7 +80,8 @@ def test_answers_a_real_request_on_loopback(serve_url, sample):
     assert 1 <= out["response_tokens"] <= 8 and isinstance(out["response"], str)
     assert math.isfinite(out["vas"]) and out["vas"] > 0 and 0 < out["alpha_img"] < 1
     assert out["layers"] == [0, 1, 2, 3] and len(out["per_layer"]) == 4
-    assert out["eps_img"] == pytest.approx(out["alpha_img"] / out["visual_tokens"])
+    n_v = visual_tokens(tiny_model_dir, sample.images[0])  # |V| from the image processor's grid
+    assert out["visual_tokens"] == n_v and out["eps_img"] == pytest.approx(out["alpha_img"] / n_v)
 
     # Per-request intervention: the prompt's visual share of attention goes up as asked.
     boosted = _post(serve_url, json={**body, "intervention": {"a_img": 0.5, "a_sys": 0.4}})
