@@ -138,6 +138,22 @@ def vllm_engine(tiny_model_dir):
 
 
 @pytest.fixture
+def rl_systems(monkeypatch) -> list:
+    """The ``RLSystem`` of each run the test starts (its actors, for a phase hook to act on)."""
+    from avar_ray.rl.system import RLSystem
+
+    systems: list = []
+    start = RLSystem.__init__
+
+    def capture(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        systems.append(self)
+
+    monkeypatch.setattr(RLSystem, "__init__", capture)
+    return systems
+
+
+@pytest.fixture
 def engines_stopped():
     """A check to call after the code under test: every vLLM engine that this process or a
     descendant (Ray's workers) started meanwhile is gone with its ``/dev/shm/psm_*`` queues

@@ -122,7 +122,7 @@ def test_pipeline_killed_in_rl_and_reapplied_finishes_every_step_once(tiny_model
 @pytest.mark.slow
 def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(ray_local, tiny_model_dir,
                                                                                  procedural_parquet, tmp_path,
-                                                                                 monkeypatch, engines_stopped):
+                                                                                 rl_systems, engines_stopped):
     """The (only) learner process SIGKILLs itself twice, each time inside the phase named, armed
     from the driver's phase hook before the phase's first learner call (no sleep decides where
     it lands): in step 2's update, at its optimizer step (after the forward and backward); in
@@ -137,16 +137,6 @@ def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(
     from avar_ray.config import load_config
     from avar_ray.data.readers import read_samples
     from avar_ray.rl import run_rl
-    from avar_ray.rl.system import RLSystem
-
-    systems: list = []
-    start = RLSystem.__init__
-
-    def capture(self, *args, **kwargs):  # the run's actors, for the hook
-        start(self, *args, **kwargs)
-        systems.append(self)
-
-    monkeypatch.setattr(RLSystem, "__init__", capture)
 
     # Run inside the learner process (by value: nested functions travel with cloudpickle).
     def arm_update(learner) -> None:
@@ -172,7 +162,7 @@ def test_killed_learner_is_restarted_from_the_newest_checkpoint_in_the_same_run(
 
     def on_phase(step: int, phase: str) -> None:
         if (step, phase) in arms and (step, phase) not in armed:
-            (learner,) = systems[-1].learners.actors
+            (learner,) = rl_systems[-1].learners.actors
             ray.get(learner.__ray_call__.remote(arms[(step, phase)]))
             armed.append((step, phase))
 

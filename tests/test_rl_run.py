@@ -313,7 +313,7 @@ def _actor_pids(class_name: str) -> list[int]:
 
 @slow
 def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_lost(
-        ray_local, tiny_model_dir, procedural_parquet, tmp_path, monkeypatch):
+        ray_local, tiny_model_dir, procedural_parquet, tmp_path, rl_systems):
     """Each kill lands inside the phase it names: when the phase begins, the hook arms the
     actors (through ``__ray_call__``, before the phase's own call is submitted) so that the
     phase's call SIGKILLs its own process, the rollout workers in ``generate`` (step 2), the
@@ -322,16 +322,6 @@ def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_los
 
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
-    from avar_ray.rl.system import RLSystem
-
-    systems: list = []
-    start = RLSystem.__init__
-
-    def capture(self, *args, **kwargs):  # the run's actors, for the hook
-        start(self, *args, **kwargs)
-        systems.append(self)
-
-    monkeypatch.setattr(RLSystem, "__init__", capture)
 
     def die(*_, **__):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -350,7 +340,7 @@ def test_killed_rollout_worker_and_reward_actor_are_restarted_and_no_step_is_los
         armed = {(2, "rollout"): ("rollout", arm_rollout), (3, "reward"): ("reward", arm_reward)}.get((step, phase))
         if armed:
             role, arm = armed
-            actors = getattr(systems[-1], role).actors
+            actors = getattr(rl_systems[-1], role).actors
             killed[role] = ray.get([a.__ray_call__.remote(arm) for a in actors])
 
     cfg = load_config(CONFIG, _overrides(tiny_model_dir, procedural_parquet, tmp_path / "rl", steps=3))
