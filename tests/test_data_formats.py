@@ -19,7 +19,7 @@ from PIL import Image
 from avar_ray.config import load_config
 from avar_ray.data.readers import DataKeys, read_samples
 from avar_ray.data.schema import Sample, build_messages
-from avar_ray.rl.pipeline import require_images
+from avar_ray.rl.prompts import require_images
 
 
 def _png(colour: tuple[int, int, int], size: int = 20) -> bytes:
@@ -172,7 +172,7 @@ def test_image_placeholders_put_each_image_where_it_stands(tmp_path, tiny_model_
 
 
 def test_rl_prompts_from_a_shard_folder_through_the_config_keys(tmp_path, tiny_model_dir):
-    from avar_ray.rl.pipeline import load_prompts
+    from avar_ray.rl.prompts import load_prompts
 
     root = _write_geometry3k(tmp_path / "geometry3k")
     cfg = load_config(REPO / "configs" / "tiny_local.yaml",

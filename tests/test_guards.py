@@ -75,7 +75,8 @@ def test_vars_on_a_template_without_a_system_turn_is_refused_at_start(tiny_qwen3
     from avar_ray.attention import NoSystemPromptError
     from avar_ray.config import load_config
     from avar_ray.rl import run_rl
-    from avar_ray.rl.pipeline import load_prompts, require_system_span_for_vars
+    from avar_ray.rl.pipeline import require_system_span_for_vars
+    from avar_ray.rl.prompts import load_prompts
 
     overrides = [f"model.path={tiny_qwen3_vl_dir}", f"data.train={procedural_parquet}", f"rl.out={tmp_path / 'rl'}"]
     cfg = load_config(REPO / "configs" / "tiny_local.yaml", overrides)

@@ -49,7 +49,8 @@ def data_with_a_long_prompt(procedural_parquet, tmp_path_factory) -> tuple[Path,
 def real_run(ray_local, tiny_model_dir, data_with_a_long_prompt, tmp_path_factory):
     from avar_ray.config import load_config
     from avar_ray.rl.driver import Run
-    from avar_ray.rl.pipeline import PromptSampler, load_prompts
+    from avar_ray.rl.pipeline import PromptSampler
+    from avar_ray.rl.prompts import load_prompts
     from avar_ray.rl.system import RLSystem
 
     path, long_id = data_with_a_long_prompt

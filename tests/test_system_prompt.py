@@ -27,7 +27,7 @@ def test_stage_keys_are_gone():
 def test_sft_rl_and_eval_prompts_carry_the_same_system_turn(tiny_model_dir):
     from avar_ray.eval.benchmarks import prepare_item
     from avar_ray.modeling import encode_batch, load_processor
-    from avar_ray.rl.pipeline import prompt_tokens
+    from avar_ray.rl.prompts import prompt_tokens
     from avar_ray.sft.data import TokenLengths, encode_rows
 
     model = ModelConfig(str(tiny_model_dir), system_prompt=PROMPT)

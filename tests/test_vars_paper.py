@@ -42,7 +42,8 @@ def vars_steps(ray_local, warm_base_dir, tmp_path_factory):
     from avar_ray.data.procedural import generate_samples
     from avar_ray.data.schema import write_parquet
     from avar_ray.rl.driver import Run
-    from avar_ray.rl.pipeline import PromptSampler, load_prompts
+    from avar_ray.rl.pipeline import PromptSampler
+    from avar_ray.rl.prompts import load_prompts
     from avar_ray.rl.system import RLSystem
     from avar_ray.warm_base import read_info
 

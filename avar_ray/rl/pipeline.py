@@ -35,8 +35,6 @@ import numpy as np
 
 from actors.records import PromptRequest, Rollout
 from avar_ray.data.schema import Sample
-# the prompts' reading and checks live in avar_ray.rl.prompts; imported from here by older callers
-from avar_ray.rl.prompts import PromptSet, load_prompts, prompt_tokens, require_images  # noqa: F401
 
 
 def require_system_span_for_vars(cfg, sample: Sample) -> None:
