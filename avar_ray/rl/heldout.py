@@ -97,10 +97,12 @@ class HeldOut:
         record["time/eval"] = time.perf_counter() - t0
         with (self.out / CURVE).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, "policy_version": policy_version, **record}) + "\n")
-        answers = [{"id": (s := self.prompts[r.prompt_index]).id, "task": s.meta.get("task", s.source),
-                    "answer": s.answer, "prediction": extract_answer(r.text), "correct": correct[r.prompt_index],
-                    "text": r.text, "sampled": per_prompt.get(r.prompt_index, [])}
-                   for r in greedy]
+        answers = []
+        for r in greedy:
+            sample = self.prompts[r.prompt_index]
+            answers.append({"id": sample.id, "task": sample.meta.get("task", sample.source), "answer": sample.answer,
+                            "prediction": extract_answer(r.text), "correct": correct[r.prompt_index], "text": r.text,
+                            "sampled": per_prompt.get(r.prompt_index, [])})
         (self.out / ANSWERS / f"step_{step}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
         print(f"rl: held-out after step {step}: greedy {record['eval/accuracy']:.3f}"
               + (f", sampled {record['eval/accuracy_sampled']:.3f}, pass@{rl.eval_samples} "
@@ -125,10 +127,11 @@ def per_task(answers_path: str | Path) -> dict[str, dict]:
 def _summary(rows: list[dict]) -> dict:
     summary = {"n": len(rows), "pass@1": float(np.mean([r["correct"] for r in rows])),
                "sampled": None, "sampled_ci": None, "pass@k": None}
-    per_prompt = np.array([np.mean(r["sampled"]) for r in rows if r.get("sampled")])
-    if len(per_prompt):
+    sampled = [r["sampled"] for r in rows if r.get("sampled")]
+    if sampled:
+        per_prompt = np.array([np.mean(v) for v in sampled])
         mean = float(per_prompt.mean())
         half = 1.96 * float(per_prompt.std(ddof=1)) / np.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
-        summary.update(sampled=mean, sampled_ci=(max(0.0, mean - half), min(1.0, mean + half)),
-                       **{"pass@k": float(np.mean([max(r["sampled"]) for r in rows if r.get("sampled")]))})
+        summary["sampled"], summary["sampled_ci"] = mean, (max(0.0, mean - half), min(1.0, mean + half))
+        summary["pass@k"] = float(np.mean([max(v) for v in sampled]))
     return summary
