@@ -11,7 +11,8 @@ fresh training prompts, eval; the held-out curve every E steps on the 200 evalua
 with the same --work continues: the demo's --keep reuses finished stages and resumes the RL stage
 from its newest checkpoint. The report reads each run's held-out curve (rl/heldout.jsonl), its
 training reward (rl/metrics.jsonl) and the held-out answers per task at the first and last
-evaluation (rl/heldout/step_N.jsonl: pass@1, sampled accuracy with its 95% interval, pass@k).
+evaluation (rl/heldout/step_N.jsonl: pass@1, sampled accuracy with its 95% interval, pass@k, tabled
+as the demo's analysis does).
 """
 from __future__ import annotations
 
@@ -60,15 +61,11 @@ def smooth(values: list[float], k: int = 10) -> list[float]:
 
 
 def seed_report(run: Path) -> dict:
-    from avar_ray.rl.heldout import ANSWERS, per_task
     from avar_ray.tracking import read_metrics
 
     curve = read_metrics(run / "rl" / "heldout.jsonl")
     train = read_metrics(run / "rl" / "metrics.jsonl")
-    first, last = curve[0]["step"], curve[-1]["step"]
-    return {"curve": curve, "train": [(r["step"], r["reward/accuracy"]) for r in train],
-            "first": first, "last": last,
-            "tasks": {step: per_task(run / "rl" / ANSWERS / f"step_{step}.jsonl") for step in (first, last)}}
+    return {"run": run, "curve": curve, "train": [(r["step"], r["reward/accuracy"]) for r in train]}
 
 
 def plot(reports: dict[int, dict], path: Path) -> Path:
@@ -92,12 +89,9 @@ def plot(reports: dict[int, dict], path: Path) -> Path:
     return path
 
 
-def _fmt_task(t: dict) -> str:
-    lo, hi = t["sampled_ci"]
-    return f"{t['pass@1']:.3f} / {t['sampled']:.3f} [{lo:.3f}, {hi:.3f}] / {t['pass@k']:.3f}"
-
-
 def write_report(args, reports: dict[int, dict], seconds: dict[int, float]) -> Path:
+    from avar_ray.commands.demo import per_task_section
+
     out = Path(args.out)
     png = plot(reports, out / "rl_generalise" / "curves.png")
     lines = ["# RL generalisation in the toy world (bench/rl_generalise.py)", "",
@@ -111,11 +105,7 @@ def write_report(args, reports: dict[int, dict], seconds: dict[int, float]) -> P
     for seed, rep in reports.items():
         lines += [f"## data.seed={seed}", "", "| step | greedy | sampled | pass@k |", "|---|---|---|---|"]
         lines += [f"| {r['step']} | " + " | ".join(f"{r[key]:.3f}" for _, key in CURVE_KEYS) + " |" for r in rep["curve"]]
-        before, after = rep["tasks"][rep["first"]], rep["tasks"][rep["last"]]
-        lines += ["", f"Per task, step {rep['first']} -> {rep['last']} (pass@1 / sampled [95% CI over prompts] / pass@k):", "",
-                  "| task | n | start | end |", "|---|---|---|---|"]
-        lines += [f"| {task} | {b['n']} | {_fmt_task(b)} | {_fmt_task(after[task])} |" for task, b in before.items()]
-        lines.append("")
+        lines += ["", per_task_section(rep["run"] / "rl", rep["curve"][0]["step"], rep["curve"][-1]["step"])]
     path = out / "rl_generalise.md"
     marker = "<!-- findings -->"  # hand-written findings below the marker survive a rewrite
     kept = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
