@@ -3,7 +3,7 @@ embedded local Ray (what ``make demo`` runs):
 
     warm base (the tiny model pre-trained on short procedural answers; cached) -> procedural data
     -> VARD synthesis (oracle teacher, short chains) -> cold-start SFT with AGTO
-    -> GRPO with the visual-attention reward (a fixed pool of training prompts) -> eval of base / base+intervention / SFT / RL
+    -> GRPO with the visual-attention reward (fresh procedural prompts every step; a held-out curve) -> eval of base / base+intervention / SFT / RL
     -> analysis (VAS vs accuracy, stage table with 95% intervals) -> prints where the report is.
 
 Every stage is the production code path with the run config's paths pointed under ``--out``;
