@@ -4,6 +4,7 @@ the environment reaches a log, a stored config or any output file."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,9 @@ def test_every_backend_records_the_steps_and_a_resume_continues_the_same_runs(ke
     state = json.loads((out / STATE).read_text())
     assert set(state) == {"wandb", "mlflow"}
 
-    # a resume from the step-2 checkpoint: step 3 is redone, step 4 is new
+    # a resume from the step-2 checkpoint: step 3 is redone, step 4 is new. W&B names an offline run's
+    # folder by the second it started: a resume in the same second would write into the first's folder.
+    time.sleep(1.1)
     tracker = Tracker(tracking(), out, "sft", to_dict(cfg), start_step=2, total_steps=4)
     for step, metrics in steps(3, 4).items():
         tracker.log(step, metrics)
